@@ -1,0 +1,134 @@
+"""Configs: every option's one documented home.
+
+``DPOConfig`` and ``ORPOConfig`` extend `transformers.TrainingArguments`, so batch size, learning rate,
+gradient accumulation, checkpoints, ``report_to`` and distributed settings work as in any Trainer. Field names
+follow TRL where TRL has the option, so switching is a change of import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .errors import ConfigError
+from .losses import DPO_LOSS_TYPES
+
+
+def _check(cond: bool, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is out of range: {rule}.")
+
+
+@dataclass
+class PreferenceConfig(TrainingArguments):
+    """Options shared by the preference trainers (data handling and model loading).
+
+    Defaults that differ from `TrainingArguments`: ``learning_rate`` 1e-6 and ``logging_steps`` 10 (as TRL).
+    Unlike TRL, bf16 and gradient checkpointing stay off unless asked for, so CPU runs are exact fp32.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Max tokens of prompt + reply. Replies are cut from the right to fit and counted; a prompt "
+                          "that leaves no room for a reply is an error (see max_prompt_length). None: no limit."})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut prompts longer than this, keeping their end (the part nearest the reply); counted "
+                          "and reported. None: prompts are never cut."})
+    chat_template_for_text: bool = field(
+        default=True,
+        metadata={"help": "Plain-text rows are wrapped as a user turn and assistant replies and rendered with the "
+                          "tokenizer's chat template, when it has one. False: tokenize the text as is and append EOS "
+                          "to replies (TRL's behaviour for text rows)."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the policy and reference."})
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is given by "
+                          "name, e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'}."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    logprob_chunk_rows: int = field(
+        default=512,
+        metadata={"help": "Completion positions per LM-head chunk when computing log-probs (memory vs. speed)."})
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        if self.max_length is not None:
+            _check(self.max_length >= 2, "max_length", self.max_length, "must be >= 2 (a prompt token and a reply "
+                                                                         "token)")
+        if self.max_prompt_length is not None:
+            _check(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
+            if self.max_length is not None:
+                _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
+                       f"must be < max_length ({self.max_length})")
+        _check(self.logprob_chunk_rows >= 1, "logprob_chunk_rows", self.logprob_chunk_rows, "must be >= 1")
+        super().__post_init__()
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """Direct Preference Optimization (Rafailov et al. 2023). See `prefalign.losses.dpo_loss` for the equations."""
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Strength of the KL pull towards the reference model: higher beta, smaller deviation. For "
+                          "loss_type 'ipo' it is the paper's tau."})
+    loss_type: list[str] | str = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"One or more of {', '.join(DPO_LOSS_TYPES)}; several are summed with loss_weights."})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights for several loss types."})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        _check(self.beta > 0, "beta", self.beta, "must be > 0")
+        for lt in self.loss_type:
+            if lt not in DPO_LOSS_TYPES:
+                raise ConfigError(f"loss_type={lt!r} is not supported; choose from {', '.join(DPO_LOSS_TYPES)}.")
+        if self.loss_weights is not None:
+            _check(len(self.loss_weights) == len(self.loss_type), "loss_weights", self.loss_weights,
+                   "needs one weight per loss_type")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        super().__post_init__()
+
+
+@dataclass
+class ORPOConfig(PreferenceConfig):
+    """Odds Ratio Preference Optimization (Hong et al. 2024): SFT and preference in one loss, no reference model.
+
+    ``loss = NLL(chosen) + orpo_alpha * -log sigmoid(orpo_beta * log_odds_ratio)``. TRL's single ``beta`` is
+    ``orpo_alpha`` (with ``orpo_beta`` = 1); passing ``beta`` sets ``orpo_alpha`` so TRL configs keep working.
+    The defaults (alpha 0.1, beta 1.0) are the paper's loss with lambda = 0.1, TRL's default.
+    """
+
+    orpo_alpha: float = field(
+        default=0.1,
+        metadata={"help": "Strength of preference optimisation: weight of the odds-ratio term (the paper's lambda, "
+                          "TRL's beta)."})
+    orpo_beta: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the odds ratio: the log odds ratio is multiplied by it inside the sigmoid. "
+                          "1.0 reproduces the paper."})
+    beta: float | None = field(
+        default=None, metadata={"help": "TRL's name for orpo_alpha; if given, it sets orpo_alpha."})
+    trl_compat: bool = field(
+        default=False,
+        metadata={"help": "Reproduce TRL 1.13's ORPOTrainer: NLL over prompt and chosen tokens (the paper's covers "
+                          "the chosen reply only), BOS prepended and EOS appended to each reply at token level when "
+                          "missing. Off by default; used for parity tests and for matching old TRL runs."})
+
+    def __post_init__(self) -> None:
+        if self.beta is not None:
+            if self.orpo_alpha not in (0.1, self.beta):
+                raise ConfigError(f"beta={self.beta} and orpo_alpha={self.orpo_alpha} disagree; beta is TRL's name "
+                                  "for orpo_alpha, so set only one of them.")
+            self.orpo_alpha = self.beta
+        _check(self.orpo_alpha > 0, "orpo_alpha", self.orpo_alpha, "must be > 0")
+        _check(self.orpo_beta > 0, "orpo_beta", self.orpo_beta, "must be > 0")
+        super().__post_init__()

@@ -1,0 +1,115 @@
+"""Normalise validated rows into one shape: prompt + chosen + rejected, as messages or as plain text.
+
+Handles the dataset formats users bring (standard text or conversational messages; explicit prompt column or an
+implicit prompt shared by chosen and rejected; an optional system column) so that tokenisation sees one shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DataError
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """What kind of preference data a dataset holds, as `prefalign data check` reports it."""
+
+    conversational: bool
+    explicit_prompt: bool
+    has_system: bool
+
+    def describe(self) -> str:
+        kind = "conversational (message lists)" if self.conversational else "standard (plain text)"
+        prompt = "explicit prompt" if self.explicit_prompt else "implicit prompt (shared prefix of chosen/rejected)"
+        return f"{kind}, {prompt}" + (", system column" if self.has_system else "")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One pair in normal form. Messages when ``conversational``, else plain strings."""
+
+    prompt: Messages | str
+    chosen: Messages | str
+    rejected: Messages | str
+    conversational: bool
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, Mapping) for m in value)
+
+
+def detect_format(row: Mapping[str, Any]) -> DataFormat:
+    """Format of a dataset, read off its first row (load.validate_rows has checked that rows agree in kind)."""
+    prompt = row.get("prompt")
+    return DataFormat(
+        conversational=_is_messages(row["chosen"]),
+        explicit_prompt=prompt is not None and prompt != [],
+        has_system=row.get("system") is not None,
+    )
+
+
+def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _messages(value: Any) -> Messages:
+    return [{"role": str(m["role"]), "content": m["content"]} for m in value]
+
+
+def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = None,
+               source: str | None = None) -> Example:
+    """Normal form of one row.
+
+    ``chat``: plain-text rows become a user message and assistant replies, so a chat model sees the template it
+    was trained with. An implicit prompt is the longest shared prefix: whole messages for conversations, characters
+    for text (as TRL's ``extract_prompt``). A system column becomes a leading system message (or, for raw text,
+    a paragraph before the prompt).
+    """
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    system = row.get("system")
+    conversational = _is_messages(chosen)
+
+    def fail(message: str, fix: str, field: str | None = None) -> DataError:
+        return DataError(message, source=source, row=row_number, field=field, fix=fix)
+
+    if prompt is None or prompt == []:
+        if conversational:
+            n = _common_prefix_len(chosen, rejected)
+            while n > 0 and chosen[n - 1].get("role") == "assistant" and n == min(len(chosen), len(rejected)):
+                n -= 1  # never swallow the reply being compared
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not prompt:
+                raise fail("chosen and rejected share no leading messages, so there is no prompt.",
+                           "add a prompt column, or start both conversations with the same user turn")
+        else:
+            n = _common_prefix_len(chosen, rejected)
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not chosen or not rejected:
+                raise fail("one response is a prefix of the other, so it has no completion of its own.",
+                           "add a prompt column so the responses can be told apart", "chosen" if not chosen else
+                           "rejected")
+
+    if conversational:
+        prompt_msgs = _messages(prompt) if _is_messages(prompt) else [{"role": "user", "content": str(prompt)}]
+        if system is not None and (not prompt_msgs or prompt_msgs[0]["role"] != "system"):
+            prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
+        return Example(prompt_msgs, _messages(chosen), _messages(rejected), True)
+    if chat:
+        prompt_msgs = [{"role": "user", "content": prompt}]
+        if system is not None:
+            prompt_msgs.insert(0, {"role": "system", "content": system})
+        return Example(prompt_msgs, [{"role": "assistant", "content": chosen}],
+                       [{"role": "assistant", "content": rejected}], True)
+    if system is not None:
+        prompt = f"{system}\n\n{prompt}"
+    return Example(prompt, chosen, rejected, False)

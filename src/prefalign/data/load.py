@@ -1,0 +1,341 @@
+"""Read preference rows from a file, a saved `datasets` directory, or a hub id, and validate them.
+
+Every problem is located by source, row and field. Validation here is about shape and types; what the rows mean
+(implicit prompts, system messages) is data/format.py's job, and tokens are data/tokenize.py's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")
+REQUIRED_COLUMNS = ("chosen", "rejected")
+KNOWN_ROLES = ("system", "user", "assistant", "tool")
+FILE_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                   ".pq": "parquet"}
+# Common alternative column names, used to suggest a mapping when `chosen`/`rejected` are missing.
+_ALIASES = {
+    "prompt": ("question", "instruction", "input", "query", "context"),
+    "chosen": ("response_chosen", "chosen_response", "preferred", "good", "accepted", "winner", "response_j"),
+    "rejected": ("response_rejected", "rejected_response", "dispreferred", "bad", "loser", "response_k"),
+}
+
+
+@dataclass
+class Problem:
+    """One thing wrong with one row. ``fatal`` problems stop training; the others are counted and reported."""
+
+    row: int
+    field: str | None
+    message: str
+    fix: str | None = None
+    fatal: bool = True
+
+    def as_error(self, source: str, row_label: str = "row", suffix: str = "") -> DataError:
+        return DataError(self.message + suffix, source=source, row=self.row, field=self.field, fix=self.fix,
+                         row_label=row_label)
+
+
+@dataclass
+class RawData:
+    """Rows as read, before validation: ``rows[i]`` is data row ``first_row + i`` in the user's numbering."""
+
+    source: str
+    kind: str
+    rows: list[dict[str, Any]]
+    columns: list[str]
+    row_label: str = "row"  # "line" for JSON Lines, where the row number is the line number
+    row_numbers: list[int] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path, source: str) -> RawData:
+    rows, numbers = [], []
+    text = _read_text(path, source)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON on line {lineno}: {e.msg} at column {e.colno}.", source=source,
+                            fix="each line must be one JSON object; check quotes and commas") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"line {lineno} is a JSON {type(obj).__name__}, not an object.", source=source,
+                            fix='write one object per line, e.g. {"prompt": ..., "chosen": ..., "rejected": ...}')
+        rows.append(obj)
+        numbers.append(lineno)
+    return RawData(source, "jsonl", rows, _columns_of(rows), "line", numbers)
+
+
+def _read_json(path: Path, source: str) -> RawData:
+    text = _read_text(path, source)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if "Extra data" in e.msg:  # a JSON Lines file saved as .json
+            return _read_jsonl(path, source)
+        raise DataError(f"invalid JSON on line {e.lineno}: {e.msg} at column {e.colno}.", source=source,
+                        fix="the file must hold a JSON list of objects (or use .jsonl, one object per line)") from None
+    if isinstance(obj, dict):
+        # {"train": [...], "test": [...]} or {"data": [...]} or column-oriented {"chosen": [...], ...}
+        lists = {k: v for k, v in obj.items() if isinstance(v, list)}
+        if lists and all(isinstance(v, list) and (not v or isinstance(v[0], dict)) for v in lists.values()) and (
+                "train" in lists or "data" in lists):
+            obj = lists.get("train", lists.get("data"))
+        elif lists and len(lists) == len(obj) and len({len(v) for v in lists.values()}) == 1:
+            n = len(next(iter(lists.values())))
+            obj = [{k: v[i] for k, v in lists.items()} for i in range(n)]
+        else:
+            raise DataError("top-level JSON object is not a list of rows.", source=source,
+                            fix='use a list of objects: [{"prompt": ..., "chosen": ..., "rejected": ...}, ...]')
+    if not isinstance(obj, list):
+        raise DataError(f"top-level JSON is a {type(obj).__name__}, not a list of rows.", source=source,
+                        fix="use a list of objects, one per preference pair")
+    for i, r in enumerate(obj, start=1):
+        if not isinstance(r, dict):
+            raise DataError(f"is a JSON {type(r).__name__}, not an object.", source=source, row=i,
+                            fix="each row must be an object with prompt/chosen/rejected fields")
+    return RawData(source, "json", obj, _columns_of(obj), "row", list(range(1, len(obj) + 1)))
+
+
+def _read_csv(path: Path, source: str) -> RawData:
+    text = _read_text(path, source)
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows, numbers = [], []
+    try:
+        for i, r in enumerate(reader, start=1):
+            if None in r:
+                raise DataError(f"has {len(r[None]) + len(reader.fieldnames or [])} fields but the header has "
+                                f"{len(reader.fieldnames or [])}.", source=source, row=i,
+                                fix="quote fields that contain commas")
+            rows.append(dict(r))
+            numbers.append(i)
+    except csv.Error as e:
+        raise DataError(f"unreadable CSV: {e}.", source=source, fix="check quoting") from None
+    return RawData(source, "csv", rows, list(reader.fieldnames or []), "row", numbers)
+
+
+def _read_parquet(path: Path, source: str) -> RawData:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"unreadable Parquet file: {str(e).splitlines()[0]}", source=source,
+                        fix="re-export the file, or convert it to JSONL") from None
+    rows = table.to_pylist()
+    return RawData(source, "parquet", rows, list(table.column_names), "row", list(range(1, len(rows) + 1)))
+
+
+def _read_text(path: Path, source: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}).", source=source,
+                        fix="re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in rows[:1000]:
+        for k in r:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _from_hf_dataset(ds: Any, source: str, kind: str, split: str) -> RawData:
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"has no split '{split}' (splits: {', '.join(ds)}).", source=source,
+                            fix=f"pass split= one of {', '.join(ds)}")
+        ds = ds[split]
+    rows = ds.to_list()
+    return RawData(source, kind, rows, list(ds.column_names), "row", list(range(1, len(rows) + 1)))
+
+
+def read_rows(source: str | os.PathLike | Any, split: str = "train") -> RawData:
+    """Read rows from any supported source without validating them."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return _from_hf_dataset(source, "<in-memory dataset>", "dataset", split)
+    if isinstance(source, list):
+        return RawData("<in-memory rows>", "list", source, _columns_of(source), "row",
+                       list(range(1, len(source) + 1)))
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (
+                path / "state.json").exists():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as e:
+                raise DataError(f"cannot load saved dataset: {str(e).splitlines()[0]}", source=text,
+                                fix="point at a directory written by Dataset.save_to_disk") from None
+            return _from_hf_dataset(ds, text, "datasets", split)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_EXTENSIONS)
+        wanted = [p for p in files if p.stem.split("-")[0].split(".")[0] == split] or files
+        if len(wanted) != 1:
+            found = ", ".join(p.name for p in files) or "no data files"
+            raise DataError(f"directory holds {found}; cannot tell which file is the '{split}' split.", source=text,
+                            fix="pass the file itself, or name it <split>.jsonl")
+        return read_rows(wanted[0], split)
+    if path.exists():
+        ext = path.suffix.lower()
+        readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+        if ext not in FILE_EXTENSIONS:
+            raise DataError(f"unknown file extension '{ext or '(none)'}'.", source=text,
+                            fix="use .jsonl, .json, .csv or .parquet, or a directory saved by datasets")
+        return readers[FILE_EXTENSIONS[ext]](path, text)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).suffix.lower() in FILE_EXTENSIONS
+    if looks_local or text.count("/") > 1 or not text:
+        raise DataError("no such file or directory.", source=text or "''",
+                        fix="check the path (relative paths are taken from the current directory)")
+    try:
+        ds = datasets.load_dataset(text, split=split)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"not a local file and could not be loaded from the hub ({first}).", source=text,
+                        fix="check the path, or the dataset id and your network / HF_HUB_OFFLINE") from None
+    return _from_hf_dataset(ds, text, "hub", split)
+
+
+def map_columns(raw: RawData, columns: Mapping[str, str] | None) -> RawData:
+    """Rename user columns to prefalign's names (``{"chosen": "good_answer", ...}``) and check required ones."""
+    columns = dict(columns or {})
+    for canon, actual in columns.items():
+        if canon not in CANONICAL_COLUMNS:
+            raise DataError(f"unknown target column '{canon}' in the column mapping.", source=raw.source,
+                            fix=f"map onto {', '.join(CANONICAL_COLUMNS)}")
+        if actual not in raw.columns:
+            raise DataError(f"column mapping {canon}={actual}: the data has no column '{actual}' "
+                            f"(found: {', '.join(raw.columns) or 'none'}).", source=raw.source,
+                            fix="use one of the columns found")
+    if not raw.rows:
+        raise DataError("the dataset is empty (0 rows).", source=raw.source,
+                        fix="add preference rows with chosen and rejected fields")
+    present = {c: columns.get(c, c) for c in CANONICAL_COLUMNS if columns.get(c, c) in raw.columns}
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        guesses = {c: next((a for a in _ALIASES.get(c, ()) if a in raw.columns), "<column>") for c in missing}
+        cli = ",".join(f"{c}={g}" for c, g in guesses.items())
+        raise DataError(f"missing column(s) {', '.join(repr(c) for c in missing)}; found columns: "
+                        f"{', '.join(raw.columns) or 'none'}.", source=raw.source,
+                        fix=f"rename them, or map them with --columns {cli} (Python: columns={guesses!r})")
+    rows = [{c: r.get(actual) for c, actual in present.items()} for r in raw.rows]
+    return RawData(raw.source, raw.kind, rows, list(present), raw.row_label, raw.row_numbers)
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
+    if not value:
+        yield Problem(row, name, "is an empty list of messages.", "give at least one message")
+        return
+    for j, m in enumerate(value):
+        where = f"{name}[{j}]"
+        if "role" not in m or "content" not in m:
+            miss = "role" if "role" not in m else "content"
+            yield Problem(row, where, f"message has no '{miss}' (keys: {', '.join(m) or 'none'}).",
+                          'write messages as {"role": "user"|"assistant"|"system", "content": "..."}')
+        elif m["role"] not in KNOWN_ROLES:
+            yield Problem(row, where, f"unknown role {m['role']!r}.", f"use one of {', '.join(KNOWN_ROLES)}")
+        elif not isinstance(m["content"], str):
+            yield Problem(row, where, f"content is {_type_name(m['content'])}, not text.", "make content a string")
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else {"int": "a number", "float": "a number", "bool": "a boolean",
+                                     "dict": "an object", "list": "a list", "str": "text"}.get(type(v).__name__,
+                                                                                              type(v).__name__)
+
+
+def validate_rows(raw: RawData) -> list[Problem]:
+    """Every problem in every row: type errors, empty responses, chosen == rejected, duplicates (not fatal)."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for r, n in zip(raw.rows, raw.row_numbers, strict=True):
+        row_problems: list[Problem] = []
+        for name in ("prompt", "chosen", "rejected", "system"):
+            if name not in r:
+                continue
+            v = r[name]
+            if name in ("prompt", "system") and v is None:
+                continue
+            if isinstance(v, str):
+                if name in ("chosen", "rejected") and not v.strip():
+                    row_problems.append(Problem(n, name, "is empty.", "drop the row or write the response"))
+            elif _is_messages(v) and name != "system":
+                row_problems.extend(_check_messages(v, n, name))
+            else:
+                want = "text" if name == "system" else "text or a list of {role, content} messages"
+                row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
+                                            f"store {name} as {want}"))
+        if not row_problems:
+            kinds = {k: _is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
+            if len(set(kinds.values())) > 1:
+                row_problems.append(Problem(n, None, "mixes plain text and message lists across prompt/chosen/"
+                                            "rejected.", "use text everywhere or messages everywhere in a row"))
+            elif _completion_text(r["chosen"]).strip() == "" and _is_messages(r["chosen"]):
+                row_problems.append(Problem(n, "chosen", "final message is empty.", "write the response"))
+            elif _is_messages(r["rejected"]) and _completion_text(r["rejected"]).strip() == "":
+                row_problems.append(Problem(n, "rejected", "final message is empty.", "write the response"))
+            elif r["chosen"] == r["rejected"]:
+                row_problems.append(Problem(n, "rejected", "is identical to chosen, so the pair carries no "
+                                            "preference.", "drop the row or fix the responses"))
+        if not row_problems:
+            key = json.dumps([r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]], sort_keys=True)
+            if key in seen:
+                row_problems.append(Problem(n, None, f"duplicates row {seen[key]}.", "deduplicate", fatal=False))
+            else:
+                seen[key] = n
+        problems.extend(row_problems)
+    return problems
+
+
+def _completion_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return value[-1].get("content") or "" if value else ""
+
+
+def load_preference_dataset(
+    source: str | os.PathLike | Any,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+) -> Any:
+    """Load preference pairs as a `datasets.Dataset` with columns prompt/chosen/rejected (and system if present).
+
+    ``source`` is a .jsonl/.json/.csv/.parquet file, a directory saved by `datasets`, a hub dataset id, or an
+    in-memory `datasets.Dataset`. ``columns`` maps prefalign's names to yours: ``{"chosen": "good"}``.
+    Raises `DataError` on the first fatal problem (``prefalign data check`` lists all of them). Suspicious rows
+    (duplicates) are kept; :func:`validate_rows` counts them for the reports.
+    """
+    import datasets
+
+    raw = map_columns(read_rows(source, split), columns)
+    problems = validate_rows(raw)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {raw.source}` to list them all)" \
+            if len(fatal) > 1 else ""
+        raise fatal[0].as_error(raw.source, raw.row_label, more)
+    rows = raw.rows
+    if "prompt" in raw.columns and all(r.get("prompt") is None for r in rows):
+        rows = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
+    return datasets.Dataset.from_list(rows)
+

@@ -1,0 +1,147 @@
+"""Token ids for each pair: prompt ids, chosen ids, rejected ids, with truncation counted, never silent.
+
+The chat template is applied once to the prompt (with the generation prompt) and once to prompt + reply; the
+completion is exactly the tokens after the prompt. If the prompt does not tokenize as a prefix of prompt + reply
+(a template that rewrites earlier turns, or text whose boundary merges into one token), that is an error: guessing
+would train on tokens the model never produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import DataError
+from .format import Example, to_example
+
+
+@dataclass
+class TokenizeSettings:
+    """How pairs become tokens. ``max_prompt_length`` keeps the *end* of a long prompt (nearest the reply);
+    ``max_length`` then cuts replies from the right so prompt + reply fits."""
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+    chat: bool = True  # apply the chat template to plain-text rows when the tokenizer has one
+    # TRL's ORPOTrainer adds these at token level; reproduced only in ORPOConfig(trl_compat=True).
+    ensure_bos: bool = False
+    ensure_eos: bool = False
+
+
+@dataclass
+class TokenizeReport:
+    """Counts of what tokenisation changed, for logs and `prefalign data check`."""
+
+    rows: int = 0
+    prompt_truncated: list[int] = field(default_factory=list)
+    chosen_truncated: list[int] = field(default_factory=list)
+    rejected_truncated: list[int] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = []
+        for name, rows in (("prompts cut to max_prompt_length", self.prompt_truncated),
+                           ("chosen replies cut to max_length", self.chosen_truncated),
+                           ("rejected replies cut to max_length", self.rejected_truncated)):
+            if rows:
+                shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+                out.append(f"{len(rows)} of {self.rows} {name} (rows {shown})")
+        return out
+
+
+def _ids(enc: Any) -> list[int]:
+    ids = enc["input_ids"] if not isinstance(enc, list) else enc
+    if ids and isinstance(ids[0], list):  # some tokenizers keep a batch dimension
+        ids = ids[0]
+    return list(ids)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
+    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs))
+
+
+def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
+                     source: str | None = None) -> dict[str, list[int]]:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one pair, before truncation."""
+    if ex.conversational:
+        if not has_chat_template(tokenizer):
+            raise DataError("conversational data needs a chat template, and this tokenizer has none.",
+                            source=source, row=row,
+                            fix="use a chat model's tokenizer, set tokenizer.chat_template, or give plain-text rows")
+        last = ex.prompt[-1]["role"] if ex.prompt else "user"
+        kw = {"continue_final_message": True} if last == "assistant" else {"add_generation_prompt": True}
+        prompt_ids = _template(tokenizer, ex.prompt, **kw)
+        full = {k: _template(tokenizer, ex.prompt + getattr(ex, k)) for k in ("chosen", "rejected")}
+    else:
+        prompt_ids = _ids(tokenizer(ex.prompt))
+        eos = tokenizer.eos_token or ""
+        full = {k: _ids(tokenizer(ex.prompt + (v if v.endswith(eos) else v + eos)))
+                for k, v in (("chosen", ex.chosen), ("rejected", ex.rejected))}
+    out = {"prompt_ids": prompt_ids}
+    for k, ids in full.items():
+        if ids[: len(prompt_ids)] != prompt_ids:
+            at = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b) \
+                if any(a != b for a, b in zip(ids, prompt_ids, strict=False)) else min(len(ids), len(prompt_ids))
+            raise DataError(f"the prompt's tokens are not a prefix of prompt + {k} (they differ at token {at}), "
+                            "so the completion cannot be located.", source=source, row=row, field=k,
+                            fix="move trailing spaces from the prompt to the start of the reply, or check the chat "
+                                "template")
+        out[f"{k}_ids"] = ids[len(prompt_ids):]
+        if not out[f"{k}_ids"]:
+            raise DataError("tokenizes to no completion tokens.", source=source, row=row, field=k,
+                            fix="give a non-empty reply")
+    if settings.ensure_bos and tokenizer.bos_token_id is not None and prompt_ids[:1] != [tokenizer.bos_token_id]:
+        out["prompt_ids"] = [tokenizer.bos_token_id] + prompt_ids
+    if settings.ensure_eos:
+        for k in ("chosen_ids", "rejected_ids"):
+            if out[k][-1:] != [tokenizer.eos_token_id]:
+                out[k] = out[k] + [tokenizer.eos_token_id]
+    return out
+
+
+def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int | None = None,
+             source: str | None = None) -> tuple[dict[str, list[int]], set[str]]:
+    """Apply max_prompt_length (keep the prompt's end) then max_length (keep replies' starts).
+
+    Returns the cut pair and the names of the parts that were cut. A prompt that leaves no room for any reply
+    token is an error, not a silent drop.
+    """
+    cut: set[str] = set()
+    prompt = pair["prompt_ids"]
+    if settings.max_prompt_length is not None and len(prompt) > settings.max_prompt_length:
+        prompt = prompt[-settings.max_prompt_length:]
+        cut.add("prompt")
+    out = {"prompt_ids": prompt}
+    for k in ("chosen_ids", "rejected_ids"):
+        ids = pair[k]
+        if settings.max_length is not None:
+            room = settings.max_length - len(prompt)
+            if room < 1:
+                raise DataError(f"the prompt alone is {len(prompt)} tokens, leaving no room for a reply under "
+                                f"max_length={settings.max_length}.", source=source, row=row, field="prompt",
+                                fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
+            if len(ids) > room:
+                ids = ids[:room]
+                cut.add(k.removesuffix("_ids"))
+        out[k] = ids
+    return out, cut
+
+
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: TokenizeSettings, *,
+                  source: str | None = None) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
+    """Tokenize and truncate every row; rows are numbered from 1 in errors and reports."""
+    chat = settings.chat and has_chat_template(tokenizer)
+    report = TokenizeReport(rows=len(rows))
+    out = []
+    for i, r in enumerate(rows, start=1):
+        ex = to_example(r, chat=chat, row_number=i, source=source)
+        pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=i, source=source), settings, row=i,
+                             source=source)
+        for name in cut:
+            getattr(report, f"{name}_truncated").append(i)
+        out.append(pair)
+    return out, report

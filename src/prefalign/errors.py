@@ -1,0 +1,38 @@
+"""User-facing errors: one line that names where the problem is and how to fix it."""
+
+from __future__ import annotations
+
+
+class PrefalignError(Exception):
+    """An error caused by the user's input or configuration, not by a bug.
+
+    The CLI prints ``str(err)`` on one line and exits with code 2; the library raises it so callers can catch it.
+    """
+
+    exit_code = 2
+
+
+class DataError(PrefalignError, ValueError):
+    """A problem in a preference dataset, located by file, row and field."""
+
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None,
+                 fix: str | None = None, row_label: str = "row") -> None:
+        parts = []
+        where = []
+        if source:
+            where.append(str(source))
+        if row is not None:
+            where.append(f"{row_label} {row}")
+        if field:
+            where.append(f"field '{field}'")
+        if where:
+            parts.append(", ".join(where) + ": ")
+        parts.append(message)
+        if fix:
+            parts.append(f" Fix: {fix}")
+        super().__init__("".join(parts))
+        self.source, self.row, self.field, self.fix = source, row, field, fix
+
+
+class ConfigError(PrefalignError, ValueError):
+    """An invalid option value or unknown option name."""

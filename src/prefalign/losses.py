@@ -1,0 +1,124 @@
+"""Preference losses as pure functions of log-prob tensors.
+
+Each function takes per-pair log-probabilities (already reduced over completion tokens) and returns
+``(loss, metrics)``: ``loss`` is a scalar to back-propagate, ``metrics`` maps TRL's metric names to detached
+tensors (per pair, shape ``[B]``, or scalars) that the trainer averages and logs. Nothing here touches a model, so
+every equation can be checked by hand (see tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable everywhere.
+
+    The naive ``log1p(-exp(x))`` returns ``-inf`` (then NaN gradients) as ``x -> 0``; ``log(-expm1(x))`` is exact
+    there. Switching at ``-ln 2`` keeps both branches accurate (Mächler, "Accurately computing log(1 - exp(-|a|))",
+    2012).
+    """
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,
+                  rejected_logps: Tensor) -> dict[str, Tensor]:
+    return {
+        "rewards/chosen": chosen_rewards.detach(),
+        "rewards/rejected": rejected_rewards.detach(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Direct Preference Optimization and its pairwise variants.
+
+    With summed completion log-probs and the implicit reward :math:`r(y) = \beta(\log\pi_\theta(y|x) -
+    \log\pi_{ref}(y|x))`, let :math:`h = \log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)} -
+    \log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}`.
+
+    - ``sigmoid`` (Rafailov et al. 2023, arXiv:2305.18290, eq. 7), with conservative DPO label smoothing
+      :math:`\varepsilon` (Mitchell 2023, "A note on DPO with noisy preferences"):
+      :math:`L = -(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h)`.
+    - ``ipo`` (Azar et al. 2023, arXiv:2310.12036, eq. 17), with log-ratios averaged per completion token as
+      TRL does (the IPO authors' normalisation): :math:`L = (h_{avg} - \frac{1}{2\beta})^2`, where :math:`\beta` is
+      the paper's :math:`\tau`. Needs ``chosen_lengths`` and ``rejected_lengths``.
+    - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`L = \max(0, 1 - \beta h)`.
+
+    The loss is the mean over pairs. Metrics use TRL's names; rewards are :math:`\beta` times the log-ratios.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    else:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("the 'ipo' loss needs chosen_lengths and rejected_lengths (completion token counts)")
+        h_avg = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+        losses = (h_avg - 1.0 / (2.0 * beta)) ** 2
+    metrics = _pair_metrics(beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps,
+                            policy_rejected_logps)
+    return losses.mean(), metrics
+
+
+def orpo_loss(
+    chosen_mean_logps: Tensor,
+    rejected_mean_logps: Tensor,
+    nll_loss: Tensor,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Odds Ratio Preference Optimization (Hong et al. 2024, arXiv:2403.07691, eqs. 4-7).
+
+    With length-normalised log-likelihoods :math:`\ell_w, \ell_l` (mean log-prob per completion token) and
+    :math:`\mathrm{odds}(y|x) = \frac{P(y|x)}{1 - P(y|x)}`,
+
+    .. math::
+        \log\mathrm{OR} = (\ell_w - \ell_l) - (\log(1-e^{\ell_w}) - \log(1-e^{\ell_l}))
+
+        L = L_{NLL} + \alpha \cdot (-\log\sigma(\beta \log\mathrm{OR}))
+
+    ``alpha`` is the paper's :math:`\lambda` (``orpo_alpha``, "strength of preference optimisation"; TRL's ``beta``),
+    ``beta`` is a temperature on the log odds ratio (``orpo_beta``; 1.0 is the paper's loss). ``nll_loss`` is the
+    supervised term, computed by the caller over the tokens its definition covers. ``log1mexp`` keeps
+    :math:`\log(1-e^{\ell})` finite as :math:`\ell \to 0`. Computed in float32.
+
+    Metrics follow TRL: rewards are ``alpha`` times the mean log-probs, ``log_odds_ratio`` is
+    :math:`\log\sigma(\beta\log\mathrm{OR})` and ``log_odds_chosen`` is :math:`\log\mathrm{OR}`.
+    """
+    lw = chosen_mean_logps.float()
+    ll = rejected_mean_logps.float()
+    log_odds = (lw - ll) - (log1mexp(lw) - log1mexp(ll))
+    ratio = F.logsigmoid(beta * log_odds)
+    loss = nll_loss - alpha * ratio.mean()
+    metrics = _pair_metrics(alpha * lw, alpha * ll, lw, ll)
+    metrics["nll_loss"] = nll_loss.detach()
+    metrics["log_odds_ratio"] = ratio.detach()
+    metrics["log_odds_chosen"] = log_odds.detach()
+    return loss, metrics

@@ -1,0 +1,286 @@
+"""DPOTrainer and ORPOTrainer: `transformers.Trainer` subclasses whose only job is the loss.
+
+The data path (load → format → tokenize → collate) and the losses live in their own modules; here a batch becomes
+log-probs (logprobs.py), log-probs become a loss and metrics (losses.py), and metrics are averaged and logged with
+TRL's names. Everything else (optimisation, accumulation, checkpoints, evaluation loops, `accelerate launch`) is
+the Trainer's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+
+from .config import DPOConfig, ORPOConfig, PreferenceConfig
+from .data.collate import PairCollator
+from .data.load import map_columns, read_rows, validate_rows
+from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
+from .logprobs import token_logps
+from .losses import dpo_loss, orpo_loss
+from .models import load_model, load_tokenizer
+
+logger = logging.getLogger("prefalign")
+TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every log record (step, epoch, metrics) to ``<output_dir>/metrics.jsonl`` on the main process."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _PreferenceTrainer(Trainer):
+    """What DPO and ORPO share: model and tokenizer loading, dataset preparation, metric bookkeeping."""
+
+    config_class: type[PreferenceConfig] = PreferenceConfig
+    method = "preference"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        ref_model: str | PreTrainedModel | None = None,
+        args: PreferenceConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        peft_config: Any = None,
+    ) -> None:
+        model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
+        if args is None:
+            args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
+        if model is None or isinstance(model, str):
+            model = load_model(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            processing_class = load_tokenizer(model.name_or_path or model_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer_ = tokenizer
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            _disable_dropout(model)
+        self.ref_model = self._make_reference(model, ref_model, args, peft_config)
+        self.data_reports: dict[str, TokenizeReport] = {}
+        train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        if isinstance(eval_dataset, Mapping) and not isinstance(eval_dataset, datasets.Dataset):
+            eval_dataset = {k: self._prepare_dataset(v, k, args) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
+        if data_collator is None:
+            data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+        callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl")]
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
+        # We compute our own loss; let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if self.ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+
+    # ----- set-up -------------------------------------------------------------------------------------------------
+    def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
+        return None
+
+    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
+        return TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                chat=args.chat_template_for_text)
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: PreferenceConfig) -> datasets.Dataset | None:
+        """Validate and tokenize raw preference rows; already-tokenized datasets pass through."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
+            return dataset
+        raw = map_columns(read_rows(dataset), None)
+        source = f"{name} dataset"
+        raw.source = source
+        problems = validate_rows(raw)
+        fatal = [p for p in problems if p.fatal]
+        if fatal:
+            raise fatal[0].as_error(source, raw.row_label, f" ({len(fatal)} problem rows in all)"
+                                    if len(fatal) > 1 else "")
+        dupes = len(problems) - len(fatal)
+        pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=source)
+        self.data_reports[name] = report
+        for line in report.lines() + ([f"{dupes} duplicate rows kept"] if dupes else []):
+            logger.warning("%s: %s", source, line)
+        return datasets.Dataset.from_list(pairs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = TOKENIZED_COLUMNS + ["ref_chosen_logps", "ref_rejected_logps"]
+
+    # ----- loss ---------------------------------------------------------------------------------------------------
+    def _token_logps(self, model: Any, inputs: dict[str, Tensor], target_mask: Tensor) -> Tensor:
+        return token_logps(model, inputs["input_ids"], inputs["attention_mask"], target_mask,
+                           chunk_rows=self.args.logprob_chunk_rows)
+
+    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
+        mode = "train" if model.training else "eval"
+        loss, metrics = self._loss_and_metrics(model, inputs)
+        for key, value in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+            self._metrics[mode][key].append(gathered.mean().item())
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stored = self._metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})
+        stored.clear()
+        super().log(logs, start_time)
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _completion_stats(logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs and token counts per row over ``mask``."""
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+class DPOTrainer(_PreferenceTrainer):
+    """Direct Preference Optimization.
+
+    Reference model: ``ref_model`` if given; else, with ``peft_config`` (or a PEFT model), the base model with the
+    adapter disabled; else a frozen copy of the policy in the policy's own dtype (TRL 1.13 behaves the same; older
+    TRL kept an fp32 copy).
+    """
+
+    config_class = DPOConfig
+    method = "dpo"
+    args: DPOConfig
+
+    def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
+        if isinstance(ref_model, str):
+            ref_model = load_model(ref_model, **(args.model_init_kwargs or {}))
+        if ref_model is None and not _is_peft(model):
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            if args.disable_dropout:
+                _disable_dropout(ref_model)
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+        return ref_model
+
+    def _reference_logps(self, model: Any, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
+        if "ref_chosen_logps" in inputs:
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        with torch.no_grad():
+            if self.ref_model is not None:
+                tok = self._token_logps(self.ref_model, inputs, mask)
+            else:
+                inner = self.accelerator.unwrap_model(model)
+                with inner.disable_adapter() if _is_peft(inner) else nullcontext():
+                    tok = self._token_logps(model, inputs, mask)
+        return (tok * mask).sum(-1)
+
+    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = inputs["completion_mask"]
+        logps, lengths = _completion_stats(self._token_logps(model, inputs, mask), mask)
+        ref = self._reference_logps(model, inputs, mask)
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        lc, lr = lengths.chunk(2)
+        weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
+        loss: Tensor | float = 0.0
+        metrics: dict[str, Tensor] = {}
+        for loss_type, weight in zip(self.args.loss_type, weights, strict=True):
+            part, metrics = dpo_loss(pc, pr, rc, rr, beta=self.args.beta, loss_type=loss_type,
+                                     label_smoothing=self.args.label_smoothing, chosen_lengths=lc,
+                                     rejected_lengths=lr)
+            loss = loss + weight * part
+        return loss, metrics  # type: ignore[return-value]
+
+
+class ORPOTrainer(_PreferenceTrainer):
+    """Odds Ratio Preference Optimization: no reference model, one forward pass over chosen and rejected.
+
+    The NLL term covers the chosen reply's tokens (the paper's definition), averaged over all chosen reply tokens
+    in the batch. ``ORPOConfig(trl_compat=True)`` reproduces TRL 1.13 instead (see its help).
+    """
+
+    config_class = ORPOConfig
+    method = "orpo"
+    args: ORPOConfig
+
+    def __init__(self, model: str | PreTrainedModel | None = None, args: ORPOConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, compute_metrics: Any = None,
+                 callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
+                 peft_config: Any = None) -> None:
+        # TRL's ORPOTrainer signature: no ref_model, args second.
+        super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         compute_metrics, callbacks, optimizers, peft_config)
+
+    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
+        settings = super()._tokenize_settings(args)
+        if getattr(args, "trl_compat", False):
+            settings.ensure_bos = settings.ensure_eos = True
+        return settings
+
+    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        completion = inputs["completion_mask"]
+        n = completion.shape[0] // 2
+        nll_mask = completion.clone()
+        if self.args.trl_compat:
+            nll_mask[:n] = inputs["attention_mask"][:n]  # TRL: every chosen token after the first
+            nll_mask[:, 0] = 0
+        target = nll_mask | completion
+        tok = self._token_logps(model, inputs, target)
+        sums, counts = _completion_stats(tok, completion)
+        mean_logps = sums / counts.clamp(min=1)
+        nll = -(tok[:n] * nll_mask[:n]).sum() / nll_mask[:n].sum().clamp(min=1)
+        return orpo_loss(mean_logps[:n], mean_logps[n:], nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)
