@@ -1,0 +1,115 @@
+"""evaluate() of prefalign's trainers against TRL 1.13's on the same tiny model, reference and eval set."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import trl
+from trl.experimental.orpo import ORPOConfig as TrlORPOConfig
+from trl.experimental.orpo import ORPOTrainer as TrlORPOTrainer
+
+from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
+from tiny import conversational_rows, smollm2_tokenizer, text_rows, tiny_llama
+
+TOL = 1e-4
+COMMON = dict(per_device_eval_batch_size=3, report_to=[], use_cpu=True, bf16=False, max_length=256, seed=0)
+
+
+def _multi_turn_rows() -> list[dict]:
+    rows = []
+    for i in range(5):
+        rows.append({
+            "prompt": [{"role": "system", "content": "Answer briefly."},
+                       {"role": "user", "content": f"Count to {i + 2}."},
+                       {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 3))},
+                       {"role": "user", "content": "Now backwards?"}],
+            "chosen": [{"role": "assistant", "content": " ".join(str(k) for k in range(i + 2, 0, -1))}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        })
+    return rows
+
+
+def _implicit_rows() -> list[dict]:
+    return [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+            for r in conversational_rows(7)]
+
+
+def _shared_metrics(ours: dict, theirs: dict, names: list[str]) -> None:
+    for name in names:
+        key = f"eval_{name}"
+        assert key in ours, f"prefalign did not report {key}"
+        assert ours[key] == pytest.approx(theirs[key], abs=TOL), key
+
+
+DPO_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected"]
+
+
+@pytest.mark.parametrize("rows_fn", [conversational_rows, _multi_turn_rows, _implicit_rows], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_evaluate_matches_trl(tmp_path, rows_fn, loss_type):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(rows_fn())
+    cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=[loss_type])
+    # Policy and reference differ (seeds 1 and 2) so rewards and margins are not trivially zero.
+    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
+                      eval_dataset=ds, processing_class=tok).evaluate()
+    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
+                            eval_dataset=ds, processing_class=tok).evaluate()
+    _shared_metrics(ours, theirs, DPO_METRICS)
+    assert abs(ours["eval_rewards/margins"]) > 1e-3  # the comparison is not between zeros
+
+
+def test_dpo_text_rows_match_trl_without_chat_template(tmp_path):
+    """Plain-text rows match TRL when told to skip the chat template (TRL never applies it to text)."""
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(text_rows(6))
+    cfg = dict(COMMON, output_dir=str(tmp_path))
+    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                      args=DPOConfig(**cfg, chat_template_for_text=False), train_dataset=ds, eval_dataset=ds,
+                      processing_class=tok).evaluate()
+    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
+                            eval_dataset=ds, processing_class=tok).evaluate()
+    _shared_metrics(ours, theirs, DPO_METRICS)
+
+
+ORPO_METRICS = DPO_METRICS + ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+
+
+@pytest.mark.parametrize("rows_fn", [conversational_rows, _multi_turn_rows], ids=lambda f: f.__name__)
+def test_orpo_evaluate_matches_trl_in_compat_mode(tmp_path, rows_fn):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(rows_fn())
+    cfg = dict(COMMON, output_dir=str(tmp_path))
+    ours = ORPOTrainer(tiny_llama(tok, 1), args=ORPOConfig(**cfg, beta=0.25, trl_compat=True), train_dataset=ds,
+                       eval_dataset=ds, processing_class=tok).evaluate()
+    theirs = TrlORPOTrainer(tiny_llama(tok, 1), args=TrlORPOConfig(**cfg, beta=0.25, gradient_checkpointing=False),
+                            train_dataset=ds, eval_dataset=ds, processing_class=tok).evaluate()
+    _shared_metrics(ours, theirs, ORPO_METRICS)
+
+
+def test_orpo_default_nll_covers_only_the_reply(tmp_path):
+    """The paper's NLL (default) differs from TRL's (prompt too); the preference terms agree when tokens agree."""
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(6))
+    cfg = dict(COMMON, output_dir=str(tmp_path))
+    paper = ORPOTrainer(tiny_llama(tok, 1), args=ORPOConfig(**cfg), train_dataset=ds, eval_dataset=ds,
+                        processing_class=tok)
+    compat = ORPOTrainer(tiny_llama(tok, 1), args=ORPOConfig(**cfg, trl_compat=True), train_dataset=ds,
+                         eval_dataset=ds, processing_class=tok)
+    # Same replies apart from TRL's extra EOS after the template's newline.
+    first = paper.eval_dataset[0]
+    assert compat.eval_dataset[0]["chosen_ids"] == first["chosen_ids"] + [tok.eos_token_id]
+    a, b = paper.evaluate(), compat.evaluate()
+    assert a["eval_nll_loss"] != pytest.approx(b["eval_nll_loss"], abs=1e-3)
+    # The paper's NLL is minus the mean reply-token log-prob of the chosen replies (all chosen rows, token mean).
+    batch = paper.data_collator([paper.eval_dataset[i] for i in range(3)])
+    from prefalign.logprobs import token_logps
+
+    tok_lp = token_logps(paper.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    m = batch["completion_mask"][:3]
+    expected = -(tok_lp[:3] * m).sum() / m.sum()
+    _, metrics = paper.compute_loss(paper.model, batch, return_outputs=True)
+    assert metrics["nll_loss"].item() == pytest.approx(expected.item(), abs=1e-6)

@@ -1,0 +1,98 @@
+"""Trainer behaviour: references, PEFT, accumulation, logging, training actually moves the loss."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+
+from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
+from tiny import conversational_rows, save_tiny, smollm2_tokenizer, tiny_llama
+
+
+def _cfg(tmp_path, cls=DPOConfig, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                report_to=[], use_cpu=True, max_length=128, logging_steps=1, save_strategy="no", seed=0)
+    base.update(kw)
+    return cls(**base)
+
+
+def test_default_reference_is_a_frozen_copy_in_the_policy_dtype(tmp_path):
+    tok = smollm2_tokenizer()
+    policy = tiny_llama(tok, 1).to(torch.bfloat16)
+    tr = DPOTrainer(policy, args=_cfg(tmp_path), train_dataset=conversational_rows(4), processing_class=tok)
+    ref_params = list(tr.ref_model.parameters())
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref_params)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref_params, tr.model.parameters(), strict=True))
+    assert not tr.ref_model.training
+
+
+def test_training_lowers_the_dpo_loss_and_logs_jsonl(tmp_path):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(8))
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path, learning_rate=5e-3, max_steps=8), train_dataset=ds,
+                    eval_dataset=ds, processing_class=tok)
+    before = tr.evaluate()["eval_loss"]
+    assert before == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0: loss is log 2
+    tr.train()
+    after = tr.evaluate()
+    assert after["eval_loss"] < before - 0.05
+    assert after["eval_rewards/accuracies"] > 0.5
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if "loss" in r]
+    assert len(train_logs) == 8 and all("rewards/accuracies" in r for r in train_logs)
+
+
+def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(4))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path), train_dataset=ds, eval_dataset=ds,
+                    processing_class=tok, peft_config=lora)
+    assert tr.ref_model is None
+    batch = tr.data_collator([tr.eval_dataset[i] for i in range(4)])
+    mask = batch["completion_mask"]
+    ref = tr._reference_logps(tr.model, batch, mask)
+    base = tiny_llama(tok, 1)
+    from prefalign.logprobs import token_logps
+
+    expected = (token_logps(base, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        policy = (token_logps(tr.model, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
+    assert (policy - expected).abs().max() > 1e-4  # the (non-zero) adapter is active for the policy
+
+
+def test_gradient_accumulation_matches_a_large_batch(tmp_path):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(4))
+    weights = []
+    for bs, accum in ((4, 1), (2, 2)):
+        tr = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                        args=_cfg(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=accum,
+                                  learning_rate=1e-2, max_steps=1, lr_scheduler_type="constant"),
+                        train_dataset=ds, processing_class=tok)
+        tr.train()
+        weights.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_model_by_path_and_orpo_training(tmp_path):
+    path = save_tiny(tmp_path / "model", seed=3)
+    ds = datasets.Dataset.from_list(conversational_rows(8))
+    tr = ORPOTrainer(path, args=_cfg(tmp_path, ORPOConfig, learning_rate=5e-3, max_steps=6), train_dataset=ds,
+                     eval_dataset=ds)
+    before = tr.evaluate()
+    tr.train()
+    after = tr.evaluate()
+    assert after["eval_nll_loss"] < before["eval_nll_loss"]
+    assert after["eval_loss"] < before["eval_loss"]
+
+
+def test_orpo_trl_beta_name_sets_orpo_alpha():
+    cfg = ORPOConfig(output_dir="unused", beta=0.3, report_to=[])
+    assert cfg.orpo_alpha == 0.3 and cfg.orpo_beta == 1.0

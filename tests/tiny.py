@@ -1,0 +1,55 @@
+"""Tiny random models on the real SmolLM2 tokenizer, so tests see real chat-template tokenisation in seconds."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefalign.models import DEFAULT_MODEL, load_tokenizer
+
+
+@functools.cache
+def _tokenizer():
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def smollm2_tokenizer():
+    """The embedded model's tokenizer (ChatML template); a fresh copy each call so tests may mutate it."""
+    import copy
+
+    return copy.deepcopy(_tokenizer())
+
+
+def tiny_llama(tokenizer=None, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32 over the full vocabulary, seeded."""
+    tok = tokenizer or _tokenizer()
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.eval()
+    return model
+
+
+def save_tiny(path, seed: int = 0) -> str:
+    """Write a tiny model + the SmolLM2 tokenizer as a loadable model directory."""
+    tok = smollm2_tokenizer()
+    tiny_llama(tok, seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def conversational_rows(n: int = 8) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{2 * i}."}],
+             "rejected": [{"role": "assistant", "content": f"I think it is {2 * i + 1}, but I am not sure at all."}]}
+            for i in range(n)]
+
+
+def text_rows(n: int = 8) -> list[dict]:
+    return [{"prompt": f"Q: name a colour number {i}.\nA:", "chosen": f" Blue {i}.",
+             "rejected": f" I refuse to answer question {i}."} for i in range(n)]
