@@ -138,6 +138,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 def _discard_stale(final: Path) -> None:
     """Remove a directory at ``final`` that has no marker, without ever deleting a complete one."""
+    if _is_complete(final):  # completed by another converter since the caller looked
+        return
     trash = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex}")
     try:
         os.rename(final, trash)  # atomic: after this, nobody else can be reading it under the final name
@@ -189,7 +191,13 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
             "source_size": gguf.stat().st_size,
             "dtype": "float32",
         }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        marker_path = tmp / MARKER_FILE
+        marker_path.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        # save_pretrained writes weights 0600; give every file the mode the umask gave the marker (shared homes).
+        mode = marker_path.stat().st_mode & 0o777
+        for path in tmp.iterdir():
+            if path.is_file():
+                os.chmod(path, mode)
         try:
             os.rename(tmp, final)  # fails, instead of overwriting, if `final` is a non-empty directory
         except OSError:
@@ -285,9 +293,13 @@ def _check_local_dir(path: str, needed: tuple[str, ...], what: str) -> None:
             f"({', '.join(sorted(EMBEDDED_MODELS))}) or a hub id"))
 
 
-def _pretrained_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _pretrained_kwargs(kwargs: dict[str, Any], *, model: bool = False) -> dict[str, Any]:
+    """Honour offline mode set after import (huggingface_hub reads HF_HUB_OFFLINE once), avoiding ~25 s of retries."""
     if _hub_offline():
-        kwargs.setdefault("local_files_only", True)  # never retry the network for ~45 s when told we are offline
+        kwargs.setdefault("local_files_only", True)
+    if model and kwargs.get("local_files_only"):
+        # AutoModel*.from_pretrained forgets local_files_only in its adapter_config.json probe (transformers 5.23).
+        kwargs["adapter_kwargs"] = {"local_files_only": True, **(kwargs.get("adapter_kwargs") or {})}
     return kwargs
 
 
@@ -328,6 +340,6 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **_pretrained_kwargs(kwargs))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **_pretrained_kwargs(kwargs, model=True))
     except OSError as err:
         raise _load_error(name, path, "model", err) from err

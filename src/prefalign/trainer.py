@@ -74,7 +74,7 @@ class _PreferenceTrainer(Trainer):
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
         if model is None or isinstance(model, str):
-            model = load_model(model, **(args.model_init_kwargs or {}))
+            model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
             processing_class = load_tokenizer(model.name_or_path or model_name)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -172,6 +172,13 @@ class _PreferenceTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:
+    kwargs = dict(args.model_init_kwargs or {})
+    if "torch_dtype" in kwargs:  # the pre-transformers-5 name
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    return kwargs
+
+
 def _disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -205,7 +212,7 @@ class DPOTrainer(_PreferenceTrainer):
 
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
         if isinstance(ref_model, str):
-            ref_model = load_model(ref_model, **(args.model_init_kwargs or {}))
+            ref_model = load_model(ref_model, **_init_kwargs(args))
         if ref_model is None and not _is_peft(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
