@@ -24,7 +24,9 @@ def log1mexp(x: Tensor) -> Tensor:
     there. Switching at ``-ln 2`` keeps both branches accurate (Mächler, "Accurately computing log(1 - exp(-|a|))",
     2012).
     """
-    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    ln2 = math.log(2.0)
+    # The clamp keeps the unused branch finite: torch.where back-propagates 0 * inf = NaN otherwise.
+    return torch.where(x < -ln2, torch.log1p(-torch.exp(x.clamp(max=-ln2))), torch.log(-torch.expm1(x)))
 
 
 def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,

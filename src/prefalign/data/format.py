@@ -93,6 +93,8 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
                            "add a prompt column, or start both conversations with the same user turn")
         else:
             n = _common_prefix_len(chosen, rejected)
+            if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+                n -= 1  # the space before the first differing word belongs to the replies (as TRL)
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
             if not chosen or not rejected:
                 raise fail("one response is a prefix of the other, so it has no completion of its own.",

@@ -7,6 +7,7 @@ Every problem is located by source, row and field. Validation here is about shap
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -59,7 +60,7 @@ class RawData:
 def _read_jsonl(path: Path, source: str) -> RawData:
     rows, numbers = [], []
     text = _read_text(path, source)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid in JSON
         if not line.strip():
             continue
         try:
@@ -108,7 +109,7 @@ def _read_json(path: Path, source: str) -> RawData:
 
 def _read_csv(path: Path, source: str) -> RawData:
     text = _read_text(path, source)
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows, numbers = [], []
     try:
         for i, r in enumerate(reader, start=1):
@@ -268,6 +269,7 @@ def validate_rows(raw: RawData) -> list[Problem]:
     """Every problem in every row: type errors, empty responses, chosen == rejected, duplicates (not fatal)."""
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    first_kind: tuple[int, bool] | None = None  # (row number, is messages) of the first well-formed row
     for r, n in zip(raw.rows, raw.row_numbers, strict=True):
         row_problems: list[Problem] = []
         for name in ("prompt", "chosen", "rejected", "system"):
@@ -297,6 +299,15 @@ def validate_rows(raw: RawData) -> list[Problem]:
             elif r["chosen"] == r["rejected"]:
                 row_problems.append(Problem(n, "rejected", "is identical to chosen, so the pair carries no "
                                             "preference.", "drop the row or fix the responses"))
+        if not row_problems:
+            is_msgs = _is_messages(r["chosen"])
+            if first_kind is None:
+                first_kind = (n, is_msgs)
+            elif is_msgs != first_kind[1]:
+                kinds = ("text", "messages") if first_kind[1] else ("messages", "text")
+                row_problems.append(Problem(n, "chosen", f"is {kinds[0]} but {raw.row_label} {first_kind[0]} is "
+                                            f"{kinds[1]}; a dataset must use one format.",
+                                            "convert all rows to text or all rows to messages"))
         if not row_problems:
             key = json.dumps([r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]], sort_keys=True)
             if key in seen:

@@ -72,9 +72,8 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
             raise DataError("conversational data needs a chat template, and this tokenizer has none.",
                             source=source, row=row,
                             fix="use a chat model's tokenizer, set tokenizer.chat_template, or give plain-text rows")
-        last = ex.prompt[-1]["role"] if ex.prompt else "user"
-        kw = {"continue_final_message": True} if last == "assistant" else {"add_generation_prompt": True}
-        prompt_ids = _template(tokenizer, ex.prompt, **kw)
+        # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
+        prompt_ids = _template(tokenizer, ex.prompt, add_generation_prompt=True)
         full = {k: _template(tokenizer, ex.prompt + getattr(ex, k)) for k in ("chosen", "rejected")}
     else:
         prompt_ids = _ids(tokenizer(ex.prompt))
