@@ -6,11 +6,11 @@ import types
 
 import pytest
 import torch
-from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
 from prefalign.data.collate import PairCollator
 from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
 from prefalign.logprobs import can_chunk, chunked_head_logps, token_logps
+from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
 TOL = 1e-5
 

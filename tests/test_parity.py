@@ -5,11 +5,11 @@ from __future__ import annotations
 import datasets
 import pytest
 import trl
-from tiny import conversational_rows, smollm2_tokenizer, text_rows, tiny_llama
 from trl.experimental.orpo import ORPOConfig as TrlORPOConfig
 from trl.experimental.orpo import ORPOTrainer as TrlORPOTrainer
 
 from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
+from tiny import conversational_rows, smollm2_tokenizer, text_rows, tiny_llama
 
 TOL = 1e-4
 COMMON = dict(per_device_eval_batch_size=3, report_to=[], use_cpu=True, bf16=False, max_length=256, seed=0)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import conversational_rows, smollm2_tokenizer, text_rows
 from trl import extract_prompt
 
 from prefalign.data.collate import PairCollator
 from prefalign.data.format import to_example
 from prefalign.data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from prefalign.errors import DataError
+from tiny import conversational_rows, smollm2_tokenizer, text_rows
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM"
 

@@ -8,9 +8,9 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig
-from tiny import conversational_rows, save_tiny, smollm2_tokenizer, tiny_llama
 
 from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
+from tiny import conversational_rows, save_tiny, smollm2_tokenizer, tiny_llama
 
 
 def _cfg(tmp_path, cls=DPOConfig, **kw):

@@ -1,0 +1,835 @@
+"""The ``prefalign`` command line: a thin layer over the library.
+
+``prefalign train [CONFIG.yaml] [--set key=value ...] [flags]`` trains with DPO or ORPO and writes a run directory
+(see `prefalign.runs`); ``prefalign data check SOURCE`` reports a preference dataset's format, problems and token
+lengths without training. User errors print ``prefalign: error: <one line>`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import logging
+import math
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import yaml
+
+from . import runs
+from .errors import ConfigError, DataError, PrefalignError
+
+if TYPE_CHECKING:
+    from .config import PreferenceConfig
+    from .data.load import RawData
+    from .data.tokenize import TokenizeSettings
+
+PROG = "prefalign"
+METHODS = ("dpo", "orpo")
+RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns")
+RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
+# Config defaults of a CLI run that differ from the library's (the library stays TRL-like).
+CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no"}
+# --flag → config key (flags that are not plain config keys are handled in _flag_layer).
+FLAG_KEYS = {"model": "model", "ref_model": "ref_model", "dataset": "dataset", "eval_dataset": "eval_dataset",
+             "split": "split", "output_dir": "output_dir", "max_steps": "max_steps",
+             "learning_rate": "learning_rate", "batch_size": "per_device_train_batch_size",
+             "max_length": "max_length", "seed": "seed"}
+
+
+# ----- errors and parsing ----------------------------------------------------------------------------------------
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def print_error(message: object) -> None:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error, like every other prefalign error, and no abbreviated options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_or_none(text: str) -> int | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``"prompt=question,chosen=good"`` (or a mapping) → ``{"prompt": "question", "chosen": "good"}``."""
+    if spec is None or isinstance(spec, Mapping):
+        return {str(k): str(v) for k, v in spec.items()} if spec else None
+    if not isinstance(spec, str):
+        raise ConfigError(f"columns={spec!r} is not a mapping. Fix: write it as prompt=q,chosen=a,rejected=b")
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, column = part.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise ConfigError(f"columns: cannot read {part!r}. Fix: write it as prompt=q,chosen=a,rejected=b")
+        mapping[name.strip()] = column.strip()
+    return mapping or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Preference alignment (DPO, ORPO) for causal language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train_parser(sub)
+    _add_data_parser(sub)
+    return parser
+
+
+TRAIN_EPILOG = """\
+CONFIG.yaml is a flat mapping of run keys (method, model, ref_model, dataset, split, eval_dataset, eval_split,
+columns) and any field of DPOConfig / ORPOConfig (which extend transformers.TrainingArguments), e.g.
+
+  method: orpo
+  model: smollm2-135m-instruct
+  dataset: pairs.jsonl
+  columns: {prompt: question, chosen: good, rejected: bad}
+  learning_rate: 5.0e-6
+  max_length: 512
+
+Precedence: CONFIG.yaml < --set < the explicit flags. Defaults that differ from the library: logging_steps 1,
+report_to none, save_strategy no (the final model is saved anyway), use_cpu when there is no CUDA.
+The run directory gets the model + tokenizer, config.yaml (the resolved config: `prefalign train config.yaml`
+repeats the run), metrics.jsonl and data_report.json."""
+
+
+def _add_train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model on preference pairs (DPO or ORPO)", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a causal LM on preference pairs and write a run directory.")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="YAML file of options (see below)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_pairs",
+                   help="set any option; VALUE is read as YAML (numbers, true/false, [lists]). Repeatable")
+    p.add_argument("--method", choices=METHODS, help="training method (default: dpo)")
+    p.add_argument("--model", help="embedded model name, local directory or hub id (default: smollm2-135m-instruct)")
+    p.add_argument("--ref-model", help="DPO reference model (default: a frozen copy of --model)")
+    p.add_argument("--dataset", metavar="SRC", help=".jsonl/.json/.csv/.parquet file, saved dataset dir or hub id")
+    p.add_argument("--eval-dataset", metavar="SRC", help="evaluation pairs, evaluated once after training "
+                                                         "(split: eval_split, default test)")
+    p.add_argument("--columns", metavar="prompt=q,chosen=a,...", help="map your column names onto prompt, chosen, "
+                                                                      "rejected, system")
+    p.add_argument("--split", help="dataset split to train on (default: train)")
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<method>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    p.add_argument("--beta", type=float, metavar="B",
+                   help="DPO: beta (KL strength). ORPO: sets orpo_alpha, the odds-ratio weight (TRL's ORPO beta)")
+    p.add_argument("--learning-rate", type=float, metavar="LR", help="peak learning rate")
+    p.add_argument("--batch-size", type=int, metavar="N", help="pairs per device per step "
+                                                               "(per_device_train_batch_size)")
+    p.add_argument("--max-length", type=_int_or_none, metavar="N", help="max tokens of prompt + reply ('none': no "
+                                                                        "limit)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_data_parser(sub: Any) -> None:
+    data = sub.add_parser("data", help="inspect preference datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    p = data_sub.add_parser("check", help="report format, problems and token lengths of a dataset",
+                            description="Report a dataset's format, every problem row, and token lengths under the "
+                                        "model's chat template. Exit code 0 if training would accept it, else 2.")
+    p.add_argument("source", metavar="SOURCE", help="file, saved dataset directory or hub id")
+    p.add_argument("--model", help="model whose tokenizer and chat template to use (default: smollm2-135m-instruct)")
+    p.add_argument("--split", default="train", help="split to check (default: train)")
+    p.add_argument("--columns", metavar="prompt=q,chosen=a,...", help="map your column names onto prompt, chosen, "
+                                                                      "rejected, system")
+    p.add_argument("--max-length", type=_int_or_none, metavar="N", help="count rows this would cut or reject "
+                                                                        "(default: the config default)")
+    p.add_argument("--max-prompt-length", type=_int_or_none, metavar="N", help="count prompts this would cut")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_data_check)
+
+
+# ----- train: resolving the options ------------------------------------------------------------------------------
+def config_class(method: str) -> type[PreferenceConfig]:
+    from .config import DPOConfig, ORPOConfig
+
+    return {"dpo": DPOConfig, "orpo": ORPOConfig}[method]
+
+
+def config_fields(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_")}
+
+
+@dataclass
+class Layer:
+    """Options from one source (config file, --set, flags), lowest precedence first."""
+
+    origin: str
+    values: dict[str, Any]
+
+
+@dataclass
+class TrainPlan:
+    """A training run resolved from all sources, before anything is loaded."""
+
+    method: str
+    run: dict[str, Any]  # RUN_KEYS
+    options: dict[str, Any]  # config-class keyword arguments, as resolved (what config.yaml records)
+    overwrite: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.options["output_dir"])
+
+    def local_inputs(self) -> list[str]:
+        return [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
+
+    def resolved_config(self) -> dict[str, Any]:
+        """Run keys (local paths made absolute, so the file works from anywhere) and the config options."""
+        out: dict[str, Any] = {"method": self.method}
+        for key in RUN_KEYS[1:]:
+            value = self.run.get(key)
+            if value is None or (key == "eval_split" and not self.run.get("eval_dataset")):
+                continue
+            if key in ("model", "ref_model", "dataset", "eval_dataset") and _is_local_path(str(value)):
+                value = str(Path(str(value)).expanduser().resolve())
+            out[key] = value
+        out.update(sorted(self.options.items()))
+        out["output_dir"] = str(self.output_dir.expanduser().resolve())  # a re-run must not write somewhere else
+        return out
+
+
+def _is_local_path(value: str) -> bool:
+    """A path on disk, as opposed to an embedded model name or a hub id (embedded names win, as in models.py)."""
+    from .models import EMBEDDED_MODELS
+
+    return value.lower() not in EMBEDDED_MODELS and Path(value).expanduser().exists()
+
+
+def _config_file_layer(path: str | None) -> Layer:
+    if path is None:
+        return Layer("", {})
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file '{path}': {e.strerror or e}. Fix: check the path") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file '{path}': invalid YAML{where}: {problem}.") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' is a YAML {type(values).__name__}, not a mapping. Fix: write one "
+                          "'key: value' per line")
+    return Layer(f"in {path}", {str(k): v for k, v in values.items()})
+
+
+def _set_layer(pairs: Sequence[str]) -> Layer:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set beta=0.2")
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: VALUE is not valid YAML ({getattr(e, 'problem', e)}).") from None
+    return Layer("in --set", values)
+
+
+def _flag_layer(args: argparse.Namespace, method: str) -> Layer:
+    values = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.max_length is None and "max_length" in getattr(args, "explicit", ()):  # --max-length none
+        values["max_length"] = None
+    if args.method is not None:
+        values["method"] = args.method
+    if args.columns is not None:
+        values["columns"] = args.columns
+    if args.beta is not None:
+        values["orpo_alpha" if method == "orpo" else "beta"] = args.beta
+    return Layer("from the flags", values)
+
+
+def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace) -> str:
+    method = args.method
+    if method is None:
+        for layer in layers:
+            method = layer.values.get("method", method)
+    method = RUN_DEFAULTS["method"] if method is None else str(method).lower()
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not supported. Fix: use one of {', '.join(METHODS)}")
+    return str(method)
+
+
+def _unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
+    valid = list(config_fields(config_class(method))) + list(RUN_KEYS)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"Did you mean '{close[0]}'?" if close else (
+        f"Fix: use a run key ({', '.join(RUN_KEYS)}) or a field of {config_class(method).__name__}")
+    other = [m for m in METHODS if m != method and key in config_fields(config_class(m))]
+    if other:
+        hint = f"It is an option of method {other[0]}; set method: {other[0]}."
+    return ConfigError(f"unknown option '{key}' {origin} for method {method}. {hint}")
+
+
+def _merge(layers: Sequence[Layer], method: str) -> dict[str, Any]:
+    """Later layers win; unknown keys are errors with a suggestion."""
+    known = set(config_fields(config_class(method))) | set(RUN_KEYS)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.values.items():
+            if key not in known:
+                raise _unknown_key_error(key, layer.origin, method)
+            merged[key] = value
+    flags = layers[-1].values
+    if method == "orpo" and "orpo_alpha" in flags and "beta" not in flags:
+        merged.pop("beta", None)  # --beta set orpo_alpha; a TRL-style `beta` from the config file would disagree
+    return merged
+
+
+def _type_names(annotation: Any) -> set[str]:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = text.replace("typing.", "").replace("Optional[", "").replace("]", "")
+    return {t.strip() for t in text.split("|")}
+
+
+def coerce_option(cls: type, key: str, value: Any) -> Any:
+    """Make YAML values fit numeric/bool fields: YAML 1.1 reads ``1e-5`` as a string, for instance."""
+    f = config_fields(cls).get(key)
+    if f is None or value is None:
+        return value
+    names = _type_names(f.type)
+    if names <= {"bool", "None"} and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    if isinstance(value, str) and names <= {"int", "float", "None"} and names & {"int", "float"}:
+        integer = "int" in names and "float" not in names
+        try:
+            return int(value) if integer else float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not {'an integer' if integer else 'a number'}.") from None
+    if isinstance(value, bool) and names <= {"int", "float", "None"}:
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    return value
+
+
+def resolve_plan(args: argparse.Namespace) -> TrainPlan:
+    """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges."""
+    lower = [_config_file_layer(args.config), _set_layer(args.set_pairs)]
+    method = _resolve_method(lower, args)
+    merged = _merge([*lower, _flag_layer(args, method)], method)
+    run = {key: merged.pop(key, None) for key in RUN_KEYS}
+    run = {key: RUN_DEFAULTS.get(key) if value is None else value for key, value in run.items()}
+    run["method"] = method
+    run["columns"] = parse_columns(run["columns"])
+    if not run.get("dataset"):
+        raise ConfigError("no dataset given. Fix: pass --dataset SRC or put 'dataset: SRC' in the config file")
+    if run.get("model") is None:
+        from .models import DEFAULT_MODEL
+
+        run["model"] = DEFAULT_MODEL
+    run.update({k: str(run[k]) for k in ("model", "ref_model", "split", "eval_split") if run[k] is not None})
+    if method != "dpo" and run.get("ref_model") is not None:
+        raise ConfigError(f"ref_model is a DPO option; method {method} uses no reference model. Fix: remove it")
+    options = {**CLI_DEFAULTS, **merged}
+    options.setdefault("output_dir", str(runs.default_run_dir(method)))
+    cls = config_class(method)
+    options = {k: coerce_option(cls, k, v) for k, v in options.items()}
+    return TrainPlan(method, run, options, overwrite=args.overwrite)
+
+
+def build_config(plan: TrainPlan) -> PreferenceConfig:
+    """The config object; range errors from the config class and TrainingArguments become one-line errors."""
+    import torch
+
+    kwargs = dict(plan.options)
+    if "use_cpu" not in kwargs and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # a runtime default, not recorded in config.yaml
+    try:
+        return config_class(plan.method)(**kwargs)
+    except PrefalignError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid options: {one_line(str(e).strip().splitlines()[0] if str(e) else e)}") from None
+
+
+# ----- train: running --------------------------------------------------------------------------------------------
+def make_progress_callback() -> Any:
+    """A tqdm bar on stderr (step/total, loss, reward accuracy) replacing transformers' progress printing.
+
+    The class is built on first use so that importing the CLI (``prefalign --help``) does not import transformers.
+    """
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class ProgressBarCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Any = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, unit="step", desc="training", file=sys.stderr,
+                                dynamic_ncols=True, disable=args.disable_tqdm)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs and self.bar is not None:
+                self.bar.set_postfix(_short_metrics(logs, ""), refresh=True)
+            elif "eval_loss" in logs:
+                line = ", ".join(f"{k} {v}" for k, v in _short_metrics(logs, "eval_").items())
+                tqdm.write(f"{PROG}: eval at step {state.global_step}: {line}", file=sys.stderr)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.close()
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return ProgressBarCallback()
+
+
+def _short_metrics(logs: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    names = {"loss": "loss", "rewards/accuracies": "acc"}
+    return {short: f"{logs[prefix + key]:.4g}" for key, short in names.items() if prefix + key in logs}
+
+
+def use_progress_bar(trainer: Any) -> Any:
+    """Swap transformers' ProgressCallback/PrinterCallback for ours; returns ours (``close()`` it on failure)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cls in (ProgressCallback, PrinterCallback):
+        while any(isinstance(cb, cls) for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(cls)
+    progress = make_progress_callback()
+    trainer.add_callback(progress)
+    return progress
+
+
+def load_train_data(plan: TrainPlan) -> tuple[Any, Any]:
+    from .data.load import load_preference_dataset
+
+    columns = plan.run["columns"]
+    train = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns)
+    evaluation = None
+    if plan.run.get("eval_dataset"):
+        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns)
+    return train, evaluation
+
+
+def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluation: Any) -> Any:
+    """Load the model(s) and tokenize the data; remove the output directory again if this fails after creating it."""
+    from .trainer import DPOTrainer, ORPOTrainer
+
+    out = plan.output_dir
+    existed = out.exists()
+    common = {"model": plan.run["model"], "args": config, "train_dataset": train, "eval_dataset": evaluation}
+    try:
+        if plan.method == "dpo":
+            return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
+        return ORPOTrainer(**common)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def train_or_report(trainer: Any, out: Path) -> int:
+    """Run training; on failure keep what the Trainer wrote, log the traceback there and print one line."""
+    try:
+        trainer.train()
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+    except PrefalignError:
+        raise
+    except KeyboardInterrupt:
+        print_error(f"interrupted at step {trainer.state.global_step}; partial output left in {out}")
+        return 130
+    except Exception as e:
+        log = out / runs.ERROR_LOG_FILE
+        with contextlib.suppress(OSError):
+            out.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+        detail = type(e).__name__ + (f": {str(e).strip().splitlines()[0]}" if str(e).strip() else "")
+        print_error(f"training failed at step {trainer.state.global_step}: {detail} (partial output left in {out}; "
+                    f"traceback in {log})")
+        return 1
+    return 0
+
+
+def save_run(trainer: Any, plan: TrainPlan, out: Path) -> None:
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    runs.write_config(out, plan.resolved_config())
+    runs.write_data_report(out, trainer.data_reports)
+
+
+def summary_line(trainer: Any, out: Path) -> str:
+    m = runs.final_metrics(trainer.state.log_history)
+    parts = [f"{trainer.state.global_step} steps"]
+    for key, label in (("loss", "final loss"), ("rewards/accuracies", "reward accuracy"),
+                       ("eval_loss", "eval loss"), ("eval_rewards/accuracies", "eval reward accuracy")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4f}")
+    return f"{PROG}: run saved to {out} ({', '.join(parts)})"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    plan = resolve_plan(args)
+    config = build_config(plan)
+    out = plan.output_dir
+    runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
+    train, evaluation = load_train_data(plan)
+    trainer = make_trainer(plan, config, train, evaluation)
+    progress = use_progress_bar(trainer)
+    if plan.overwrite and trainer.is_world_process_zero():
+        runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
+    try:
+        code = train_or_report(trainer, out)
+    finally:
+        progress.close()  # so an error line never lands on the bar's line
+    if code:
+        return code
+    save_run(trainer, plan, out)
+    if trainer.is_world_process_zero():
+        print(summary_line(trainer, out))
+    return 0
+
+
+# ----- data check ------------------------------------------------------------------------------------------------
+@dataclass
+class Finding:
+    """One problem, rendered with its location; ``fatal`` ones would stop training."""
+
+    row: int | None
+    text: str
+    fatal: bool = True
+
+
+LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class CheckReport:
+    source: str
+    model: str
+    settings: TokenizeSettings
+    kind: str = ""
+    row_label: str = "row"
+    rows: int = 0
+    format: str | None = None
+    chat_template: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
+    # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
+    cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.fatal for f in self.findings)
+
+    def add_error(self, err: DataError, row: int | None = None) -> None:
+        self.findings.append(Finding(row, _locate(err, self.row_label, row)))
+
+
+def _locate(err: DataError, label: str, row: int | None) -> str:
+    """Render a DataError raised without a location (source/row) with the row number in front."""
+    text = one_line(err)
+    if row is None:
+        return text
+    return f"{label} {row}, {text}" if err.field else f"{label} {row}: {text}"
+
+
+def percentile(values: Sequence[int], p: float) -> int:
+    """Nearest-rank percentile of a non-empty sequence."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def check_settings(max_length: int | None, max_prompt_length: int | None, explicit: bool) -> TokenizeSettings:
+    """Tokenisation settings, validated by the config class so the rules live in one place."""
+    from .config import PreferenceConfig
+    from .data.tokenize import TokenizeSettings
+
+    defaults = config_fields(PreferenceConfig)
+    if not explicit:
+        max_length = defaults["max_length"].default
+    try:
+        PreferenceConfig(output_dir="unused", max_length=max_length, max_prompt_length=max_prompt_length,
+                         use_cpu=True, report_to="none")
+    except PrefalignError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid options: {one_line(e)}") from None
+    return TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length,
+                            chat=defaults["chat_template_for_text"].default)
+
+
+def _read_jsonl_leniently(path: Path, source: str) -> tuple[RawData, list[Finding]]:
+    """Like data.load's JSONL reader, but every unreadable line is a finding instead of the end of the read."""
+    from .data.load import RawData
+
+    rows: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    findings: list[Finding] = []
+    for lineno, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):  # as data.load: U+2028 is JSON
+        try:
+            line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            findings.append(Finding(lineno, f"line {lineno}: is not UTF-8 (byte 0x{raw_line[e.start]:02x}). Fix: "
+                                            "re-encode the file as UTF-8"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            findings.append(Finding(lineno, f"line {lineno}: invalid JSON: {e.msg} at column {e.colno}. Fix: each "
+                                            "line must be one JSON object; check quotes and commas"))
+            continue
+        if not isinstance(obj, dict):
+            findings.append(Finding(lineno, f"line {lineno}: is a JSON {type(obj).__name__}, not an object."))
+            continue
+        rows.append(obj)
+        numbers.append(lineno)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return RawData(source, "jsonl", rows, columns, "line", numbers), findings
+
+
+def read_for_check(source: str, split: str, report: CheckReport) -> RawData | None:
+    from .data.load import FILE_EXTENSIONS, read_rows
+
+    try:
+        return read_rows(source, split)
+    except DataError as err:
+        path = Path(source).expanduser()
+        if not (path.is_file() and FILE_EXTENSIONS.get(path.suffix.lower()) == "jsonl"):
+            report.add_error(err)
+            return None
+    raw, findings = _read_jsonl_leniently(path, source)
+    report.findings.extend(findings)
+    report.rows += len(findings)
+    return raw
+
+
+def validate_for_check(raw: RawData, columns: dict[str, str] | None,
+                       report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
+    """Rows without fatal problems, as (row number, row); every problem goes into the report."""
+    from .data.load import map_columns, validate_rows
+
+    try:
+        raw = map_columns(raw, columns)
+    except DataError as err:
+        report.add_error(err)
+        return []
+    problems = validate_rows(raw)
+    for p in problems:
+        report.findings.append(Finding(p.row, _locate(p.as_error("", raw.row_label), raw.row_label, None), p.fatal))
+    bad = {p.row for p in problems if p.fatal}
+    return [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
+
+
+def measure_tokens(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
+    """Token lengths (before truncation) and what the settings would cut or reject, per row."""
+    from .data.format import to_example
+    from .data.tokenize import has_chat_template, tokenize_example, truncate
+
+    chat = report.settings.chat and has_chat_template(tokenizer)
+    for n, row in rows:
+        try:
+            pair = tokenize_example(to_example(row, chat=chat), tokenizer, report.settings)
+        except DataError as err:
+            report.add_error(err, n)
+            continue
+        lp, lc, lr = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        for part, length in zip(LENGTH_PARTS, (lp, lc, lr, lp + max(lc, lr)), strict=True):
+            report.lengths[part].append(length)
+        try:
+            _, cut = truncate(pair, report.settings)
+        except DataError as err:  # the prompt leaves no room for a reply: training would refuse the row
+            report.add_error(err, n)
+            report.cut["no_room"].append(n)
+            continue
+        if "prompt" in cut:
+            report.cut["prompt"].append(n)
+        if cut & {"chosen", "rejected"}:
+            report.cut["reply"].append(n)
+
+
+def run_check(args: argparse.Namespace) -> CheckReport:
+    from .data.format import detect_format
+    from .data.tokenize import has_chat_template
+    from .models import DEFAULT_MODEL, load_tokenizer
+
+    settings = check_settings(args.max_length, args.max_prompt_length, "max_length" in args.explicit)
+    columns = parse_columns(args.columns)
+    model = args.model or DEFAULT_MODEL
+    tokenizer = load_tokenizer(model)
+    report = CheckReport(args.source, model, settings, chat_template=has_chat_template(tokenizer))
+    raw = read_for_check(args.source, args.split, report)
+    if raw is None:
+        return report
+    report.kind, report.row_label = raw.kind, raw.row_label
+    report.rows += len(raw.rows)
+    rows = validate_for_check(raw, columns, report)
+    if rows:
+        report.format = detect_format(rows[0][1]).describe()
+    measure_tokens(rows, tokenizer, report)
+    report.findings.sort(key=lambda f: (f.row is not None, f.row or 0))
+    return report
+
+
+def _shown_rows(rows: Sequence[int], label: str) -> str:
+    if not rows:
+        return ""
+    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+    return f" ({label}s {shown})"
+
+
+def render_text(report: CheckReport) -> str:
+    fatal = [f for f in report.findings if f.fatal]
+    warnings = [f for f in report.findings if not f.fatal]
+    bad_rows = {f.row for f in fatal if f.row is not None}
+    s = report.settings
+    label = report.row_label
+    lines = [f"source: {report.source}" + (f" ({report.kind})" if report.kind else ""),
+             f"format: {report.format or 'unknown (no valid row)'}",
+             f"rows: {report.rows} read, {report.rows - len(bad_rows)} without errors, "
+             f"{len(fatal)} error(s), {len(warnings)} warning(s)",
+             f"tokenizer: {report.model} (chat template: {'yes' if report.chat_template else 'no'})"]
+    if report.lengths["prompt"]:
+        lines.append(f"token lengths over {len(report.lengths['prompt'])} rows, before truncation:")
+        lines.append(f"  {'':<22}" + "".join(f"{h:>8}" for h in [*(f"p{p}" for p in PERCENTILES), "max"]))
+        for part, values in report.lengths.items():
+            cells = [percentile(values, p) for p in PERCENTILES] + [max(values)]
+            lines.append(f"  {part:<22}" + "".join(f"{c:>8}" for c in cells))
+    no_room = report.cut["no_room"]
+    lines.append(f"truncation at max_length={s.max_length}, max_prompt_length={s.max_prompt_length}: "
+                 f"{len(report.cut['prompt'])} prompt(s) cut{_shown_rows(report.cut['prompt'], label)}, "
+                 f"{len(report.cut['reply'])} row(s) with a reply cut{_shown_rows(report.cut['reply'], label)}, "
+                 f"{len(no_room)} row(s) rejected (prompt leaves no room){_shown_rows(no_room, label)}")
+    if report.findings:
+        lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
+        lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in report.findings]
+    lines.append("result: OK, training would accept this data" if report.ok else
+                 f"result: {len(fatal)} error(s); training would stop at the first. Fix or drop those rows.")
+    return "\n".join(lines)
+
+
+def render_json(report: CheckReport) -> str:
+    lengths = {part: ({f"p{p}": percentile(v, p) for p in PERCENTILES} | {"max": max(v)}) if v else None
+               for part, v in report.lengths.items()}
+    doc = {"source": report.source, "kind": report.kind, "format": report.format, "rows": report.rows,
+           "row_label": report.row_label, "model": report.model, "chat_template": report.chat_template,
+           "max_length": report.settings.max_length, "max_prompt_length": report.settings.max_prompt_length,
+           "token_lengths": lengths, "prompt_cut_rows": report.cut["prompt"], "reply_cut_rows": report.cut["reply"],
+           "no_room_rows": report.cut["no_room"],
+           "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
+                        for f in report.findings],
+           "ok": report.ok}
+    return json.dumps(doc, indent=2)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    report = run_check(args)
+    print(render_json(report) if args.json else render_text(report))
+    return 0 if report.ok else 2
+
+
+# ----- entry point -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cli_logging() -> Iterator[None]:
+    """Show the library's warnings (truncation counts, duplicates) as ``prefalign: ...`` lines while a command runs."""
+
+    class _Stderr(logging.StreamHandler):
+        @property  # type: ignore[override]
+        def stream(self) -> Any:  # the current sys.stderr, so captured streams in tests stay valid
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
+    class _Format(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"{PROG}: {record.levelname.lower()}: {one_line(record.getMessage())}"
+
+    handler = _Stderr()
+    handler.setFormatter(_Format())
+    logger = logging.getLogger("prefalign")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own bars ("Loading weights", "Writing model shards"); hub download bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5.x; without it the bars just show
+    if set_hook is None:
+        yield
+        return
+    previous = set_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
+def _explicit_options(argv: Sequence[str]) -> set[str]:
+    """Which --options were typed, so 'none' can be told from 'not given'."""
+    return {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    args.explicit = _explicit_options(argv)
+    try:
+        with cli_logging(), quiet_transformers_bars():
+            return func(args)
+    except PrefalignError as e:
+        print_error(e)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
