@@ -1,0 +1,137 @@
+"""Batched generation from a chat model, and on-policy preference pairs scored by a judge.
+
+``generate_pairs`` is best-of-K pair building: sample K replies per prompt from the model (plus an optional
+known-good reference reply), score every candidate with the judge, and keep (best, worst) as (chosen, rejected).
+Ties are skipped and counted, never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data.tokenize import has_chat_template
+
+Prompt = str | list[dict[str, str]]
+
+
+def prompt_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: plain text becomes one user turn."""
+    return [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The last user turn of a prompt: what a judge reads."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _encode(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    if has_chat_template(tokenizer):
+        return [list(tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]) for p in prompts]
+    return [list(tokenizer(prompt_text(p))["input_ids"]) for p in prompts]
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 48,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
+             batch_size: int = 16, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> list[list[str]]:
+    """Replies for each prompt (``num_return_sequences`` each), decoded without special tokens.
+
+    Left-padded batches of similar length; greedy unless ``do_sample``. Seeded, so sampling is reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    encoded = _encode(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[list[str]] = [[] for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
+                                  "num_return_sequences": num_return_sequences, "pad_token_id": pad}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
+        for row, i in enumerate(idx):
+            out[i] = [t.strip() for t in texts[row * num_return_sequences:(row + 1) * num_return_sequences]]
+        if progress:
+            progress(len(idx))
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class PairStats:
+    """What pair generation did with every prompt."""
+
+    prompts: int = 0
+    pairs: int = 0
+    ties: int = 0
+    unjudged: int = 0
+    chosen_from_reference: int = 0
+    tie_rows: list[int] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.pairs} pairs from {self.prompts} prompts; skipped {self.ties} ties (all candidates scored "
+                f"the same) and {self.unjudged} prompts the judge could not score; chosen was the reference reply "
+                f"in {self.chosen_from_reference} pairs")
+
+
+def build_pairs(rows: Sequence[dict[str, Any]], samples: Sequence[Sequence[str]],
+                score: Callable[[str, str], float | None]) -> tuple[list[dict[str, Any]], PairStats]:
+    """(best, worst) candidate per prompt; candidates are the samples plus the row's ``reference`` if any."""
+    stats = PairStats(prompts=len(rows))
+    pairs = []
+    for n, (row, replies) in enumerate(zip(rows, samples, strict=True), start=1):
+        candidates = [(r, "sample") for r in replies]
+        if row.get("reference"):
+            candidates.append((str(row["reference"]), "reference"))
+        question = prompt_text(row["prompt"])
+        scored = [(s, r, src) for r, src in candidates if (s := score(question, r)) is not None]
+        if not scored:
+            stats.unjudged += 1
+            continue
+        # Stable choice: highest score (reference first among equals), lowest score (first sample among equals).
+        best = max(scored, key=lambda t: (t[0], t[2] == "reference"))
+        worst = min(scored, key=lambda t: t[0])
+        if best[0] == worst[0] or best[1] == worst[1]:
+            stats.ties += 1
+            stats.tie_rows.append(n)
+            continue
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "reference")}
+        pairs.append({"prompt": prompt_messages(row["prompt"]),
+                      "chosen": [{"role": "assistant", "content": best[1]}],
+                      "rejected": [{"role": "assistant", "content": worst[1]}],
+                      "chosen_score": best[0], "rejected_score": worst[0], "chosen_source": best[2], **extra})
+        stats.pairs += 1
+        stats.chosen_from_reference += best[2] == "reference"
+    return pairs, stats
+
+
+def generate_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], score: Callable[[str, str],
+                   float | None], *, samples: int = 4, max_new_tokens: int = 48, temperature: float = 1.0,
+                   top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], PairStats]:
+    """Sample ``samples`` replies per prompt row and build scored (chosen, rejected) pairs from them."""
+    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                       do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
+                       batch_size=batch_size, seed=seed, progress=progress)
+    return build_pairs(rows, replies, score)
