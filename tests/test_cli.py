@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,19 @@ def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----- startup ---------------------------------------------------------------------------------------------------
+def test_help_does_not_import_the_heavy_libraries():
+    code = ("import sys, contextlib, io, prefalign, prefalign.cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    for argv in (['--help'], ['train', '--help'], ['data', 'check', '--help']):\n"
+            "        assert prefalign.cli.main(argv) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules))\n"
+            "from prefalign import DPOTrainer, load_preference_dataset\n"
+            "print(DPOTrainer.__name__, load_preference_dataset.__name__, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["[]", "DPOTrainer load_preference_dataset True"]
 
 
 # ----- training runs ---------------------------------------------------------------------------------------------
@@ -180,10 +195,10 @@ def test_data_check_lists_every_problem_with_its_line(tiny_model, tmp_path, caps
     ])
     assert main(["data", "check", str(data), "--model", tiny_model]) == 2
     out = capsys.readouterr().out
-    for line, what in [(2, "empty"), (3, "identical to chosen"), (4, "'rejected'"), (5, "a number"),
+    for line, what in [(2, "empty"), (3, "identical to chosen"), (4, "'rejected': is missing"), (5, "a number"),
                        (6, "invalid JSON")]:
         assert any(f"error: line {line}" in row and what in row for row in out.splitlines()), (line, out)
-    assert "warning: line 8: duplicates row 1" in out
+    assert "warning: line 8: duplicates line 1" in out
     assert "format: standard (plain text), explicit prompt" in out and "p50" in out
 
 

@@ -192,6 +192,48 @@ def test_invalid_json_line(tmp_path):
     assert "line 2 is a JSON list, not an object" in msg
 
 
+def test_collect_errors_lists_every_unreadable_line_and_reads_the_rest(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes("\n".join([
+        json.dumps(TEXT_ROWS[0]),
+        '{"prompt": "x", "chosen": "a" "rejected": "b"}',  # line 2: invalid JSON
+        "",
+        json.dumps(TEXT_ROWS[1]),
+        "[1, 2]",  # line 5: not an object
+        '{"prompt": "p", "chosen": ',  # line 6: invalid JSON
+        json.dumps(TEXT_ROWS[2]),
+    ]).encode("utf-8") + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')  # line 8: latin-1
+    problems: list = []
+    raw = read_rows(str(path), collect_errors=problems)
+    assert raw.rows == TEXT_ROWS and raw.row_numbers == [1, 4, 7] and raw.row_label == "line"
+    assert [(p.row, p.field, p.fatal) for p in problems] == [(2, None, True), (5, None, True), (6, None, True),
+                                                             (8, None, True)]
+    assert problems[0].message.startswith("invalid JSON: ") and "column" in problems[0].message
+    assert problems[1].message == "is a JSON list, not an object."
+    assert problems[3].message == "is not UTF-8 (byte 0xe9)."
+    assert str(problems[2].as_error(str(path), "line")).startswith(f"{path}, line 6: invalid JSON")
+    # without a list the first bad line still raises, and load_preference_dataset still stops there
+    with pytest.raises(DataError, match="invalid JSON on line 2"):
+        read_rows(str(path))
+    assert "invalid JSON on line 2" in load_error(path)
+
+
+def test_collect_errors_in_json_lists_and_csv_rows(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([TEXT_ROWS[0], "oops", TEXT_ROWS[1], 3]))
+    problems: list = []
+    raw = read_rows(path, collect_errors=problems)
+    assert raw.rows == TEXT_ROWS[:2] and raw.row_numbers == [1, 3]
+    assert [(p.row, p.message) for p in problems] == [(2, "is a JSON str, not an object."),
+                                                      (4, "is a JSON int, not an object.")]
+    path = tmp_path / "wide.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\np,a,b,c with, commas\nq,c,d\n")
+    problems = []
+    raw = read_rows(path, collect_errors=problems)
+    assert raw.row_numbers == [1, 3] and [(p.row, p.message) for p in problems] == [
+        (2, "has 5 fields but the header has 3.")]
+
+
 def test_invalid_json_file_names_the_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"prompt": "p", "chosen": "a", "rejected": "b"},\n  {"prompt": "p" "chosen": "a"}\n]\n')
@@ -242,6 +284,45 @@ def _jsonl_with_bad_row(tmp_path, bad: dict) -> tuple[str, str]:
 def test_wrong_type_for_text(tmp_path, value, kind):
     path, msg = _jsonl_with_bad_row(tmp_path, {"prompt": "p", "chosen": value, "rejected": "r"})
     assert msg.startswith(f"{path}, line 3, field 'chosen': is {kind}; expected text"), msg
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "list"])
+def test_missing_field_is_missing_not_null(tmp_path, fmt):
+    rows = [TEXT_ROWS[0], {"prompt": "p", "rejected": "r"}, {"prompt": "p", "chosen": None, "rejected": "r"}]
+    if fmt == "jsonl":
+        source, where = write_jsonl(tmp_path / "m.jsonl", rows), "line"
+    elif fmt == "json":
+        (tmp_path / "m.json").write_text(json.dumps(rows))
+        source, where = str(tmp_path / "m.json"), "row"
+    else:
+        source, where = rows, "row"
+    raw = map_columns(read_rows(source), None)
+    assert "chosen" not in raw.rows[1] and raw.rows[2]["chosen"] is None
+    problems = validate_rows(raw)
+    assert [(p.row, p.field, p.message) for p in problems] == [
+        (2, "chosen", "is missing."), (3, "chosen", "is null; expected text or a list of {role, content} messages.")]
+    msg = load_error(source)
+    assert f"{where} 2, field 'chosen': is missing." in msg and "1 more problem(s)" in msg
+
+
+def test_missing_field_under_a_column_mapping_and_in_a_short_csv_row(tmp_path):
+    rows = [{"q": "p", "good": "a", "bad": "b"}, {"q": "p", "bad": "b"}]
+    msg = load_error(write_jsonl(tmp_path / "m.jsonl", rows), columns={"prompt": "q", "chosen": "good",
+                                                                       "rejected": "bad"})
+    assert "line 2, field 'chosen': is missing." in msg
+    path = tmp_path / "short.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\np,a\nq,c,\n")
+    problems = validate_rows(map_columns(read_rows(path), None))
+    assert [(p.row, p.field, p.message) for p in problems] == [(2, "rejected", "is missing."), (3, "rejected",
+                                                                                               "is empty.")]
+
+
+def test_rows_missing_an_optional_field_keep_the_column(tmp_path):
+    rows = [{"chosen": "Q? Yes", "rejected": "Q? No"}, {"prompt": "R?", "chosen": " Fine", "rejected": " Bad"},
+            {"chosen": "S? a", "rejected": "S? b", "system": "Be kind."}]
+    ds = load_preference_dataset(write_jsonl(tmp_path / "o.jsonl", rows))
+    assert ds.column_names == ["prompt", "chosen", "rejected", "system"]
+    assert ds[1]["prompt"] == "R?" and ds[0]["prompt"] is None and ds[2]["system"] == "Be kind."
 
 
 def test_wrong_type_in_csv_and_parquet_rows(tmp_path):
@@ -318,8 +399,8 @@ def test_duplicates_are_reported_but_not_fatal(tmp_path):
     rows = [TEXT_ROWS[0], TEXT_ROWS[1], dict(TEXT_ROWS[0]), TEXT_ROWS[2], dict(TEXT_ROWS[1])]
     path = write_jsonl(tmp_path / "dups.jsonl", rows)
     problems = validate_rows(map_columns(read_rows(path), None))
-    assert [(p.row, p.fatal, p.message) for p in problems] == [(3, False, "duplicates row 1."),
-                                                               (5, False, "duplicates row 2.")]
+    assert [(p.row, p.fatal, p.message) for p in problems] == [(3, False, "duplicates line 1."),
+                                                               (5, False, "duplicates line 2.")]
     ds = load_preference_dataset(path)
     assert len(ds) == 5  # kept
 

@@ -1,9 +1,20 @@
-"""prefalign: preference alignment (DPO, ORPO) for causal language models, with TRL's API."""
+"""prefalign: preference alignment (DPO, ORPO) for causal language models, with TRL's API.
 
-from .config import DPOConfig, ORPOConfig
-from .data.load import load_preference_dataset
+The public names are imported on first use (PEP 562), so ``import prefalign`` (and ``prefalign --help``) does not
+import torch or transformers; ``from prefalign import DPOTrainer`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import ConfigError, DataError, PrefalignError
-from .trainer import DPOTrainer, ORPOTrainer
+
+if TYPE_CHECKING:
+    from .config import DPOConfig, ORPOConfig
+    from .data.load import load_preference_dataset
+    from .trainer import DPOTrainer, ORPOTrainer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,3 +27,24 @@ __all__ = [
     "PrefalignError",
     "load_preference_dataset",
 ]
+
+_LAZY = {
+    "DPOConfig": ".config",
+    "ORPOConfig": ".config",
+    "DPOTrainer": ".trainer",
+    "ORPOTrainer": ".trainer",
+    "load_preference_dataset": ".data.load",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,25 +10,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import json
 import logging
-import math
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from . import runs
-from .errors import ConfigError, DataError, PrefalignError
+from .errors import ConfigError, PrefalignError
 
 if TYPE_CHECKING:
     from .config import PreferenceConfig
-    from .data.load import RawData
-    from .data.tokenize import TokenizeSettings
 
 PROG = "prefalign"
 METHODS = ("dpo", "orpo")
@@ -522,243 +518,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----- data check ------------------------------------------------------------------------------------------------
-@dataclass
-class Finding:
-    """One problem, rendered with its location; ``fatal`` ones would stop training."""
-
-    row: int | None
-    text: str
-    fatal: bool = True
-
-
-LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
-PERCENTILES = (50, 90, 99)
-
-
-@dataclass
-class CheckReport:
-    source: str
-    model: str
-    settings: TokenizeSettings
-    kind: str = ""
-    row_label: str = "row"
-    rows: int = 0
-    format: str | None = None
-    chat_template: bool = False
-    findings: list[Finding] = field(default_factory=list)
-    lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
-    # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
-    cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
-
-    @property
-    def ok(self) -> bool:
-        return not any(f.fatal for f in self.findings)
-
-    def add_error(self, err: DataError, row: int | None = None) -> None:
-        self.findings.append(Finding(row, _locate(err, self.row_label, row)))
-
-
-def _locate(err: DataError, label: str, row: int | None) -> str:
-    """Render a DataError raised without a location (source/row) with the row number in front."""
-    text = one_line(err)
-    if row is None:
-        return text
-    return f"{label} {row}, {text}" if err.field else f"{label} {row}: {text}"
-
-
-def percentile(values: Sequence[int], p: float) -> int:
-    """Nearest-rank percentile of a non-empty sequence."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def check_settings(max_length: int | None, max_prompt_length: int | None, explicit: bool) -> TokenizeSettings:
-    """Tokenisation settings, validated by the config class so the rules live in one place."""
-    from .config import PreferenceConfig
-    from .data.tokenize import TokenizeSettings
-
-    defaults = config_fields(PreferenceConfig)
-    if not explicit:
-        max_length = defaults["max_length"].default
-    try:
-        PreferenceConfig(output_dir="unused", max_length=max_length, max_prompt_length=max_prompt_length,
-                         use_cpu=True, report_to="none")
-    except PrefalignError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid options: {one_line(e)}") from None
-    return TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length,
-                            chat=defaults["chat_template_for_text"].default)
-
-
-def _read_jsonl_leniently(path: Path, source: str) -> tuple[RawData, list[Finding]]:
-    """Like data.load's JSONL reader, but every unreadable line is a finding instead of the end of the read."""
-    from .data.load import RawData
-
-    rows: list[dict[str, Any]] = []
-    numbers: list[int] = []
-    findings: list[Finding] = []
-    for lineno, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):  # as data.load: U+2028 is JSON
-        try:
-            line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            findings.append(Finding(lineno, f"line {lineno}: is not UTF-8 (byte 0x{raw_line[e.start]:02x}). Fix: "
-                                            "re-encode the file as UTF-8"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            findings.append(Finding(lineno, f"line {lineno}: invalid JSON: {e.msg} at column {e.colno}. Fix: each "
-                                            "line must be one JSON object; check quotes and commas"))
-            continue
-        if not isinstance(obj, dict):
-            findings.append(Finding(lineno, f"line {lineno}: is a JSON {type(obj).__name__}, not an object."))
-            continue
-        rows.append(obj)
-        numbers.append(lineno)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    return RawData(source, "jsonl", rows, columns, "line", numbers), findings
-
-
-def read_for_check(source: str, split: str, report: CheckReport) -> RawData | None:
-    from .data.load import FILE_EXTENSIONS, read_rows
-
-    try:
-        return read_rows(source, split)
-    except DataError as err:
-        path = Path(source).expanduser()
-        if not (path.is_file() and FILE_EXTENSIONS.get(path.suffix.lower()) == "jsonl"):
-            report.add_error(err)
-            return None
-    raw, findings = _read_jsonl_leniently(path, source)
-    report.findings.extend(findings)
-    report.rows += len(findings)
-    return raw
-
-
-def validate_for_check(raw: RawData, columns: dict[str, str] | None,
-                       report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
-    """Rows without fatal problems, as (row number, row); every problem goes into the report."""
-    from .data.load import map_columns, validate_rows
-
-    try:
-        raw = map_columns(raw, columns)
-    except DataError as err:
-        report.add_error(err)
-        return []
-    problems = validate_rows(raw)
-    for p in problems:
-        report.findings.append(Finding(p.row, _locate(p.as_error("", raw.row_label), raw.row_label, None), p.fatal))
-    bad = {p.row for p in problems if p.fatal}
-    return [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
-
-
-def measure_tokens(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
-    """Token lengths (before truncation) and what the settings would cut or reject, per row."""
-    from .data.format import to_example
-    from .data.tokenize import has_chat_template, tokenize_example, truncate
-
-    chat = report.settings.chat and has_chat_template(tokenizer)
-    for n, row in rows:
-        try:
-            pair = tokenize_example(to_example(row, chat=chat), tokenizer, report.settings)
-        except DataError as err:
-            report.add_error(err, n)
-            continue
-        lp, lc, lr = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        for part, length in zip(LENGTH_PARTS, (lp, lc, lr, lp + max(lc, lr)), strict=True):
-            report.lengths[part].append(length)
-        try:
-            _, cut = truncate(pair, report.settings)
-        except DataError as err:  # the prompt leaves no room for a reply: training would refuse the row
-            report.add_error(err, n)
-            report.cut["no_room"].append(n)
-            continue
-        if "prompt" in cut:
-            report.cut["prompt"].append(n)
-        if cut & {"chosen", "rejected"}:
-            report.cut["reply"].append(n)
-
-
-def run_check(args: argparse.Namespace) -> CheckReport:
-    from .data.format import detect_format
-    from .data.tokenize import has_chat_template
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Print `prefalign.data.check.check_dataset`'s report; exit code 2 if training would refuse the data."""
+    from .data.check import check_dataset, check_settings
     from .models import DEFAULT_MODEL, load_tokenizer
 
-    settings = check_settings(args.max_length, args.max_prompt_length, "max_length" in args.explicit)
+    # --max-length not given: check_dataset's default, which is the config default.
+    limits = {"max_length": args.max_length} if "max_length" in args.explicit else {}
+    limits["max_prompt_length"] = args.max_prompt_length
+    check_settings(**limits)  # bad options fail before the tokenizer loads
     columns = parse_columns(args.columns)
     model = args.model or DEFAULT_MODEL
-    tokenizer = load_tokenizer(model)
-    report = CheckReport(args.source, model, settings, chat_template=has_chat_template(tokenizer))
-    raw = read_for_check(args.source, args.split, report)
-    if raw is None:
-        return report
-    report.kind, report.row_label = raw.kind, raw.row_label
-    report.rows += len(raw.rows)
-    rows = validate_for_check(raw, columns, report)
-    if rows:
-        report.format = detect_format(rows[0][1]).describe()
-    measure_tokens(rows, tokenizer, report)
-    report.findings.sort(key=lambda f: (f.row is not None, f.row or 0))
-    return report
-
-
-def _shown_rows(rows: Sequence[int], label: str) -> str:
-    if not rows:
-        return ""
-    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-    return f" ({label}s {shown})"
-
-
-def render_text(report: CheckReport) -> str:
-    fatal = [f for f in report.findings if f.fatal]
-    warnings = [f for f in report.findings if not f.fatal]
-    bad_rows = {f.row for f in fatal if f.row is not None}
-    s = report.settings
-    label = report.row_label
-    lines = [f"source: {report.source}" + (f" ({report.kind})" if report.kind else ""),
-             f"format: {report.format or 'unknown (no valid row)'}",
-             f"rows: {report.rows} read, {report.rows - len(bad_rows)} without errors, "
-             f"{len(fatal)} error(s), {len(warnings)} warning(s)",
-             f"tokenizer: {report.model} (chat template: {'yes' if report.chat_template else 'no'})"]
-    if report.lengths["prompt"]:
-        lines.append(f"token lengths over {len(report.lengths['prompt'])} rows, before truncation:")
-        lines.append(f"  {'':<22}" + "".join(f"{h:>8}" for h in [*(f"p{p}" for p in PERCENTILES), "max"]))
-        for part, values in report.lengths.items():
-            cells = [percentile(values, p) for p in PERCENTILES] + [max(values)]
-            lines.append(f"  {part:<22}" + "".join(f"{c:>8}" for c in cells))
-    no_room = report.cut["no_room"]
-    lines.append(f"truncation at max_length={s.max_length}, max_prompt_length={s.max_prompt_length}: "
-                 f"{len(report.cut['prompt'])} prompt(s) cut{_shown_rows(report.cut['prompt'], label)}, "
-                 f"{len(report.cut['reply'])} row(s) with a reply cut{_shown_rows(report.cut['reply'], label)}, "
-                 f"{len(no_room)} row(s) rejected (prompt leaves no room){_shown_rows(no_room, label)}")
-    if report.findings:
-        lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
-        lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in report.findings]
-    lines.append("result: OK, training would accept this data" if report.ok else
-                 f"result: {len(fatal)} error(s); training would stop at the first. Fix or drop those rows.")
-    return "\n".join(lines)
-
-
-def render_json(report: CheckReport) -> str:
-    lengths = {part: ({f"p{p}": percentile(v, p) for p in PERCENTILES} | {"max": max(v)}) if v else None
-               for part, v in report.lengths.items()}
-    doc = {"source": report.source, "kind": report.kind, "format": report.format, "rows": report.rows,
-           "row_label": report.row_label, "model": report.model, "chat_template": report.chat_template,
-           "max_length": report.settings.max_length, "max_prompt_length": report.settings.max_prompt_length,
-           "token_lengths": lengths, "prompt_cut_rows": report.cut["prompt"], "reply_cut_rows": report.cut["reply"],
-           "no_room_rows": report.cut["no_room"],
-           "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
-                        for f in report.findings],
-           "ok": report.ok}
-    return json.dumps(doc, indent=2)
-
-
-def cmd_data_check(args: argparse.Namespace) -> int:
-    report = run_check(args)
-    print(render_json(report) if args.json else render_text(report))
+    report = check_dataset(args.source, tokenizer=load_tokenizer(model), tokenizer_name=model, split=args.split,
+                           columns=columns, **limits)
+    print(report.to_json() if args.json else report.render_text())
     return 0 if report.ok else 2
 
 

@@ -2,6 +2,9 @@
 
 Every problem is located by source, row and field. Validation here is about shape and types; what the rows mean
 (implicit prompts, system messages) is data/format.py's job, and tokens are data/tokenize.py's.
+
+Row numbers are the user's: the line number in a JSON Lines file (``row_label`` "line"; blank lines count), the
+data row otherwise (1 = the first row after a CSV header). Every later stage reports rows with these numbers.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import csv
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,32 +61,50 @@ class RawData:
     row_numbers: list[int] = field(default_factory=list)
 
 
-def _read_jsonl(path: Path, source: str) -> RawData:
+def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
+    """One object per line. With ``collect``, unreadable lines become problems there and the rest are read."""
     rows, numbers = [], []
-    text = _read_text(path, source)
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid in JSON
+
+    def bad(lineno: int, strict: str, message: str, fix: str) -> None:
+        if collect is None:
+            raise DataError(strict, source=source, fix=fix)
+        collect.append(Problem(lineno, None, message, fix))
+
+    # Split the bytes on "\n" (not splitlines(): U+2028 is valid inside JSON strings) and decode line by line, so a
+    # bad byte is located on its line; "\n" never occurs inside a multi-byte UTF-8 sequence.
+    for lineno, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            byte = f"byte 0x{raw_line[e.start]:02x}"
+            bad(lineno, f"is not UTF-8 ({byte} on line {lineno}).", f"is not UTF-8 ({byte}).", _UTF8_FIX)
+            continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON on line {lineno}: {e.msg} at column {e.colno}.", source=source,
-                            fix="each line must be one JSON object; check quotes and commas") from None
+            bad(lineno, f"invalid JSON on line {lineno}: {e.msg} at column {e.colno}.",
+                f"invalid JSON: {e.msg} at column {e.colno}.",
+                "each line must be one JSON object; check quotes and commas")
+            continue
         if not isinstance(obj, dict):
-            raise DataError(f"line {lineno} is a JSON {type(obj).__name__}, not an object.", source=source,
-                            fix='write one object per line, e.g. {"prompt": ..., "chosen": ..., "rejected": ...}')
+            kind = type(obj).__name__
+            bad(lineno, f"line {lineno} is a JSON {kind}, not an object.", f"is a JSON {kind}, not an object.",
+                'write one object per line, e.g. {"prompt": ..., "chosen": ..., "rejected": ...}')
+            continue
         rows.append(obj)
         numbers.append(lineno)
     return RawData(source, "jsonl", rows, _columns_of(rows), "line", numbers)
 
 
-def _read_json(path: Path, source: str) -> RawData:
+def _read_json(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
     text = _read_text(path, source)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if "Extra data" in e.msg:  # a JSON Lines file saved as .json
-            return _read_jsonl(path, source)
+            return _read_jsonl(path, source, collect)
         raise DataError(f"invalid JSON on line {e.lineno}: {e.msg} at column {e.colno}.", source=source,
                         fix="the file must hold a JSON list of objects (or use .jsonl, one object per line)") from None
     if isinstance(obj, dict):
@@ -100,31 +122,42 @@ def _read_json(path: Path, source: str) -> RawData:
     if not isinstance(obj, list):
         raise DataError(f"top-level JSON is a {type(obj).__name__}, not a list of rows.", source=source,
                         fix="use a list of objects, one per preference pair")
+    rows, numbers = [], []
     for i, r in enumerate(obj, start=1):
         if not isinstance(r, dict):
-            raise DataError(f"is a JSON {type(r).__name__}, not an object.", source=source, row=i,
-                            fix="each row must be an object with prompt/chosen/rejected fields")
-    return RawData(source, "json", obj, _columns_of(obj), "row", list(range(1, len(obj) + 1)))
+            problem = Problem(i, None, f"is a JSON {type(r).__name__}, not an object.",
+                              "each row must be an object with prompt/chosen/rejected fields")
+            if collect is None:
+                raise problem.as_error(source)
+            collect.append(problem)
+            continue
+        rows.append(r)
+        numbers.append(i)
+    return RawData(source, "json", rows, _columns_of(rows), "row", numbers)
 
 
-def _read_csv(path: Path, source: str) -> RawData:
+def _read_csv(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
     text = _read_text(path, source)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows, numbers = [], []
     try:
         for i, r in enumerate(reader, start=1):
             if None in r:
-                raise DataError(f"has {len(r[None]) + len(reader.fieldnames or [])} fields but the header has "
-                                f"{len(reader.fieldnames or [])}.", source=source, row=i,
-                                fix="quote fields that contain commas")
-            rows.append(dict(r))
+                problem = Problem(i, None, f"has {len(r[None]) + len(reader.fieldnames or [])} fields but the header "
+                                           f"has {len(reader.fieldnames or [])}.", "quote fields that contain commas")
+                if collect is None:
+                    raise problem.as_error(source)
+                collect.append(problem)
+                continue
+            # A short row leaves its last fields out (DictReader's None): they are missing, not null.
+            rows.append({k: v for k, v in r.items() if v is not None})
             numbers.append(i)
     except csv.Error as e:
         raise DataError(f"unreadable CSV: {e}.", source=source, fix="check quoting") from None
     return RawData(source, "csv", rows, list(reader.fieldnames or []), "row", numbers)
 
 
-def _read_parquet(path: Path, source: str) -> RawData:
+def _read_parquet(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
     import pyarrow.parquet as pq
 
     try:
@@ -143,7 +176,10 @@ def _read_text(path: Path, source: str) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}).", source=source,
-                        fix="re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+                        fix=_UTF8_FIX) from None
+
+
+_UTF8_FIX = "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
 
 
 def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,11 +202,17 @@ def _from_hf_dataset(ds: Any, source: str, kind: str, split: str) -> RawData:
     return RawData(source, kind, rows, list(ds.column_names), "row", list(range(1, len(rows) + 1)))
 
 
-def read_rows(source: str | os.PathLike | Any, split: str = "train") -> RawData:
-    """Read rows from any supported source without validating them."""
-    import datasets
+def read_rows(source: str | os.PathLike | Any, split: str = "train",
+              collect_errors: list[Problem] | None = None) -> RawData:
+    """Read rows from any supported source without validating them.
 
-    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+    Raises `DataError` on the first unreadable row, unless ``collect_errors`` is a list: then each unreadable row
+    (a JSON Lines line that is not UTF-8, not JSON or not an object; a JSON list item that is not an object; a CSV
+    row with too many fields) is appended to it as a fatal `Problem` with its row number, and the other rows are
+    read. Problems with the whole source (missing file, unknown extension, unreadable file) always raise.
+    """
+    ds_module = sys.modules.get("datasets")  # an in-memory Dataset means `datasets` is imported already
+    if ds_module is not None and isinstance(source, (ds_module.Dataset, ds_module.DatasetDict)):
         return _from_hf_dataset(source, "<in-memory dataset>", "dataset", split)
     if isinstance(source, list):
         return RawData("<in-memory rows>", "list", source, _columns_of(source), "row",
@@ -180,6 +222,8 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train") -> RawData:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (
                 path / "state.json").exists():
+            import datasets
+
             try:
                 ds = datasets.load_from_disk(str(path))
             except Exception as e:
@@ -192,18 +236,20 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train") -> RawData:
             found = ", ".join(p.name for p in files) or "no data files"
             raise DataError(f"directory holds {found}; cannot tell which file is the '{split}' split.", source=text,
                             fix="pass the file itself, or name it <split>.jsonl")
-        return read_rows(wanted[0], split)
+        return read_rows(wanted[0], split, collect_errors)
     if path.exists():
         ext = path.suffix.lower()
         readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
         if ext not in FILE_EXTENSIONS:
             raise DataError(f"unknown file extension '{ext or '(none)'}'.", source=text,
                             fix="use .jsonl, .json, .csv or .parquet, or a directory saved by datasets")
-        return readers[FILE_EXTENSIONS[ext]](path, text)
+        return readers[FILE_EXTENSIONS[ext]](path, text, collect_errors)
     looks_local = text.startswith((".", "/", "~")) or Path(text).suffix.lower() in FILE_EXTENSIONS
     if looks_local or text.count("/") > 1 or not text:
         raise DataError("no such file or directory.", source=text or "''",
                         fix="check the path (relative paths are taken from the current directory)")
+    import datasets
+
     try:
         ds = datasets.load_dataset(text, split=split)
     except Exception as e:
@@ -235,7 +281,8 @@ def map_columns(raw: RawData, columns: Mapping[str, str] | None) -> RawData:
         raise DataError(f"missing column(s) {', '.join(repr(c) for c in missing)}; found columns: "
                         f"{', '.join(raw.columns) or 'none'}.", source=raw.source,
                         fix=f"rename them, or map them with --columns {cli} (Python: columns={guesses!r})")
-    rows = [{c: r.get(actual) for c, actual in present.items()} for r in raw.rows]
+    # A field absent from a row stays absent (validate_rows reports a missing required field as missing, not null).
+    rows = [{c: r[actual] for c, actual in present.items() if actual in r} for r in raw.rows]
     return RawData(raw.source, raw.kind, rows, list(present), raw.row_label, raw.row_numbers)
 
 
@@ -274,6 +321,9 @@ def validate_rows(raw: RawData) -> list[Problem]:
         row_problems: list[Problem] = []
         for name in ("prompt", "chosen", "rejected", "system"):
             if name not in r:
+                if name in REQUIRED_COLUMNS:
+                    row_problems.append(Problem(n, name, "is missing.",
+                                                f"add the {name} reply to the row, or drop the row"))
                 continue
             v = r[name]
             if name in ("prompt", "system") and v is None:
@@ -311,7 +361,8 @@ def validate_rows(raw: RawData) -> list[Problem]:
         if not row_problems:
             key = json.dumps([r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]], sort_keys=True)
             if key in seen:
-                row_problems.append(Problem(n, None, f"duplicates row {seen[key]}.", "deduplicate", fatal=False))
+                row_problems.append(Problem(n, None, f"duplicates {raw.row_label} {seen[key]}.", "deduplicate",
+                                            fatal=False))
             else:
                 seen[key] = n
         problems.extend(row_problems)
@@ -345,8 +396,7 @@ def load_preference_dataset(
         more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {raw.source}` to list them all)" \
             if len(fatal) > 1 else ""
         raise fatal[0].as_error(raw.source, raw.row_label, more)
-    rows = raw.rows
-    if "prompt" in raw.columns and all(r.get("prompt") is None for r in rows):
-        rows = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
-    return datasets.Dataset.from_list(rows)
+    # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
+    keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
+    return datasets.Dataset.from_list([{c: r.get(c) for c in keep} for r in raw.rows])
 

@@ -1,0 +1,272 @@
+"""Check a preference dataset without training: every problem row, its format, token lengths and truncation.
+
+:func:`check_dataset` is what ``prefalign data check`` prints. Where `load_preference_dataset` stops at the first
+fatal problem, this reads on and lists them all: unreadable lines (`read_rows` with ``collect_errors``), rows that
+fail validation (`validate_rows`), and, given a tokenizer, rows that fail tokenisation or whose prompt leaves no
+room for a reply under ``max_length``. It also measures token lengths under the tokenizer's chat template, before
+truncation, and lists the rows ``max_length`` / ``max_prompt_length`` would cut.
+
+Every row number is the loader's: the line number for JSON Lines ("line N", blank lines counted), the data row
+otherwise. (The trainer's own tokenisation report numbers the rows of the loaded dataset 1..n instead; the two
+differ only for JSON Lines files with blank or unreadable lines.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError, DataError, PrefalignError
+from .format import detect_format, to_example
+from .load import Problem, RawData, map_columns, read_rows, validate_rows
+from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
+
+LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
+PERCENTILES = (50, 90, 99)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@dataclass
+class Finding:
+    """One problem, rendered with its location; ``fatal`` ones would stop training."""
+
+    row: int | None
+    text: str
+    fatal: bool = True
+
+
+def percentile(values: Sequence[int], p: float) -> int:
+    """Nearest-rank percentile of a non-empty sequence."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found. ``lengths`` and ``cut`` hold row numbers in the loader's numbering."""
+
+    source: str
+    settings: TokenizeSettings
+    tokenizer_name: str | None = None  # None: no tokenizer given, token lengths and truncation not measured
+    kind: str = ""
+    row_label: str = "row"
+    rows: int = 0  # rows read, unreadable ones included
+    format: str | None = None
+    chat_template: bool | None = None
+    findings: list[Finding] = field(default_factory=list)
+    lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
+    # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
+    cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
+
+    @property
+    def measured(self) -> bool:
+        """Whether token lengths and truncation were measured (a tokenizer was given)."""
+        return self.tokenizer_name is not None
+
+    @property
+    def ok(self) -> bool:
+        """True if training would accept the data (warnings such as duplicates do not count)."""
+        return not any(f.fatal for f in self.findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.fatal]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if not f.fatal]
+
+    def add_error(self, err: DataError, row: int | None = None) -> None:
+        """Record a DataError; ``row`` locates one raised without a row (as tokenisation errors are here)."""
+        text = _one_line(err)
+        if row is not None:
+            text = f"{self.row_label} {row}, {text}" if err.field else f"{self.row_label} {row}: {text}"
+        self.findings.append(Finding(row, text))
+
+    def add_problem(self, problem: Problem) -> None:
+        text = _one_line(problem.as_error("", self.row_label))
+        self.findings.append(Finding(problem.row, text, problem.fatal))
+
+    def length_stats(self) -> dict[str, dict[str, int] | None]:
+        """``{part: {"p50", "p90", "p99", "max"}}`` of the token lengths (None for a part with no measured row)."""
+        return {part: ({f"p{p}": percentile(v, p) for p in PERCENTILES} | {"max": max(v)}) if v else None
+                for part, v in self.lengths.items()}
+
+    def render_text(self) -> str:
+        fatal, warnings = self.errors, self.warnings
+        bad_rows = {f.row for f in fatal if f.row is not None}
+        s, label = self.settings, self.row_label
+        lines = [f"source: {self.source}" + (f" ({self.kind})" if self.kind else ""),
+                 f"format: {self.format or 'unknown (no valid row)'}",
+                 f"rows: {self.rows} read, {self.rows - len(bad_rows)} without errors, "
+                 f"{len(fatal)} error(s), {len(warnings)} warning(s)"]
+        if not self.measured:
+            lines.append("tokenizer: none given; token lengths and truncation not measured")
+        else:
+            lines.append(f"tokenizer: {self.tokenizer_name} (chat template: {'yes' if self.chat_template else 'no'})")
+            stats = self.length_stats()
+            if self.lengths["prompt"]:
+                lines.append(f"token lengths over {len(self.lengths['prompt'])} rows, before truncation:")
+                lines.append(f"  {'':<22}" + "".join(f"{h:>8}" for h in [*(f"p{p}" for p in PERCENTILES), "max"]))
+                for part, row in stats.items():
+                    lines.append(f"  {part:<22}" + "".join(f"{c:>8}" for c in (row or {}).values()))
+            cut = self.cut
+            lines.append(f"truncation at max_length={s.max_length}, max_prompt_length={s.max_prompt_length}: "
+                         f"{len(cut['prompt'])} prompt(s) cut{_shown_rows(cut['prompt'], label)}, "
+                         f"{len(cut['reply'])} row(s) with a reply cut{_shown_rows(cut['reply'], label)}, "
+                         f"{len(cut['no_room'])} row(s) rejected (prompt leaves no room)"
+                         f"{_shown_rows(cut['no_room'], label)}")
+        if self.findings:
+            lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
+            lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in self.findings]
+        lines.append("result: OK, training would accept this data" if self.ok else
+                     f"result: {len(fatal)} error(s); training would stop at the first. Fix or drop those rows.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (what :meth:`to_json` writes); token fields are None when not measured."""
+        measured = self.measured
+        return {"source": self.source, "kind": self.kind, "format": self.format, "rows": self.rows,
+                "row_label": self.row_label, "model": self.tokenizer_name, "chat_template": self.chat_template,
+                "max_length": self.settings.max_length, "max_prompt_length": self.settings.max_prompt_length,
+                "token_lengths": self.length_stats() if measured else None,
+                "prompt_cut_rows": self.cut["prompt"] if measured else None,
+                "reply_cut_rows": self.cut["reply"] if measured else None,
+                "no_room_rows": self.cut["no_room"] if measured else None,
+                "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
+                             for f in self.findings],
+                "ok": self.ok}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _shown_rows(rows: Sequence[int], label: str) -> str:
+    if not rows:
+        return ""
+    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+    return f" ({label}s {shown})"
+
+
+def check_settings(max_length: int | None = 1024, max_prompt_length: int | None = None) -> TokenizeSettings:
+    """Tokenisation settings for a check, validated by the config class so the rules live in one place.
+
+    Raises `ConfigError` for values training would refuse (``max_length`` < 2, ``max_prompt_length`` >=
+    ``max_length``, ...). Imports transformers (the config classes extend ``TrainingArguments``).
+    """
+    from ..config import PreferenceConfig
+
+    try:
+        PreferenceConfig(output_dir="unused", max_length=max_length, max_prompt_length=max_prompt_length,
+                         use_cpu=True, report_to="none")
+    except PrefalignError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid options: {_one_line(e)}") from None
+    chat = next(f.default for f in fields(PreferenceConfig) if f.name == "chat_template_for_text")
+    return TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length, chat=chat)
+
+
+def _source_name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"<in-memory {type(source).__name__}>"
+
+
+def _read(source: Any, split: str, report: CheckReport) -> RawData | None:
+    """Rows as read; unreadable ones and file-level errors go into the report (None: nothing could be read)."""
+    unreadable: list[Problem] = []
+    try:
+        raw = read_rows(source, split, collect_errors=unreadable)
+    except DataError as err:
+        report.add_error(err)
+        return None
+    report.source, report.kind, report.row_label = raw.source, raw.kind, raw.row_label
+    report.rows = len(raw.rows) + len(unreadable)
+    for problem in unreadable:
+        report.add_problem(problem)
+    return raw
+
+
+def _validate(raw: RawData, columns: Mapping[str, str] | None,
+              report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
+    """Rows without fatal problems, as (row number, row); every problem goes into the report."""
+    try:
+        raw = map_columns(raw, columns)
+    except DataError as err:
+        report.add_error(err)
+        return []
+    problems = validate_rows(raw)
+    for problem in problems:
+        report.add_problem(problem)
+    bad = {p.row for p in problems if p.fatal}
+    return [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
+
+
+def _measure(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
+    """Token lengths (before truncation) and what the settings would cut or reject, per row."""
+    settings = report.settings
+    chat = settings.chat and bool(report.chat_template)
+    for n, row in rows:
+        try:
+            pair = tokenize_example(to_example(row, chat=chat), tokenizer, settings)
+        except DataError as err:
+            report.add_error(err, n)
+            continue
+        lp, lc, lr = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        for part, length in zip(LENGTH_PARTS, (lp, lc, lr, lp + max(lc, lr)), strict=True):
+            report.lengths[part].append(length)
+        try:
+            _, cut = truncate(pair, settings)
+        except DataError as err:  # the prompt leaves no room for a reply: training would refuse the row
+            report.add_error(err, n)
+            report.cut["no_room"].append(n)
+            continue
+        if "prompt" in cut:
+            report.cut["prompt"].append(n)
+        if cut & {"chosen", "rejected"}:
+            report.cut["reply"].append(n)
+
+
+def check_dataset(
+    source: str | os.PathLike | Any,
+    *,
+    tokenizer: Any = None,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    tokenizer_name: str | None = None,
+) -> CheckReport:
+    """Check a preference dataset as training would read it, listing every problem instead of the first.
+
+    ``source``, ``split`` and ``columns`` are as for `load_preference_dataset`. With a ``tokenizer``, rows are
+    tokenised as training would (chat template included) to measure token lengths and count what ``max_length`` /
+    ``max_prompt_length`` (validated by `PreferenceConfig`'s rules; the defaults are its defaults) would cut or
+    reject; ``tokenizer=None`` skips that. ``tokenizer_name`` labels the tokenizer in the report (default: its
+    ``name_or_path``).
+
+    Problems with the data never raise: they are findings in the report (``report.ok`` says whether training would
+    accept the data). Invalid ``max_length`` / ``max_prompt_length`` raise `ConfigError`.
+    """
+    settings = check_settings(max_length, max_prompt_length)
+    report = CheckReport(_source_name(source), settings)
+    if tokenizer is not None:
+        report.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        report.chat_template = has_chat_template(tokenizer)
+    raw = _read(source, split, report)
+    if raw is not None:
+        rows = _validate(raw, columns, report)
+        if rows:
+            report.format = detect_format(rows[0][1]).describe()
+        if tokenizer is not None:
+            _measure(rows, tokenizer, report)
+    report.findings.sort(key=lambda f: (f.row is not None, f.row or 0))
+    return report
