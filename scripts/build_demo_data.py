@@ -55,12 +55,15 @@ def main() -> None:
     tok, model = load_tokenizer(), load_model()
     train = [p.as_row() for p in make_prompts("train", args.per_family, args.seed)]
     heldout = make_prompts("heldout", args.heldout_pairs_per_family + args.heldout_prompts_per_family, args.seed)
-    # Split held-out prompts by family so both held-out files cover every family.
+    # Split every family's held-out prompts in two, so both held-out files cover every family (small pools, such
+    # as the 16 held-out harmful requests, are split in proportion).
     by_family: dict[str, list[dict]] = {}
     for p in heldout:
         by_family.setdefault(p.family, []).append(p.as_row())
-    heldout_pair_rows = [r for rows in by_family.values() for r in rows[: args.heldout_pairs_per_family]]
-    heldout_prompt_rows = [r for rows in by_family.values() for r in rows[args.heldout_pairs_per_family:]]
+    share = args.heldout_pairs_per_family / (args.heldout_pairs_per_family + args.heldout_prompts_per_family)
+    cut = {f: round(len(rows) * share) for f, rows in by_family.items()}
+    heldout_pair_rows = [r for f, rows in by_family.items() for r in rows[: cut[f]]]
+    heldout_prompt_rows = [r for f, rows in by_family.items() for r in rows[cut[f]:]]
     OUT.mkdir(parents=True, exist_ok=True)
     train_pairs, train_stats = pairs_for(train, model, tok, args, args.seed, "train pairs")
     heldout_pairs, heldout_stats = pairs_for(heldout_pair_rows, model, tok, args, args.seed + 1, "held-out pairs")

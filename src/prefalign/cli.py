@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train_parser(sub)
     _add_data_parser(sub)
+    _add_eval_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 
@@ -155,6 +157,57 @@ def _add_data_parser(sub: Any) -> None:
     p.add_argument("--max-prompt-length", type=_int_or_none, metavar="N", help="count prompts this would cut")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_data_check)
+
+    g = data_sub.add_parser("generate", help="sample replies, score them with a judge, write (best, worst) pairs",
+                            description="On-policy pair generation: sample K replies per prompt from the model, "
+                                        "score each (and the row's optional 'reference' reply) with the judge, and "
+                                        "write (best, worst) as (chosen, rejected) with their scores. Ties are "
+                                        "skipped and counted.")
+    g.add_argument("--model", help="model to sample from (default: smollm2-135m-instruct)")
+    g.add_argument("--prompts", required=True, metavar="FILE", help="rows with 'prompt' (text or messages) and "
+                                                                     "optionally 'reference'; other fields are kept")
+    g.add_argument("--judge", required=True, metavar="SPEC", help=JUDGE_HELP)
+    g.add_argument("--samples", type=int, default=4, metavar="K", help="replies sampled per prompt (default: 4)")
+    g.add_argument("--output", required=True, metavar="FILE.jsonl", help="where to write the pairs")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="reply length limit (default: 48)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.set_defaults(func=cmd_data_generate)
+
+
+JUDGE_HELP = ("'demo' (the bundled task's judge), 'module:function' (f(prompt, reply) -> float or None), or "
+              "'reward-model:PATH' (a sequence-classification model)")
+
+
+def _add_eval_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="compare a model with its reference on held-out pairs and prompts",
+                       description="Held-out evaluation: reward accuracy and margin on pairs (policy vs reference), "
+                                   "judged greedy generations on prompts (pass rate, mean score, win rate, length), "
+                                   "and edge-case prompts. Writes eval.json and eval.md.")
+    p.add_argument("--model", required=True, help="the trained model (run directory, hub id or embedded name)")
+    p.add_argument("--ref", help="reference model (default: smollm2-135m-instruct)")
+    p.add_argument("--pairs", metavar="FILE", help="held-out preference pairs")
+    p.add_argument("--prompts", metavar="FILE", help="held-out prompts (rows with 'prompt')")
+    p.add_argument("--judge", default="demo", metavar="SPEC", help=JUDGE_HELP + " (default: demo)")
+    p.add_argument("--pass-threshold", type=float, help="score that counts as a pass (default: 1.0; reward models 0)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward on pairs (default: 0.1)")
+    p.add_argument("--output-dir", default=None, help="where to write eval.json/eval.md (default: the model dir, "
+                                                      "or runs/eval)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-edge-cases", action="store_true", help="skip the built-in edge-case prompts")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="base vs DPO vs ORPO on the bundled task, judged on held-out data",
+                       description="Train DPO and ORPO from the embedded model on the bundled task and compare them "
+                                   "with the base model on held-out pairs and prompts; prints one table.")
+    p.add_argument("--output-dir", default="runs/demo", help="where reports and models go (default: runs/demo)")
+    p.add_argument("--model", help="base model (default: smollm2-135m-instruct)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
 
 # ----- train: resolving the options ------------------------------------------------------------------------------
@@ -366,64 +419,6 @@ def build_config(plan: TrainPlan) -> PreferenceConfig:
 
 
 # ----- train: running --------------------------------------------------------------------------------------------
-def make_progress_callback() -> Any:
-    """A tqdm bar on stderr (step/total, loss, reward accuracy) replacing transformers' progress printing.
-
-    The class is built on first use so that importing the CLI (``prefalign --help``) does not import transformers.
-    """
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class ProgressBarCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.bar: Any = None
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, unit="step", desc="training", file=sys.stderr,
-                                dynamic_ncols=True, disable=args.disable_tqdm)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            if "loss" in logs and self.bar is not None:
-                self.bar.set_postfix(_short_metrics(logs, ""), refresh=True)
-            elif "eval_loss" in logs:
-                line = ", ".join(f"{k} {v}" for k, v in _short_metrics(logs, "eval_").items())
-                tqdm.write(f"{PROG}: eval at step {state.global_step}: {line}", file=sys.stderr)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.close()
-
-        def close(self) -> None:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return ProgressBarCallback()
-
-
-def _short_metrics(logs: Mapping[str, Any], prefix: str) -> dict[str, str]:
-    names = {"loss": "loss", "rewards/accuracies": "acc"}
-    return {short: f"{logs[prefix + key]:.4g}" for key, short in names.items() if prefix + key in logs}
-
-
-def use_progress_bar(trainer: Any) -> Any:
-    """Swap transformers' ProgressCallback/PrinterCallback for ours; returns ours (``close()`` it on failure)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for cls in (ProgressCallback, PrinterCallback):
-        while any(isinstance(cb, cls) for cb in trainer.callback_handler.callbacks):
-            trainer.remove_callback(cls)
-    progress = make_progress_callback()
-    trainer.add_callback(progress)
-    return progress
-
-
 def load_train_data(plan: TrainPlan) -> tuple[Any, Any]:
     from .data.load import load_preference_dataset
 
@@ -502,6 +497,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
     train, evaluation = load_train_data(plan)
     trainer = make_trainer(plan, config, train, evaluation)
+    from .progress import use_progress_bar
+
     progress = use_progress_bar(trainer)
     if plan.overwrite and trainer.is_world_process_zero():
         runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
@@ -602,6 +599,69 @@ def main(argv: list[str] | None = None) -> int:
     except PrefalignError as e:
         print_error(e)
         return e.exit_code
+
+
+def _bar(desc: str, total: int) -> Callable[[int], None]:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False).update
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    """Sample, judge and write pairs; refuses to replace an existing file without --overwrite."""
+    from .generate import generate_pairs, read_prompt_rows, write_jsonl_atomic
+    from .judges import as_score_fn, load_judge
+    from .models import load_model, load_tokenizer
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples} is out of range: must be >= 1.")
+    if Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"{args.output} already exists. Fix: choose another --output or pass --overwrite.")
+    rows = read_prompt_rows(args.prompts)
+    judge = load_judge(args.judge)
+    tok, model = load_tokenizer(args.model), load_model(args.model)
+    pairs, stats = generate_pairs(model, tok, rows, as_score_fn(judge), samples=args.samples,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  batch_size=args.batch_size, seed=args.seed, progress=_bar("generating", len(rows)))
+    write_jsonl_atomic(args.output, pairs)
+    print(f"{PROG}: wrote {args.output}: {stats.line()}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load policy and reference, evaluate, write eval.json and eval.md, print the Markdown."""
+    from .data.load import load_preference_dataset
+    from .demo.task import EDGE_CASE_PROMPTS
+    from .evaluate import evaluate_models
+    from .generate import read_prompt_rows
+    from .judges import load_judge
+    from .models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    if not args.pairs and not args.prompts:
+        raise ConfigError("nothing to evaluate. Fix: give --pairs FILE, --prompts FILE, or both.")
+    pairs = load_preference_dataset(args.pairs).to_list() if args.pairs else []
+    prompts = read_prompt_rows(args.prompts) if args.prompts else []
+    judge = load_judge(args.judge, args.pass_threshold)
+    ref_name = args.ref or DEFAULT_MODEL
+    tok = load_tokenizer(args.model)
+    policy, reference = load_model(args.model), load_model(ref_name)
+    report = evaluate_models(policy, reference, tok, judge, policy_name=args.model, reference_name=ref_name,
+                             pair_rows=pairs, prompt_rows=prompts, beta=args.beta,
+                             edge_cases=() if args.no_edge_cases or not prompts else EDGE_CASE_PROMPTS,
+                             max_new_tokens=args.max_new_tokens, progress=_bar)
+    out = args.output_dir or (args.model if Path(args.model).is_dir() else "runs/eval")
+    js, md = report.write(out)
+    print(report.to_markdown())
+    print(f"{PROG}: wrote {js} and {md}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import DemoSettings, run_demo
+    from .models import DEFAULT_MODEL
+
+    run_demo(DemoSettings(model=args.model or DEFAULT_MODEL, output_dir=args.output_dir, seed=args.seed))
+    return 0
 
 
 if __name__ == "__main__":

@@ -245,7 +245,30 @@ def build_report(*, policy_name: str, reference_name: str, judge: Judge, tokeniz
         samples = [{"prompt": prompts[i], "policy": policy_run.replies[i], "policy_score": policy_run.scores[i],
                     "reference": reference_run.replies[i], "reference_score": reference_run.scores[i]}
                    for i in range(0, len(prompts), step)][:n_samples]
-        edges = [{"prompt": p, "policy": a, "reference": b}
-                 for p, a, b in zip(edge_cases, policy_run.edge_replies, reference_run.edge_replies, strict=True)]
+        if edge_cases:
+            edges = [{"prompt": p, "policy": a, "reference": b} for p, a, b in
+                     zip(edge_cases, policy_run.edge_replies, reference_run.edge_replies, strict=True)]
     return EvalReport(policy_name, reference_name, judge.name, judge.pass_threshold, pairs, gen_a, gen_b, win,
                       samples, edges)
+
+
+def evaluate_models(policy: Any, reference: Any, tokenizer: Any, judge: Judge, *, policy_name: str,
+                    reference_name: str, pair_rows: Sequence[dict[str, Any]] = (),
+                    prompt_rows: Sequence[dict[str, Any]] = (), edge_cases: Sequence[str] = (), beta: float = 0.1,
+                    max_length: int = 1024, max_new_tokens: int = 48, batch_size: int = 16,
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> EvalReport:
+    """The whole `prefalign eval`: pairs (if any) and generations (if prompts) of policy against reference."""
+    pairs = None
+    if pair_rows:
+        pairs = pair_metrics(sequence_logps(policy, tokenizer, pair_rows, max_length=max_length),
+                             sequence_logps(reference, tokenizer, pair_rows, max_length=max_length), beta)
+    runs: list[GenerationRun | None] = [None, None]
+    if prompt_rows:
+        prompts = [r["prompt"] for r in prompt_rows]
+        for i, (model, name) in enumerate(((policy, "policy"), (reference, "reference"))):
+            update = progress(f"{name}: generating", len(prompts)) if progress else None
+            runs[i] = run_generations(model, tokenizer, prompts, judge, edge_cases=edge_cases,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=update)
+    return build_report(policy_name=policy_name, reference_name=reference_name, judge=judge, tokenizer=tokenizer,
+                        prompt_rows=prompt_rows, policy_run=runs[0], reference_run=runs[1], pairs=pairs,
+                        edge_cases=edge_cases)

@@ -135,3 +135,32 @@ def generate_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], s
                        do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
                        batch_size=batch_size, seed=seed, progress=progress)
     return build_pairs(rows, replies, score)
+
+
+def read_prompt_rows(source: str) -> list[dict[str, Any]]:
+    """Prompt rows from any file `read_rows` understands: each needs ``prompt`` (text or messages)."""
+    from .data.load import read_rows
+    from .errors import DataError
+
+    raw = read_rows(source)
+    if not raw.rows:
+        raise DataError("has no prompts (0 rows).", source=raw.source, fix="add rows with a 'prompt' field")
+    for row, n in zip(raw.rows, raw.row_numbers, strict=True):
+        p = row.get("prompt")
+        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p))):
+            what = "is missing" if "prompt" not in row else f"is {type(p).__name__}, not text or messages"
+            raise DataError(what + ".", source=raw.source, row=n, field="prompt", row_label=raw.row_label,
+                            fix="give each row a 'prompt' (text or a list of {role, content} messages)")
+    return raw.rows
+
+
+def write_jsonl_atomic(path: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows as JSON Lines via a temporary file and a rename, so a killed run leaves no half file."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
