@@ -46,11 +46,13 @@ DPO_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 
 
 @pytest.mark.parametrize("rows_fn", [conversational_rows, _multi_turn_rows, _implicit_rows], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid+sft"])
 def test_dpo_evaluate_matches_trl(tmp_path, rows_fn, loss_type):
     tok = smollm2_tokenizer()
     ds = datasets.Dataset.from_list(rows_fn())
-    cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=[loss_type])
+    types = loss_type.split("+")
+    cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=types,
+               loss_weights=[1.0, 0.7] if len(types) == 2 else None)
     # Policy and reference differ (seeds 1 and 2) so rewards and margins are not trivially zero.
     ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
                       eval_dataset=ds, processing_class=tok).evaluate()

@@ -23,7 +23,8 @@ def _cfg(tmp_path, cls=DPOConfig, **kw):
 def test_default_reference_is_a_frozen_copy_in_the_policy_dtype(tmp_path):
     tok = smollm2_tokenizer()
     policy = tiny_llama(tok, 1).to(torch.bfloat16)
-    tr = DPOTrainer(policy, args=_cfg(tmp_path), train_dataset=conversational_rows(4), processing_class=tok)
+    tr = DPOTrainer(policy, args=_cfg(tmp_path, precompute_ref_log_probs=False), train_dataset=conversational_rows(4),
+                    processing_class=tok)
     ref_params = list(tr.ref_model.parameters())
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref_params)
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref_params, tr.model.parameters(), strict=True))
@@ -50,8 +51,8 @@ def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
     tok = smollm2_tokenizer()
     ds = datasets.Dataset.from_list(conversational_rows(4))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path), train_dataset=ds, eval_dataset=ds,
-                    processing_class=tok, peft_config=lora)
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path, precompute_ref_log_probs=False), train_dataset=ds,
+                    eval_dataset=ds, processing_class=tok, peft_config=lora)
     assert tr.ref_model is None
     batch = tr.data_collator([tr.eval_dataset[i] for i in range(4)])
     mask = batch["completion_mask"]

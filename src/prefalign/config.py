@@ -83,6 +83,14 @@ class DPOConfig(PreferenceConfig):
     label_smoothing: float = field(
         default=0.0,
         metadata={"help": "Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."})
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Compute the reference log-probs of every train/eval pair once before training (cached on "
+                          "disk under $PREFALIGN_HOME/cache, keyed by reference weights and tokenised data), then "
+                          "free a separate reference model. Saves the reference forward pass on every step. False: "
+                          "run the reference live each step (TRL's default)."})
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size for precomputing; default per_device_eval_batch_size."})
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -66,6 +66,10 @@ def dpo_loss(
       TRL does (the IPO authors' normalisation): :math:`L = (h_{avg} - \frac{1}{2\beta})^2`, where :math:`\beta` is
       the paper's :math:`\tau`. Needs ``chosen_lengths`` and ``rejected_lengths``.
     - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`L = \max(0, 1 - \beta h)`.
+    - ``sft``: negative log-likelihood of the chosen replies per token,
+      :math:`L = -\sum_i \log\pi_\theta(y_{w,i}|x_i) / \sum_i |y_{w,i}|`. Added to ``sigmoid`` (``loss_type=
+      ["sigmoid", "sft"]``) it is RPO (Pang et al. 2024, arXiv:2404.19733), which keeps DPO from lowering the
+      chosen replies' likelihood. Needs ``chosen_lengths``.
 
     The loss is the mean over pairs. Metrics use TRL's names; rewards are :math:`\beta` times the log-ratios.
     """
@@ -78,6 +82,10 @@ def dpo_loss(
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
+    elif loss_type == "sft":
+        if chosen_lengths is None:
+            raise ValueError("the 'sft' loss needs chosen_lengths (completion token counts)")
+        losses = (-policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)).expand_as(h)
     else:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("the 'ipo' loss needs chosen_lengths and rejected_lengths (completion token counts)")

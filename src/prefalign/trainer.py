@@ -27,6 +27,7 @@ from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator
 from .data.load import map_columns, read_rows, validate_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
+from .errors import ConfigError
 from .logprobs import token_logps
 from .losses import dpo_loss, orpo_loss
 from .models import load_model, load_tokenizer
@@ -135,6 +136,17 @@ class _PreferenceTrainer(Trainer):
             logger.warning("%s: %s", source, line)
         return datasets.Dataset.from_list(pairs)
 
+    def _finish_eval_dataset(self, dataset: Any, name: str) -> Any:
+        return dataset
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As Trainer.evaluate; a dataset passed here gets the same validation and tokenisation as at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            prepared = self._prepare_dataset(eval_dataset, metric_key_prefix, self.args)
+            eval_dataset = self._finish_eval_dataset(prepared, metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = TOKENIZED_COLUMNS + ["ref_chosen_logps", "ref_rejected_logps"]
@@ -210,6 +222,55 @@ class DPOTrainer(_PreferenceTrainer):
     method = "dpo"
     args: DPOConfig
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reference_released = False
+        if self.args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._with_reference_logps(v, k) for k, v in self.eval_dataset.items()}
+            else:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval")
+            if self.ref_model is not None:  # every number it can give is cached: free it
+                self.ref_model = None
+                self._reference_released = True
+
+    def _with_reference_logps(self, dataset: Any, name: str) -> Any:
+        """Add ref_chosen_logps / ref_rejected_logps columns, from the disk cache when possible."""
+        if dataset is None or "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        if self._reference_released:
+            raise ConfigError(f"cannot compute reference log-probs for the {name} dataset: the reference model was "
+                              "freed after precomputing. Fix: pass it as eval_dataset when building the trainer, or "
+                              "set precompute_ref_log_probs=False.")
+        from tqdm.auto import tqdm
+
+        from .reference import cache_path, compute_reference_logps, data_fingerprint, load_or_compute, model_fingerprint
+
+        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
+        rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
+        path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows))
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+
+        def compute() -> tuple[Tensor, Tensor]:
+            bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
+                       disable=not self.is_world_process_zero())
+            try:
+                return compute_reference_logps(
+                    lambda b: self._reference_logps(self.model, b, b["completion_mask"]), rows, self.data_collator,
+                    batch_size, self.accelerator.device, bar.update)
+            finally:
+                bar.close()
+
+        (chosen, rejected), cached = load_or_compute(path, compute)
+        if cached:
+            logger.info("%s: reference log-probs read from %s", name, path)
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps",
+                                                                                 rejected.tolist())
+
+    def _finish_eval_dataset(self, dataset: Any, name: str) -> Any:
+        return self._with_reference_logps(dataset, name) if self.args.precompute_ref_log_probs else dataset
+
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, **_init_kwargs(args))
@@ -225,6 +286,9 @@ class DPOTrainer(_PreferenceTrainer):
     def _reference_logps(self, model: Any, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
         if "ref_chosen_logps" in inputs:
             return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        if self._reference_released:
+            raise ConfigError("this batch has no precomputed reference log-probs and the reference model was freed. "
+                              "Fix: evaluate datasets passed at construction, or set precompute_ref_log_probs=False.")
         with torch.no_grad():
             if self.ref_model is not None:
                 tok = self._token_logps(self.ref_model, inputs, mask)

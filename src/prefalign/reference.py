@@ -1,0 +1,85 @@
+"""Reference log-probs computed once, cached on disk, and reused across epochs and runs.
+
+DPO's reference model is frozen, so its log-probs of each pair never change: computing them once before training
+removes the reference forward pass from every step and lets the reference model leave memory. The cache key covers
+everything the numbers depend on: the reference weights, the tokenised pairs (which already reflect the chat
+template and truncation settings) and the log-prob code's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import prefalign_home
+
+CACHE_VERSION = 1
+
+
+def model_fingerprint(model: torch.nn.Module, skip: str | None = None) -> str:
+    """Hash of a model's config and every parameter and buffer (name, dtype, shape, bytes).
+
+    ``skip``: leave out tensors whose name contains it (``"lora_"``: a PEFT model's reference is its base).
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip and skip in name:
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
+def data_fingerprint(pairs: Sequence[dict[str, Sequence[int]]]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"])]).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_path(model_key: str, data_key: str) -> Path:
+    return prefalign_home() / "cache" / "ref-logps" / f"v{CACHE_VERSION}-{model_key}-{data_key}.pt"
+
+
+def compute_reference_logps(logps_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                            pairs: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
+                            batch_size: int, device: torch.device,
+                            progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reply log-probs ``(chosen [N], rejected [N])`` under ``logps_fn`` (a no-grad reference forward)."""
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = {k: v.to(device) for k, v in collate(list(pairs[start:start + batch_size])).items()}
+            c, r = logps_fn(batch).float().cpu().chunk(2)
+            chosen.append(c)
+            rejected.append(r)
+            if progress:
+                progress(len(c))
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def load_or_compute(path: Path, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """Cached log-probs if present, else computed and written atomically. Returns (values, was_cached)."""
+    if path.exists():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return (data["chosen"], data["rejected"]), True
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            pass
+    chosen, rejected = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
+    os.replace(tmp, path)
+    return (chosen, rejected), False
