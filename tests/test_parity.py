@@ -107,11 +107,14 @@ def test_orpo_default_nll_covers_only_the_reply(tmp_path):
     a, b = paper.evaluate(), compat.evaluate()
     assert a["eval_nll_loss"] != pytest.approx(b["eval_nll_loss"], abs=1e-3)
     # The paper's NLL is minus the mean reply-token log-prob of the chosen replies (all chosen rows, token mean).
-    batch = paper.data_collator([paper.eval_dataset[i] for i in range(3)])
+    examples = [paper.eval_dataset[i] for i in range(3)]
+    from prefalign.data.collate import PairCollator
     from prefalign.logprobs import token_logps
 
-    tok_lp = token_logps(paper.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    m = batch["completion_mask"][:3]
+    padded = PairCollator(tok.pad_token_id)(examples)
+    tok_lp = token_logps(paper.model, padded["input_ids"], padded["attention_mask"], padded["completion_mask"])
+    m = padded["completion_mask"][:3]
     expected = -(tok_lp[:3] * m).sum() / m.sum()
-    _, metrics = paper.compute_loss(paper.model, batch, return_outputs=True)
-    assert metrics["nll_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    _, metrics = paper.compute_loss(paper.model, paper.data_collator(examples), return_outputs=True)
+    assert "predictor" in paper.data_collator(examples)  # prefix sharing is on by default
+    assert metrics["nll_loss"].item() == pytest.approx(expected.item(), abs=1e-5)

@@ -85,10 +85,11 @@ def test_peft_reference_precompute_uses_the_adapter_disabled_base(tmp_path, home
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     tr = DPOTrainer(tiny_llama(tok, 1), args=_args(tmp_path), train_dataset=ds, processing_class=tok,
                     peft_config=lora)
-    batch = tr.data_collator([{k: tr.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                              for i in range(4)])
+    from prefalign.data.collate import PairCollator
     from prefalign.logprobs import token_logps
 
+    batch = PairCollator(tok.pad_token_id)([{k: tr.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids",
+                                                                              "rejected_ids")} for i in range(4)])
     mask = batch["completion_mask"]
     base = (token_logps(tiny_llama(tok, 1), batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
     stored = torch.tensor(list(tr.train_dataset["ref_chosen_logps"]) + list(tr.train_dataset["ref_rejected_logps"]))

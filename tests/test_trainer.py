@@ -54,14 +54,16 @@ def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
     tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path, precompute_ref_log_probs=False), train_dataset=ds,
                     eval_dataset=ds, processing_class=tok, peft_config=lora)
     assert tr.ref_model is None
-    batch = tr.data_collator([tr.eval_dataset[i] for i in range(4)])
-    mask = batch["completion_mask"]
-    ref = tr._reference_logps(tr.model, batch, mask)
+    examples = [tr.eval_dataset[i] for i in range(4)]
+    ref = tr._reference_logps(tr.model, tr.data_collator(examples))  # the trainer's (prefix-shared) layout
     base = tiny_llama(tok, 1)
+    from prefalign.data.collate import PairCollator
     from prefalign.logprobs import token_logps
 
+    batch = PairCollator(tok.pad_token_id)(examples)
+    mask = batch["completion_mask"]
     expected = (token_logps(base, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
-    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref, expected, atol=1e-4, rtol=0)  # sums of ~16 tokens at ~-11 each
     with torch.no_grad():
         policy = (token_logps(tr.model, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
     assert (policy - expected).abs().max() > 1e-4  # the (non-zero) adapter is active for the policy

@@ -50,6 +50,11 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is given by "
                           "name, e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'}."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
+                          "computed once. Used with attn_implementation 'sdpa' or 'eager'; other attention kernels "
+                          "(flash attention) fall back to padded pairs. Same log-probs either way."})
     logprob_chunk_rows: int = field(
         default=512,
         metadata={"help": "Completion positions per LM-head chunk when computing log-probs (memory vs. speed)."})

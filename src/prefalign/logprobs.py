@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -41,7 +40,7 @@ def can_chunk(model: Any) -> bool:
 
 
 def _gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    logits = logits.float()
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # fp32 at least
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -64,14 +63,21 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
 
 
 def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, *,
-                position_ids: Tensor | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                force_full_logits: bool = False) -> Tensor:
-    """``out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])`` where ``target_mask[i, t]``, else 0.
+                position_ids: Tensor | None = None, predictor: Tensor | None = None,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS, force_full_logits: bool = False) -> Tensor:
+    """``out[i, t] = log p(input_ids[i, t] | context)`` where ``target_mask[i, t]``, else 0; float32 (float64 for a
+    float64 model), shape of ``input_ids``.
 
-    ``attention_mask`` may be 2-D (padding) or a 4-D mask the model accepts. Float32, shape of ``input_ids``.
+    The context of token ``t`` is read from the hidden state at ``predictor[i, t]`` (default ``t - 1``): with prefix
+    sharing the first rejected token follows the prompt, not the chosen reply, so its predictor is the last prompt
+    position. ``attention_mask`` may be 2-D (padding) or a 4-D mask the model accepts.
     """
-    mask = target_mask[:, 1:].bool()
-    targets = input_ids[:, 1:][mask]
+    mask = target_mask.bool().clone()
+    if predictor is None:
+        mask[:, 0] = False  # nothing predicts the first token
+    rows, cols = mask.nonzero(as_tuple=True)
+    src = cols - 1 if predictor is None else predictor[rows, cols]
+    targets = input_ids[rows, cols]
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
@@ -87,10 +93,9 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
             model(**kwargs, logits_to_keep=1)
         finally:
             handle.remove()
-        hidden = captured["h"][:, :-1][mask]
-        picked = chunked_head_logps(inner.get_output_embeddings(), hidden, targets, chunk_rows)
+        picked = chunked_head_logps(inner.get_output_embeddings(), captured["h"][rows, src], targets, chunk_rows)
     else:
         logits = model(**kwargs).logits
-        picked = _gather_logps(logits[:, :-1][mask], targets)
-    shifted = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(mask, picked)
-    return F.pad(shifted, (1, 0))
+        picked = _gather_logps(logits[rows, src], targets)
+    out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=input_ids.device)
+    return out.index_put((rows, cols), picked)

@@ -24,7 +24,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
-from .data.collate import PairCollator
+from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import map_columns, read_rows, validate_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError
@@ -96,7 +96,9 @@ class _PreferenceTrainer(Trainer):
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
         if data_collator is None:
-            data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+            shared = args.prefix_sharing and _mask_kind(model) is not None
+            data_collator = (PrefixSharedCollator if shared else PairCollator)(tokenizer.pad_token_id,
+                                                                               args.pad_to_multiple_of)
         callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl")]
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
@@ -152,9 +154,37 @@ class _PreferenceTrainer(Trainer):
             self._signature_columns = TOKENIZED_COLUMNS + ["ref_chosen_logps", "ref_rejected_logps"]
 
     # ----- loss ---------------------------------------------------------------------------------------------------
-    def _token_logps(self, model: Any, inputs: dict[str, Tensor], target_mask: Tensor) -> Tensor:
-        return token_logps(model, inputs["input_ids"], inputs["attention_mask"], target_mask,
-                           chunk_rows=self.args.logprob_chunk_rows)
+    def _pair_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token log-probs in a layout-independent view: ``(tok [2B, L], reply_mask [2B, L], nll_mask [B, L])``.
+
+        Rows ``:B`` are the chosen replies and ``B:`` the rejected ones, whichever collator built the batch.
+        ``nll_mask`` marks the chosen tokens an NLL term covers: the reply, plus the prompt (after its first token)
+        when ``nll_on_prompt`` (TRL's ORPO).
+        """
+        if "predictor" not in inputs:  # padded pairs: chosen rows, then rejected rows
+            reply = inputs["completion_mask"]
+            n = reply.shape[0] // 2
+            nll = reply[:n]
+            if nll_on_prompt:
+                nll = inputs["attention_mask"][:n].clone()
+                nll[:, 0] = 0
+            target = reply.clone()
+            target[:n] |= nll
+            tok = token_logps(model, inputs["input_ids"], inputs["attention_mask"], target,
+                              chunk_rows=self.args.logprob_chunk_rows)
+            return tok, reply, nll
+        chosen, rejected = inputs["chosen_mask"], inputs["rejected_mask"]
+        nll = chosen | inputs["prompt_mask"] if nll_on_prompt else chosen
+        if nll_on_prompt:
+            nll[:, 0] = 0
+        mask = inputs["attention_mask"]
+        if _mask_kind(model) == "float":
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(self.model.dtype).min)
+        tok = token_logps(model, inputs["input_ids"], mask, nll | rejected, position_ids=inputs["position_ids"],
+                          predictor=inputs["predictor"], chunk_rows=self.args.logprob_chunk_rows)
+        return torch.cat([tok, tok]), torch.cat([chosen, rejected]), nll
 
     def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -182,6 +212,14 @@ class _PreferenceTrainer(Trainer):
         logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})
         stored.clear()
         super().log(logs, start_time)
+
+
+def _mask_kind(model: Any) -> str | None:
+    """How a model takes a custom 4-D attention mask: "bool" (SDPA), "float" (eager), or None (unsupported)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
+        model = model.module
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"sdpa": "bool", "eager": "float"}.get(impl or "")
 
 
 def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:
@@ -257,7 +295,7 @@ class DPOTrainer(_PreferenceTrainer):
                        disable=not self.is_world_process_zero())
             try:
                 return compute_reference_logps(
-                    lambda b: self._reference_logps(self.model, b, b["completion_mask"]), rows, self.data_collator,
+                    lambda b: self._reference_logps(self.model, b), rows, self.data_collator,
                     batch_size, self.accelerator.device, bar.update)
             finally:
                 bar.close()
@@ -283,7 +321,7 @@ class DPOTrainer(_PreferenceTrainer):
             ref_model.requires_grad_(False)
         return ref_model
 
-    def _reference_logps(self, model: Any, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
+    def _reference_logps(self, model: Any, inputs: dict[str, Tensor]) -> Tensor:
         if "ref_chosen_logps" in inputs:
             return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         if self._reference_released:
@@ -291,17 +329,17 @@ class DPOTrainer(_PreferenceTrainer):
                               "Fix: evaluate datasets passed at construction, or set precompute_ref_log_probs=False.")
         with torch.no_grad():
             if self.ref_model is not None:
-                tok = self._token_logps(self.ref_model, inputs, mask)
+                tok, reply, _ = self._pair_logps(self.ref_model, inputs)
             else:
                 inner = self.accelerator.unwrap_model(model)
                 with inner.disable_adapter() if _is_peft(inner) else nullcontext():
-                    tok = self._token_logps(model, inputs, mask)
-        return (tok * mask).sum(-1)
+                    tok, reply, _ = self._pair_logps(model, inputs)
+        return (tok * reply).sum(-1)
 
     def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        mask = inputs["completion_mask"]
-        logps, lengths = _completion_stats(self._token_logps(model, inputs, mask), mask)
-        ref = self._reference_logps(model, inputs, mask)
+        tok, reply, _ = self._pair_logps(model, inputs)
+        logps, lengths = _completion_stats(tok, reply)
+        ref = self._reference_logps(model, inputs)
         pc, pr = logps.chunk(2)
         rc, rr = ref.chunk(2)
         lc, lr = lengths.chunk(2)
@@ -343,15 +381,9 @@ class ORPOTrainer(_PreferenceTrainer):
         return settings
 
     def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        completion = inputs["completion_mask"]
-        n = completion.shape[0] // 2
-        nll_mask = completion.clone()
-        if self.args.trl_compat:
-            nll_mask[:n] = inputs["attention_mask"][:n]  # TRL: every chosen token after the first
-            nll_mask[:, 0] = 0
-        target = nll_mask | completion
-        tok = self._token_logps(model, inputs, target)
-        sums, counts = _completion_stats(tok, completion)
+        tok, reply, nll_mask = self._pair_logps(model, inputs, nll_on_prompt=self.args.trl_compat)
+        sums, counts = _completion_stats(tok, reply)
         mean_logps = sums / counts.clamp(min=1)
-        nll = -(tok[:n] * nll_mask[:n]).sum() / nll_mask[:n].sum().clamp(min=1)
+        n = nll_mask.shape[0]
+        nll = -(tok[:n] * nll_mask).sum() / nll_mask.sum().clamp(min=1)
         return orpo_loss(mean_logps[:n], mean_logps[n:], nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)

@@ -1,0 +1,92 @@
+"""Prefix sharing: [prompt | chosen | rejected] in one row gives the log-probs of two separate sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefalign.data.collate import PairCollator, PrefixSharedCollator
+from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
+from prefalign.logprobs import token_logps
+from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+
+
+def _rows():
+    rows = conversational_rows(3)
+    rows.append({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello! How can I help?"},
+                            {"role": "user", "content": "Count to three, please, slowly and clearly."}],
+                 "chosen": [{"role": "assistant", "content": "One, two, three."}],
+                 "rejected": [{"role": "assistant", "content": "No." * 30}]})  # long: truncated below
+    return rows
+
+
+def _separate(model, examples):
+    """Reference numbers: chosen and rejected as two right-padded sequences."""
+    batch = PairCollator(0)(examples)
+    tok = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    n = len(examples)
+    out = []
+    for i, e in enumerate(examples):
+        p = len(e["prompt_ids"])
+        out.append((tok[i, p:p + len(e["chosen_ids"])], tok[n + i, p:p + len(e["rejected_ids"])]))
+    return out
+
+
+def _shared(model, examples, mask_kind="bool"):
+    batch = PrefixSharedCollator(0)(examples)
+    mask = batch["attention_mask"]
+    if mask_kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    tok = token_logps(model, batch["input_ids"], mask, batch["chosen_mask"] | batch["rejected_mask"],
+                      position_ids=batch["position_ids"], predictor=batch["predictor"])
+    out = []
+    for i, e in enumerate(examples):
+        p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
+        out.append((tok[i, p:p + c], tok[i, p + c:p + c + r]))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_rows_match_separate_sequences_per_token(attn):
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, 3, attn_implementation=attn)
+    examples, report = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    assert report.rejected_truncated == [4]  # truncation is part of the case
+    # Different lengths per row, so both layouts pad.
+    assert len({len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples}) > 1
+    sep = _separate(model, examples)
+    shared = _shared(model, examples, "bool" if attn == "sdpa" else "float")
+    for (c1, r1), (c2, r2) in zip(sep, shared, strict=True):
+        torch.testing.assert_close(c2, c1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r2, r1, atol=1e-5, rtol=0)
+
+
+def test_shared_rows_give_the_same_gradients():
+    tok = smollm2_tokenizer()
+    examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    grads = []
+    for fn in (_separate, _shared):
+        model = tiny_llama(tok, 3).double()
+        loss = sum(c.sum() * 0.7 - r.sum() * 1.3 for c, r in fn(model, examples))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    biggest = max(g.abs().max().item() for g in grads[0].values())
+    assert biggest > 1e-2  # the comparison is not between near-zero gradients
+    for name in grads[0]:
+        # float64 model, but Llama's RMSNorm computes in float32: agreement is to fp32 rounding, not fp64.
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_mask_and_positions_layout():
+    ex = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
+          {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [10, 11]}]
+    b = PrefixSharedCollator(0)(ex)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 7, 10, 11, 0, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2]  # rejected restarts after the prompt
+    assert b["predictor"][0, 5].item() == 1 and b["predictor"][1, 2].item() == 0  # first rejected <- last prompt
+    m = b["attention_mask"][0, 0]
+    assert m[5].tolist() == [True, True, False, False, False, True]  # rejected sees prompt + itself, not chosen
+    assert m[4].tolist() == [True, True, True, True, True, False]
+    pad = b["attention_mask"][1, 0]
+    assert pad[4].tolist() == [False, False, False, False, True, False]  # padding sees only itself (no NaN)
