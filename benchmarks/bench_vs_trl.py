@@ -1,0 +1,214 @@
+"""prefalign vs TRL 1.13, side by side in one run: same model, data, batch, steps, fp32.
+
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 3] [--shapes long,short] [--methods dpo,orpo]
+
+Every (shape, method, library) runs in its own subprocess, so peak RSS is that configuration's alone. Reports
+seconds per optimizer step (median over the measured steps, after one warm-up step), pairs/s, pair tokens/s (prompt
++ chosen + rejected tokens, the same count for both libraries), peak RSS, the per-step training losses of both (they
+must agree: same math), and achieved FLOP/s of the minimal work against this machine's measured fp32 matmul
+ceiling. prefalign's DPO precomputes reference log-probs once before training (cached for later runs); that pass is
+in the reported set-up time, not in s/step, so for one epoch over the data the fair comparison is the set-up column
+too.
+ORPO runs with `trl_compat=True` so both libraries optimise the same loss (TRL's NLL covers the prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"long": (128, 66), "short": (16, 66)}  # (prompt tokens, answer tokens)
+WORDS = ("the river model data light paper green window stone music number table garden yellow quiet "
+         "travel winter simple bright market letter answer reason summer silver forest ocean").split()
+
+
+def synthetic_pairs(tok, n: int, prompt_tokens: int, answer_tokens: int, seed: int = 0) -> list[dict]:
+    """Conversational pairs whose prompt and answers are about the requested token lengths."""
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        words: list[str] = []
+        while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)
+
+    # The chat template adds ~30 tokens of system prompt and markers: subtract them from the user text.
+    overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+    return [{"prompt": [{"role": "user", "content": text(max(1, prompt_tokens - overhead))}],
+             "chosen": [{"role": "assistant", "content": text(answer_tokens - 2)}],
+             "rejected": [{"role": "assistant", "content": text(answer_tokens - 2)}]} for _ in range(n)]
+
+
+def matmul_ceiling() -> float:
+    """fp32 FLOP/s of a large square matmul on this machine (best of a few)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+    return best
+
+
+def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+
+    from prefalign.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer()
+    p_len, a_len = SHAPES[shape]
+    total_steps = steps + 1
+    rows = synthetic_pairs(tok, total_steps * batch, p_len, a_len)
+    ds = datasets.Dataset.from_list(rows)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    out = tempfile.mkdtemp()
+    common = dict(output_dir=out, per_device_train_batch_size=batch, max_length=512, max_steps=total_steps,
+                  learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
+                  bf16=False, gradient_checkpointing=False, disable_tqdm=True)
+    model = load_model()
+    t0 = time.perf_counter()
+    if lib == "trl":
+        import trl
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        if method == "dpo":
+            trainer = trl.DPOTrainer(model, ref_model=load_model(), args=trl.DPOConfig(**common), train_dataset=ds,
+                                     processing_class=tok)
+        else:
+            trainer = ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
+    else:
+        import prefalign
+
+        if method == "dpo":
+            trainer = prefalign.DPOTrainer(model, ref_model=load_model(), args=prefalign.DPOConfig(**common),
+                                           train_dataset=ds, processing_class=tok)
+        else:
+            trainer = prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True),
+                                            train_dataset=ds, processing_class=tok)
+    setup = time.perf_counter() - t0
+    trainer.add_callback(Clock())
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    measured = times[1:]
+    s_step = statistics.median(measured)
+    pair_tokens = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                      for e in _tokenized(trainer)) / len(rows)
+    return {"lib": lib, "method": method, "shape": shape, "s_per_step": s_step, "pairs_per_s": batch / s_step,
+            "pair_tokens_per_s": batch * pair_tokens / s_step, "pair_tokens": pair_tokens,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "losses": losses,
+            "setup_s": setup, "step_times": times, "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def _tokenized(trainer) -> list[dict]:
+    ds = trainer.train_dataset
+    if "prompt_ids" in ds.column_names:
+        return ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+    # TRL's ORPO dataset: prompt_input_ids + chosen/rejected labels (prompt included there)
+    out = []
+    for r in ds:
+        p = len(r["prompt_input_ids"])
+        out.append({"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"][p:],
+                    "rejected_ids": r["rejected_input_ids"][p:]})
+    return out
+
+
+def minimal_flops(method: str, n_params: int, prompt: float, reply: float, vocab: int, hidden: int) -> float:
+    """FLOPs per pair of the least work the method needs: prompt once, both replies, LM head on reply tokens."""
+    body = n_params - vocab * hidden  # tied LM head counted separately
+    tokens = prompt + 2 * reply
+    train = 6 * body * tokens + 6 * vocab * hidden * 2 * reply
+    ref = 2 * body * tokens + 2 * vocab * hidden * 2 * reply if method == "dpo" else 0
+    return train + ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step")
+    ap.add_argument("--shapes", default="long,short")
+    ap.add_argument("--methods", default="dpo,orpo")
+    ap.add_argument("--out", default="benchmarks/results.json")
+    ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, steps=args.steps, batch=args.batch)), flush=True)
+        return
+    ceiling = matmul_ceiling()
+    print(f"fp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    results = []
+    for shape in args.shapes.split(","):
+        for method in args.methods.split(","):
+            for lib in ("trl", "prefalign"):
+                print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
+                                       str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True,
+                                      env={**os.environ, "TQDM_DISABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"})
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{lib} {method} {shape} failed:\n{proc.stderr[-3000:]}")
+                results.append(json.loads(line[len("RESULT "):]))
+    from prefalign.models import load_model
+
+    cfg = load_model().config
+    rows = []
+    for shape in args.shapes.split(","):
+        p_len, a_len = SHAPES[shape]
+        for method in args.methods.split(","):
+            t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
+                    for lib in ("trl", "prefalign"))
+            flops = minimal_flops(method, p["n_params"], p_len, a_len, cfg.vocab_size, cfg.hidden_size)
+            n = min(len(t["losses"]), len(p["losses"]))
+            rows.append({
+                "shape": shape, "method": method, "trl": t, "prefalign": p,
+                "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
+                "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
+                "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
+                "trl_flops_fraction": flops * t["pairs_per_s"] / ceiling,
+                "prefalign_flops_fraction": flops * p["pairs_per_s"] / ceiling})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"ceiling_flops": ceiling, "rows": rows, "date": time.strftime("%Y-%m-%d"),
+                                          "steps": args.steps, "batch": args.batch}, indent=2) + "\n")
+    print(render(rows, ceiling))
+
+
+def render(rows: list[dict], ceiling: float) -> str:
+    lines = [f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
+             "| shape | method | TRL s/step | prefalign s/step | TRL pairs/s | prefalign pairs/s | speed-up | "
+             "TRL peak RSS | prefalign peak RSS | RSS ratio | max |Δ loss| | % of ceiling (TRL / prefalign) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, p = r["trl"], r["prefalign"]
+        lines.append(f"| {r['shape']} | {r['method'].upper()} | {t['s_per_step']:.2f} | {p['s_per_step']:.2f} | "
+                     f"{t['pairs_per_s']:.3f} | {p['pairs_per_s']:.3f} | {r['speedup_pairs_per_s']:.2f}× | "
+                     f"{t['peak_rss_gb']:.2f} GB | {p['peak_rss_gb']:.2f} GB | {r['rss_ratio']:.2f} | "
+                     f"{r['max_abs_loss_diff']:.1e} | {100 * r['trl_flops_fraction']:.0f}% / "
+                     f"{100 * r['prefalign_flops_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
