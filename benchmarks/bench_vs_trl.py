@@ -96,16 +96,16 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         if method == "dpo":
-            trainer = trl.DPOTrainer(model, ref_model=load_model(), args=trl.DPOConfig(**common), train_dataset=ds,
-                                     processing_class=tok)
+            # No ref_model: each library's default (TRL loads a second copy from the model's path).
+            trainer = trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok)
         else:
             trainer = ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
     else:
         import prefalign
 
         if method == "dpo":
-            trainer = prefalign.DPOTrainer(model, ref_model=load_model(), args=prefalign.DPOConfig(**common),
-                                           train_dataset=ds, processing_class=tok)
+            trainer = prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds,
+                                           processing_class=tok)
         else:
             trainer = prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True),
                                             train_dataset=ds, processing_class=tok)

@@ -96,3 +96,30 @@ def test_peft_reference_precompute_uses_the_adapter_disabled_base(tmp_path, home
     torch.testing.assert_close(stored, base, atol=1e-4, rtol=0)
     # A new dataset can still be evaluated: the base model is recoverable by disabling the adapter.
     assert "eval_loss" in tr.evaluate(conversational_rows(6)[4:])
+
+
+def test_without_ref_model_the_untrained_policy_is_the_reference_and_no_copy_is_kept(tmp_path, home, monkeypatch):
+    import copy as copy_mod
+
+    copies = []
+    real_deepcopy = copy_mod.deepcopy
+    monkeypatch.setattr(copy_mod, "deepcopy", lambda obj, *a: copies.append(type(obj).__name__) or
+                        real_deepcopy(obj, *a))
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(4))
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_args(tmp_path, learning_rate=1e-2, max_steps=3,
+                                                   per_device_train_batch_size=4),
+                    train_dataset=ds, eval_dataset=ds, processing_class=tok)
+    assert tr.ref_model is None and "LlamaForCausalLM" not in copies
+    from prefalign.data.collate import PairCollator
+    from prefalign.logprobs import token_logps
+
+    batch = PairCollator(tok.pad_token_id)([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                            for r in tr.train_dataset])
+    mask = batch["completion_mask"]
+    sums = (token_logps(tiny_llama(tok, 1), batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
+    expected_chosen = sums[:4]
+    assert list(tr.train_dataset["ref_chosen_logps"]) == pytest.approx(expected_chosen.tolist(), abs=1e-4)
+    assert tr.evaluate()["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    tr.train()
+    assert tr.evaluate()["eval_rewards/margins"] > 0  # measured against the initial policy, which is gone

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
-from .data.load import map_columns, read_rows, validate_rows
+from .data.load import read_valid_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError
 from .logprobs import token_logps
@@ -123,15 +123,9 @@ class _PreferenceTrainer(Trainer):
             return None
         if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
-        raw = map_columns(read_rows(dataset), None)
         source = f"{name} dataset"
-        raw.source = source
-        problems = validate_rows(raw)
-        fatal = [p for p in problems if p.fatal]
-        if fatal:
-            raise fatal[0].as_error(source, raw.row_label, f" ({len(fatal)} problem rows in all)"
-                                    if len(fatal) > 1 else "")
-        dupes = len(problems) - len(fatal)
+        raw, warnings = read_valid_rows(dataset, name=source)
+        dupes = len(warnings)
         pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=source)
         self.data_reports[name] = report
         for line in report.lines() + ([f"{dupes} duplicate rows kept"] if dupes else []):
@@ -252,8 +246,9 @@ class DPOTrainer(_PreferenceTrainer):
     """Direct Preference Optimization.
 
     Reference model: ``ref_model`` if given; else, with ``peft_config`` (or a PEFT model), the base model with the
-    adapter disabled; else a frozen copy of the policy in the policy's own dtype (TRL 1.13 behaves the same; older
-    TRL kept an fp32 copy).
+    adapter disabled; else the untrained policy itself. With ``precompute_ref_log_probs`` (default) its log-probs are
+    computed before the first step and no second model is kept; with live reference passes, a frozen copy of the
+    policy in the policy's own dtype (as TRL 1.13; older TRL kept an fp32 copy).
     """
 
     config_class = DPOConfig
@@ -269,7 +264,9 @@ class DPOTrainer(_PreferenceTrainer):
                 self.eval_dataset = {k: self._with_reference_logps(v, k) for k, v in self.eval_dataset.items()}
             else:
                 self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval")
-            if self.ref_model is not None:  # every number it can give is cached: free it
+            # Every number the reference can give is cached: free it. Without PEFT the policy itself was the
+            # reference for the precompute (it had not trained yet), so no copy was ever made.
+            if self.ref_model is not None or not _is_peft(self.accelerator.unwrap_model(self.model)):
                 self.ref_model = None
                 self._reference_released = True
 
@@ -312,8 +309,8 @@ class DPOTrainer(_PreferenceTrainer):
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, **_init_kwargs(args))
-        if ref_model is None and not _is_peft(model):
-            ref_model = copy.deepcopy(model)
+        if ref_model is None and not _is_peft(model) and not getattr(args, "precompute_ref_log_probs", False):
+            ref_model = copy.deepcopy(model)  # live reference: a frozen copy of the untrained policy
         if ref_model is not None:
             if args.disable_dropout:
                 _disable_dropout(ref_model)

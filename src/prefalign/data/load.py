@@ -375,6 +375,25 @@ def _completion_text(value: Any) -> str:
     return value[-1].get("content") or "" if value else ""
 
 
+def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
+                    name: str | None = None) -> tuple[RawData, list[Problem]]:
+    """Read, map and validate rows; raise on the first fatal problem, return the rows and the non-fatal ones.
+
+    ``name`` replaces the source in messages (the trainer says "train dataset" for in-memory data).
+    """
+    raw = map_columns(read_rows(source, split), columns)
+    if name:
+        raw.source = name
+    problems = validate_rows(raw)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        target = "on the data" if name else raw.source
+        more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {target}` to list them all)" \
+            if len(fatal) > 1 else ""
+        raise fatal[0].as_error(raw.source, raw.row_label, more)
+    return raw, problems
+
+
 def load_preference_dataset(
     source: str | os.PathLike | Any,
     split: str = "train",
@@ -389,13 +408,7 @@ def load_preference_dataset(
     """
     import datasets
 
-    raw = map_columns(read_rows(source, split), columns)
-    problems = validate_rows(raw)
-    fatal = [p for p in problems if p.fatal]
-    if fatal:
-        more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {raw.source}` to list them all)" \
-            if len(fatal) > 1 else ""
-        raise fatal[0].as_error(raw.source, raw.row_label, more)
+    raw, _ = read_valid_rows(source, split, columns)
     # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
     return datasets.Dataset.from_list([{c: r.get(c) for c in keep} for r in raw.rows])
