@@ -47,13 +47,13 @@ def test_precomputed_reference_matches_live_and_frees_the_model(tmp_path, home):
 def test_cache_is_reused_across_runs_and_keyed_by_weights(tmp_path, home, monkeypatch):
     ds = datasets.Dataset.from_list(conversational_rows(5))
     calls = []
-    real = reference_mod.compute_reference_logps
+    real = reference_mod.batched_pair_logps
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(reference_mod, "compute_reference_logps", counting)
+    monkeypatch.setattr(reference_mod, "batched_pair_logps", counting)
     first = _trainer(tmp_path, True, ds)
     assert len(calls) == 1  # computed for train; eval found it in the cache
     second = _trainer(tmp_path, True, ds)

@@ -27,19 +27,17 @@ from .logprobs import token_logps
 def sequence_logps(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, max_length: int = 1024,
                    batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reply log-probs ``(chosen [N], rejected [N])`` of every pair under ``model``."""
+    from .reference import batched_pair_logps
+
     model.eval()
     ids, _ = tokenize_rows(pairs, tokenizer, TokenizeSettings(max_length=max_length))
-    collate = PairCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for i in range(0, len(ids), batch_size):
-        batch = {k: v.to(device) for k, v in collate(ids[i:i + batch_size]).items()}
+
+    def summed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["completion_mask"]
-        sums = (token_logps(model, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1).cpu()
-        c, r = sums.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+        return (token_logps(model, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
+
+    return batched_pair_logps(summed, ids, PairCollator(tokenizer.pad_token_id), batch_size,
+                                   next(model.parameters()).device)
 
 
 @dataclass

@@ -51,11 +51,11 @@ def cache_path(model_key: str, data_key: str) -> Path:
     return prefalign_home() / "cache" / "ref-logps" / f"v{CACHE_VERSION}-{model_key}-{data_key}.pt"
 
 
-def compute_reference_logps(logps_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                            pairs: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
-                            batch_size: int, device: torch.device,
-                            progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-probs ``(chosen [N], rejected [N])`` under ``logps_fn`` (a no-grad reference forward)."""
+def batched_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                       pairs: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
+                       batch_size: int, device: torch.device,
+                       progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reply log-probs ``(chosen [N], rejected [N])`` under ``logps_fn``, batch by batch, without grad."""
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):

@@ -280,7 +280,7 @@ class DPOTrainer(_PreferenceTrainer):
                               "set precompute_ref_log_probs=False.")
         from tqdm.auto import tqdm
 
-        from .reference import cache_path, compute_reference_logps, data_fingerprint, load_or_compute, model_fingerprint
+        from .reference import batched_pair_logps, cache_path, data_fingerprint, load_or_compute, model_fingerprint
 
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
@@ -291,7 +291,7 @@ class DPOTrainer(_PreferenceTrainer):
             bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
                        disable=not self.is_world_process_zero())
             try:
-                return compute_reference_logps(
+                return batched_pair_logps(
                     lambda b: self._reference_logps(self.model, b), rows, self.data_collator,
                     batch_size, self.accelerator.device, bar.update)
             finally:
