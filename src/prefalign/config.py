@@ -50,6 +50,11 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is given by "
                           "name, e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'}."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "What a NaN or inf loss or gradient does: 'stop' ends training with an error naming the "
+                          "step (checkpoints already written are kept; none is written after it), 'skip' drops that "
+                          "optimizer step's gradients, counts it, and goes on.", "choices": ["stop", "skip"]})
     prefix_sharing: bool = field(
         default=True,
         metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
@@ -70,6 +75,7 @@ class PreferenceConfig(TrainingArguments):
                 _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                        f"must be < max_length ({self.max_length})")
         _check(self.logprob_chunk_rows >= 1, "logprob_chunk_rows", self.logprob_chunk_rows, "must be >= 1")
+        _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite, "must be 'stop' or 'skip'")
         super().__post_init__()
 
 

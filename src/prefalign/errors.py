@@ -36,3 +36,7 @@ class DataError(PrefalignError, ValueError):
 
 class ConfigError(PrefalignError, ValueError):
     """An invalid option value or unknown option name."""
+
+
+class NonFiniteError(PrefalignError):
+    """Training produced a NaN or inf loss or gradient."""

@@ -27,7 +27,7 @@ from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import read_valid_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .logprobs import token_logps
 from .losses import dpo_loss, orpo_loss
 from .models import load_model, load_tokenizer
@@ -105,6 +105,7 @@ class _PreferenceTrainer(Trainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
         # We compute our own loss; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
+        self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
@@ -191,6 +192,24 @@ class _PreferenceTrainer(Trainer):
             gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
             self._metrics[mode][key].append(gathered.mean().item())
         return (loss, metrics) if return_outputs else loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        """The Trainer's step, then a check that the loss and every gradient are finite (see on_nonfinite)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        what = "loss" if not torch.isfinite(loss).all() else next(
+            (f"gradient of {n}" for n, p in model.named_parameters() if p.grad is not None
+             and not torch.isfinite(p.grad).all()), None)
+        if what is None:
+            return loss
+        step = self.state.global_step + 1
+        if self.args.on_nonfinite == "skip":
+            model.zero_grad(set_to_none=True)  # the optimizer skips parameters without gradients
+            self.nonfinite_skipped.append(step)
+            logger.warning("step %d: non-finite %s; skipped that step's gradients (on_nonfinite='skip')", step, what)
+            return torch.zeros_like(loss)
+        raise NonFiniteError(f"non-finite {what} at step {step}; training stopped before that step's update, and "
+                             "checkpoints written earlier are kept. Fix: lower the learning rate, check the data, "
+                             "or set on_nonfinite='skip'.")
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
