@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import difflib
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -138,6 +139,9 @@ def _add_train_parser(sub: Any) -> None:
                                                                         "limit)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the output directory's latest complete "
+                                                         "checkpoint (same config; exact: weights, optimizer, RNG, "
+                                                         "data order)")
     p.set_defaults(func=cmd_train)
 
 
@@ -237,6 +241,7 @@ class TrainPlan:
     run: dict[str, Any]  # RUN_KEYS
     options: dict[str, Any]  # config-class keyword arguments, as resolved (what config.yaml records)
     overwrite: bool = False
+    resume: bool = False
 
     @property
     def output_dir(self) -> Path:
@@ -400,7 +405,9 @@ def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     options.setdefault("output_dir", str(runs.default_run_dir(method)))
     cls = config_class(method)
     options = {k: coerce_option(cls, k, v) for k, v in options.items()}
-    return TrainPlan(method, run, options, overwrite=args.overwrite)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other. Fix: pass one of them.")
+    return TrainPlan(method, run, options, overwrite=args.overwrite, resume=args.resume)
 
 
 def build_config(plan: TrainPlan) -> PreferenceConfig:
@@ -447,10 +454,10 @@ def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluati
         raise
 
 
-def train_or_report(trainer: Any, out: Path) -> int:
+def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) -> int:
     """Run training; on failure keep what the Trainer wrote, log the traceback there and print one line."""
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.eval_dataset is not None:
             trainer.evaluate()
     except PrefalignError:
@@ -494,7 +501,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = resolve_plan(args)
     config = build_config(plan)
     out = plan.output_dir
-    runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
+    from .checkpoints import latest_checkpoint
+
+    resume_from = latest_checkpoint(out) if plan.resume else None
+    if plan.resume and resume_from is None:
+        raise ConfigError(f"--resume: '{out}' holds no complete checkpoint. Fix: set save_steps (--set save_steps=N "
+                          "--set save_strategy=steps) when training, or drop --resume.")
+    if not plan.resume:
+        runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
     train, evaluation = load_train_data(plan)
     trainer = make_trainer(plan, config, train, evaluation)
     from .progress import use_progress_bar
@@ -503,11 +517,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plan.overwrite and trainer.is_world_process_zero():
         runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
     try:
-        code = train_or_report(trainer, out)
+        code = train_or_report(trainer, out, resume_from)
     finally:
         progress.close()  # so an error line never lands on the bar's line
     if code:
         return code
+    if trainer.graceful_stop.signal is not None:
+        if trainer.is_world_process_zero():
+            runs.write_config(out, plan.resolved_config())
+        name = signal.Signals(trainer.graceful_stop.signal).name
+        print_error(f"stopped by {name} at step {trainer.state.global_step}; checkpoint saved in "
+                    f"{latest_checkpoint(out)}. Continue with: prefalign train {out / runs.CONFIG_FILE} --resume")
+        return 128 + trainer.graceful_stop.signal
     save_run(trainer, plan, out)
     if trainer.is_world_process_zero():
         print(summary_line(trainer, out))

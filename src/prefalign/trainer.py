@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import read_valid_rows
@@ -51,7 +52,7 @@ class MetricsJsonlCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-class _PreferenceTrainer(Trainer):
+class _PreferenceTrainer(CheckpointMixin, Trainer):
     """What DPO and ORPO share: model and tokenizer loading, dataset preparation, metric bookkeeping."""
 
     config_class: type[PreferenceConfig] = PreferenceConfig
@@ -99,7 +100,9 @@ class _PreferenceTrainer(Trainer):
             shared = args.prefix_sharing and _mask_kind(model) is not None
             data_collator = (PrefixSharedCollator if shared else PairCollator)(tokenizer.pad_token_id,
                                                                                args.pad_to_multiple_of)
-        callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl")]
+        self.graceful_stop = GracefulStop()
+        callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl"),
+                                             self.graceful_stop]
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
