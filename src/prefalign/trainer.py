@@ -404,5 +404,9 @@ class ORPOTrainer(_PreferenceTrainer):
         sums, counts = _completion_stats(tok, reply)
         mean_logps = sums / counts.clamp(min=1)
         n = nll_mask.shape[0]
-        nll = -(tok[:n] * nll_mask).sum() / nll_mask.sum().clamp(min=1)
+        count = nll_mask.sum().float()
+        world = self.accelerator.num_processes
+        if world > 1:  # token mean over the global batch: processes' gradients are averaged, so scale by world size
+            count = self.accelerator.reduce(count.detach(), reduction="sum") / world
+        nll = -(tok[:n] * nll_mask).sum() / count.clamp(min=1)
         return orpo_loss(mean_logps[:n], mean_logps[n:], nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)
