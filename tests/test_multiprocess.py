@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) with per-device batch b give the losses of one process with batch 2b, step by step."""
+"""`accelerate launch` with 2 CPU processes (gloo) and per-device batch b gives the losses of one process with
+batch 2b, step by step."""
 
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ def _run(cmd: list[str], out: Path) -> list[float]:
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, method):
     one = _run([sys.executable, "mp_worker.py", method, "4", str(tmp_path / "one")], tmp_path / "one")
-    # torchrun: the launcher `accelerate launch` uses for multi-device runs; the Trainer's Accelerator reads the
-    # same environment (RANK, WORLD_SIZE, MASTER_ADDR) and uses gloo on CPU.
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port()), "mp_worker.py", method, "2", str(tmp_path / "two")], tmp_path / "two")
+    # `accelerate launch --multi_gpu` starts the processes with torchrun; without CUDA the Trainer's Accelerator
+    # uses the gloo backend on the CPU.
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    two = _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                "mp_worker.py", method, "2", str(tmp_path / "two")], tmp_path / "two")
     assert len(one) == len(two) == 4
     assert one[-1] != one[0]  # training moved the loss
     assert two == pytest.approx(one, abs=1e-5)
