@@ -36,24 +36,25 @@ def _losses(out):
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, inputs, monkeypatch, capsys, method):
+def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, inputs, monkeypatch, capsys, method):
     model, data = inputs
     assert main(_argv(model, data, tmp_path / "straight", method)) == 0
 
     real = checkpoints.GracefulStop.on_step_end
     sent = []
+    sig = signal.SIGTERM if method == "dpo" else signal.SIGINT
 
     def interrupt_at_step_2(self, args, state, control, **kw):
         if state.global_step == 2 and not sent:
             sent.append(1)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return real(self, args, state, control, **kw)
 
     monkeypatch.setattr(checkpoints.GracefulStop, "on_step_end", interrupt_at_step_2)
     out = tmp_path / "interrupted"
-    assert main(_argv(model, data, out, method)) == 128 + signal.SIGTERM
+    assert main(_argv(model, data, out, method)) == 128 + sig
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM at step 2" in err and "--resume" in err
+    assert f"stopped by {sig.name} at step 2" in err and "--resume" in err
     assert latest_checkpoint(out).name == "checkpoint-2" and not (out / "model.safetensors").exists()
     monkeypatch.setattr(checkpoints.GracefulStop, "on_step_end", real)
     assert main(["train", str(out / "config.yaml"), "--resume"]) == 0
