@@ -623,9 +623,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bar(desc: str, total: int) -> Callable[[int], None]:
-    from tqdm import tqdm
+    from .progress import counter
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False).update
+    return counter(desc, total).update
 
 
 def cmd_data_generate(args: argparse.Namespace) -> int:

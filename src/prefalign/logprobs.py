@@ -22,19 +22,20 @@ CHUNKED_MODEL_TYPES = frozenset({
 DEFAULT_CHUNK_ROWS = 512
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
+    """The model inside DDP-style wrappers (which keep it as ``.module``)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
         model = model.module
     return model
 
 
 def _base_config(model: Any) -> Any:
-    return getattr(_unwrap(model), "config", None)
+    return getattr(unwrap(model), "config", None)
 
 
 def can_chunk(model: Any) -> bool:
     cfg = _base_config(model)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return (cfg is not None and getattr(cfg, "model_type", None) in CHUNKED_MODEL_TYPES
             and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None)
 
@@ -82,7 +83,7 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if not force_full_logits and can_chunk(model):
-        inner = _unwrap(model)
+        inner = unwrap(model)
         captured: dict[str, Tensor] = {}
 
         def hook(_module: Any, _args: Any, output: Any) -> None:

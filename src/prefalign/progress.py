@@ -1,4 +1,4 @@
-"""A one-line training progress bar (step/total, loss, reward accuracy) for the CLI and the demo."""
+"""Progress bars on stderr: training steps (with loss and reward accuracy), and plain item counts."""
 
 from __future__ import annotations
 
@@ -64,3 +64,10 @@ def use_progress_bar(trainer: Any, desc: str = "training") -> Any:
     progress = make_progress_callback(desc)
     trainer.add_callback(progress)
     return progress
+
+
+def counter(desc: str, total: int) -> Any:
+    """A transient stderr bar counting ``total`` items (generations, pairs); ``.update(n)``, then ``.close()``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)

@@ -29,7 +29,7 @@ from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import read_valid_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, NonFiniteError
-from .logprobs import token_logps
+from .logprobs import token_logps, unwrap
 from .losses import dpo_loss, orpo_loss
 from .models import load_model, load_tokenizer
 
@@ -232,9 +232,7 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
 
 def _mask_kind(model: Any) -> str | None:
     """How a model takes a custom 4-D attention mask: "bool" (SDPA), "float" (eager), or None (unsupported)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
-        model = model.module
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
     return {"sdpa": "bool", "eager": "float"}.get(impl or "")
 
 

@@ -11,7 +11,6 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..config import DPOConfig, ORPOConfig
 from ..evaluate import GenerationRun, build_report, pair_metrics, run_generations, sequence_logps
 from ..judges import load_judge
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
+from ..progress import counter
 from ..trainer import DPOTrainer, ORPOTrainer
 from .task import EDGE_CASE_PROMPTS
 
@@ -67,21 +67,14 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _progress(desc: str, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-    return bar.update, bar.close
-
-
 def _generations(model: Any, tok: Any, prompts: list[dict], judge: Any, s: DemoSettings, desc: str) -> GenerationRun:
-    update, close = _progress(desc, len(prompts))
+    bar = counter(desc, len(prompts))
     try:
         return run_generations(model, tok, [r["prompt"] for r in prompts], judge,
                                edge_cases=EDGE_CASE_PROMPTS if s.edge_cases else (),
-                               max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size, progress=update)
+                               max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size, progress=bar.update)
     finally:
-        close()
+        bar.close()
 
 
 def _train(method: str, base: Any, tok: Any, train_rows: list[dict], s: DemoSettings) -> tuple[Any, float, int]:
