@@ -76,3 +76,15 @@ def test_skip_drops_the_bad_step_and_goes_on(tmp_path):
 def test_on_nonfinite_value_is_checked():
     with pytest.raises(ConfigError, match="on_nonfinite"):
         DPOConfig(output_dir="unused", on_nonfinite="ignore", report_to=[])
+
+
+def test_inf_gradient_with_a_finite_loss_is_caught_and_named(tmp_path):
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, 1)
+    target = model.model.layers[1].mlp.down_proj.weight
+    target.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    tr = DPOTrainer(model, args=_args(tmp_path), processing_class=tok,
+                    train_dataset=datasets.Dataset.from_list(conversational_rows(6)))
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient of model\.layers\.1\.mlp\.down_proj\.weight "
+                                             r"at step 1"):
+        tr.train()
