@@ -63,19 +63,45 @@ def matmul_ceiling() -> float:
     return best
 
 
-def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
+def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int):
+    """The trainer both the benchmark and the profiler run: fp32, CPU, each library's default reference."""
     import datasets
+
+    from prefalign.models import load_model, load_tokenizer
+
+    ds = datasets.Dataset.from_list(rows)
+    tok = load_tokenizer()
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_length=512, max_steps=steps,
+                  learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
+                  bf16=False, gradient_checkpointing=False, disable_tqdm=True)
+    model = load_model()
+    if lib == "trl":
+        import trl
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        if method == "dpo":
+            # No ref_model: each library's default (TRL loads a second copy from the model's path).
+            return trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+        return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
+    import prefalign
+
+    if method == "dpo":
+        return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+    return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
+                                 processing_class=tok)
+
+
+def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from prefalign.models import load_model, load_tokenizer
+    from prefalign.models import load_tokenizer
 
     torch.manual_seed(0)
     tok = load_tokenizer()
     p_len, a_len = SHAPES[shape]
     total_steps = steps + 1
     rows = synthetic_pairs(tok, total_steps * batch, p_len, a_len)
-    ds = datasets.Dataset.from_list(rows)
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -85,30 +111,8 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    out = tempfile.mkdtemp()
-    common = dict(output_dir=out, per_device_train_batch_size=batch, max_length=512, max_steps=total_steps,
-                  learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
-                  bf16=False, gradient_checkpointing=False, disable_tqdm=True)
-    model = load_model()
     t0 = time.perf_counter()
-    if lib == "trl":
-        import trl
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        if method == "dpo":
-            # No ref_model: each library's default (TRL loads a second copy from the model's path).
-            trainer = trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok)
-        else:
-            trainer = ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
-    else:
-        import prefalign
-
-        if method == "dpo":
-            trainer = prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds,
-                                           processing_class=tok)
-        else:
-            trainer = prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True),
-                                            train_dataset=ds, processing_class=tok)
+    trainer = make_trainer(lib, method, rows, total_steps, batch)
     setup = time.perf_counter() - t0
     trainer.add_callback(Clock())
     trainer.train()
@@ -120,7 +124,8 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
     return {"lib": lib, "method": method, "shape": shape, "s_per_step": s_step, "pairs_per_s": batch / s_step,
             "pair_tokens_per_s": batch * pair_tokens / s_step, "pair_tokens": pair_tokens,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "losses": losses,
-            "setup_s": setup, "step_times": times, "n_params": sum(p.numel() for p in model.parameters())}
+            "setup_s": setup, "step_times": times,
+            "n_params": sum(p.numel() for p in trainer.model.parameters())}
 
 
 def _tokenized(trainer) -> list[dict]:

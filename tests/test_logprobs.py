@@ -212,3 +212,91 @@ def test_token_logps_runs_the_head_in_chunks(model, batch):
     rows = [s[0] for s in head.shapes[1:]]
     assert all(len(s) == 2 for s in head.shapes[1:])
     assert max(rows) == 7 and sum(rows) == n_targets and len(rows) == -(-n_targets // 7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_head_matches_log_softmax_and_its_gradients(bias):
+    """The fused path (plain nn.Linear head) against autograd through a full log_softmax, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 50, bias=bias).double()
+    hidden = torch.randn(11, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=gen)
+    upstream = torch.randn(11, generator=gen, dtype=torch.float64)
+    out = chunked_head_logps(head, hidden, targets, chunk_rows=4)  # chunks of 4, 4, 3
+    assert out.grad_fn is not None and "LinearHeadLogps" in type(out.grad_fn).__name__
+    ref = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    got = torch.autograd.grad((out * upstream).sum(), params)
+    want = torch.autograd.grad((ref * upstream).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-12, rtol=0)
+        assert w.abs().sum() > 0
+    # a repeated target row and a frozen head: only the hidden gradient is produced
+    head.requires_grad_(False)
+    targets[1] = targets[0]
+    out = chunked_head_logps(head, hidden, targets, chunk_rows=4)
+    (gh,) = torch.autograd.grad(out.sum(), [hidden])
+    ref = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(gh, torch.autograd.grad(ref.sum(), [hidden])[0], atol=1e-12, rtol=0)
+
+
+def test_fused_linear_head_in_bfloat16_computes_the_log_softmax_in_float32():
+    gen = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(9, 16, generator=gen).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50, (9,), generator=gen)
+    out = chunked_head_logps(head, hidden, targets, chunk_rows=4)
+    ref = head(hidden).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6, rtol=0)
+    out.sum().backward()
+    ref_grad = torch.autograd.grad(ref.sum(), [hidden])[0]
+    assert hidden.grad.dtype == torch.bfloat16
+    assert torch.allclose(hidden.grad.float(), ref_grad.float(), atol=2e-2, rtol=0)
+
+
+def test_fused_head_reuses_the_softmax_when_one_chunk_holds_every_row():
+    """One chunk: backward uses forward's softmax (no second logits matmul); several: it recomputes. Same gradients."""
+    gen = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(16, 50, bias=False).double()
+    hidden = torch.randn(7, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=gen)
+    upstream = torch.randn(7, generator=gen, dtype=torch.float64)
+    calls = []
+    original = torch.mm
+
+    def counting_mm(a, b, **kw):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return original(a, b, **kw)
+
+    grads = {}
+    for chunk_rows in (None, 7, 3):
+        torch.mm = counting_mm
+        try:
+            out = chunked_head_logps(head, hidden, targets, chunk_rows=chunk_rows)
+            grads[chunk_rows] = torch.autograd.grad((out * upstream).sum(), [hidden, head.weight])
+        finally:
+            torch.mm = original
+        logits_mms = [c for c in calls if c[1] == (16, 50)]  # hidden @ W^T: forward, and backward's recompute
+        assert len(logits_mms) == (1 if chunk_rows in (None, 7) else 2 * 3), chunk_rows
+        calls.clear()
+    for g3, g7 in zip(grads[3], grads[7], strict=True):
+        assert torch.allclose(g3, g7, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("padding_idx", [None, "pad"])
+def test_tied_embedding_gets_the_same_dense_gradient(tok, batch, padding_idx):
+    """Tied input/output embeddings (as SmolLM2): the sparse-row embedding gradient summed into the LM head's equals
+    nn.Embedding's dense one, padding row included, and the weight's .grad stays dense."""
+    model = tiny_llama(tok, seed=0, tie_word_embeddings=True).double()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.model.embed_tokens.padding_idx = tok.pad_token_id if padding_idx else None
+    weights = torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(1))
+    _, g_sparse = _grads(model, batch, weights, chunk_rows=4)
+    _, g_full = _grads(model, batch, weights, force_full_logits=True)
+    grad = model.lm_head.weight.grad
+    assert grad.layout == torch.strided and not grad.is_sparse
+    for name, g in g_full.items():
+        assert torch.allclose(g_sparse[name], g, atol=TOL, rtol=0), name
+    if padding_idx:  # the pad token is in the batch as input, yet its row only gets the LM head's share
+        assert (batch["input_ids"] == tok.pad_token_id).any()

@@ -60,9 +60,18 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
                           "computed once. Used with attn_implementation 'sdpa' or 'eager'; other attention kernels "
                           "(flash attention) fall back to padded pairs. Same log-probs either way."})
-    logprob_chunk_rows: int = field(
-        default=512,
-        metadata={"help": "Completion positions per LM-head chunk when computing log-probs (memory vs. speed)."})
+    cpu_allocator_cache: bool = field(
+        default=True,
+        metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "
+                          "returning it to the kernel, so every step reuses the previous step's buffers rather than "
+                          "page-faulting them again (about 10% faster per step on the benchmark, same peak RSS). "
+                          "Process-wide; see prefalign/allocator.py."})
+    logprob_chunk_rows: int | None = field(
+        default=None,
+        metadata={"help": "Positions per LM-head chunk when computing log-probs: at most this many rows of "
+                          "vocabulary-wide logits exist at once (memory vs. speed). Default: as many as fit in "
+                          "256 MiB of float32 logits (1365 rows for a 49k vocabulary). When a batch's positions fit "
+                          "in one chunk, backward reuses forward's softmax instead of recomputing it."})
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
@@ -74,7 +83,8 @@ class PreferenceConfig(TrainingArguments):
             if self.max_length is not None:
                 _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                        f"must be < max_length ({self.max_length})")
-        _check(self.logprob_chunk_rows >= 1, "logprob_chunk_rows", self.logprob_chunk_rows, "must be >= 1")
+        _check(self.logprob_chunk_rows is None or self.logprob_chunk_rows >= 1, "logprob_chunk_rows",
+               self.logprob_chunk_rows, "must be >= 1")
         _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite, "must be 'stop' or 'skip'")
         super().__post_init__()
 

@@ -19,7 +19,7 @@ CHUNKED_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3", "olmo", "olmo2",
     "gemma", "starcoder2", "gpt_neox", "gpt2",
 })
-DEFAULT_CHUNK_ROWS = 512
+CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
 
 
 def unwrap(model: Any) -> Any:
@@ -49,9 +49,103 @@ def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tenso
     return _gather_logps(head(hidden), targets)
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """``log softmax(h W^T + b)[target]`` in row chunks, keeping only ``h`` and one logsumexp per row for backward.
+
+    With ``z = h W^T + b``, ``lse = logsumexp(z)`` and ``out_t = z_t[y_t] - lse_t``, upstream gradient ``g_t`` gives
+    ``dL/dz_t = g_t (onehot(y_t) - softmax(z_t))``, so ``dL/dh = G W``, ``dL/dW = G^T h``, ``dL/db = sum_t G_t``.
+    Backward recomputes one chunk of logits at a time and turns that buffer into ``G`` in place, accumulating
+    ``dL/dW`` into a single buffer: no second ``[rows, vocab]`` tensor, no per-chunk ``[vocab, hidden]`` gradient.
+    When all rows fit in one chunk, forward's buffer is kept as the softmax instead, saving the recompute (one
+    ``[rows, hidden] x [hidden, vocab]`` matmul and its exp): the memory is the same chunk buffer, held longer.
+    This is the fused linear-cross-entropy idea (Liger Kernel; Wijmans et al. 2024, "Cut Your Losses") applied to
+    per-token log-probs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                chunk_rows: int) -> Tensor:
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+        lse = torch.empty_like(out)
+        buf = None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            z = buf = _logits(hidden[sl], weight, bias, buf)
+            m = z.amax(-1, keepdim=True)
+            picked = z.gather(-1, targets[sl, None])
+            lse[sl] = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log_()).squeeze(-1)  # z now holds exp(z - m)
+            out[sl] = picked.squeeze(-1) - lse[sl]
+        # One chunk: its buffer becomes softmax(z) and is kept for backward, which then needs no recompute.
+        keep = hidden.shape[0] <= chunk_rows and any(ctx.needs_input_grad[:3])
+        ctx.softmax = z.mul_((m - lse[:, None]).exp_()) if keep else None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        buf = None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            sl = slice(start, start + ctx.chunk_rows)
+            g = grad_out[sl].to(lse.dtype)
+            if ctx.softmax is not None:
+                dz, ctx.softmax = ctx.softmax, None  # dL/dz built in place in the kept softmax
+            else:
+                dz = buf = _logits(hidden[sl], weight, bias, buf)  # recomputed, then turned into dL/dz in place
+                dz.sub_(lse[sl, None]).exp_()
+            dz.mul_(-g[:, None]).scatter_add_(-1, targets[sl, None], g[:, None])
+            dz = dz.to(weight.dtype)
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[sl])
+            if need_w:
+                if start == 0:
+                    torch.mm(dz.t(), hidden[sl], out=grad_w)
+                else:
+                    grad_w.addmm_(dz.t(), hidden[sl])
+            if need_b:
+                grad_b.add_(dz.sum(0))
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buf: Tensor | None) -> Tensor:
+    """``hidden W^T + b`` in float32 at least, written into ``buf`` (the previous chunk's buffer) when it fits."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if hidden.dtype == torch.float32 or hidden.dtype == torch.float64:
+        out = buf[:rows] if buf is not None else hidden.new_empty(rows, vocab)
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return torch.nn.functional.linear(hidden, weight, bias).float()  # half precision: upcast for the softmax
+
+
+def _plain_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
+    """A plain ``nn.Linear`` whose weight is materialised here (not a PEFT/quantised wrapper, not an FSDP/ZeRO-3
+    shard): only then may its weight be used outside its own forward."""
+    w = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and isinstance(w, Tensor) and w.dim() == 2
+            and w.shape[1] == hidden.shape[-1] and w.device == hidden.device)
+
+
 def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
-                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
-    """``log softmax(head(hidden))[targets]`` for ``hidden: [T, H]``, at most ``chunk_rows x vocab`` logits alive."""
+                       chunk_rows: int | None = None) -> Tensor:
+    """``log softmax(head(hidden))[targets]`` for ``hidden: [T, H]``, at most ``chunk_rows x vocab`` logits alive.
+
+    A plain linear head takes the fused path (_LinearHeadLogps); any other head runs as a module, each chunk under
+    activation checkpointing, with the same numbers at a higher cost.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if chunk_rows is None:
+        weight = getattr(head, "weight", None)
+        vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
+        chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
+    if _plain_linear(head, hidden):
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -60,12 +154,47 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
             outs.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
             outs.append(_head_logps(head, h, t))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(outs)
+
+
+class _SparseGradEmbedding(torch.autograd.Function):
+    """``weight[ids]`` whose weight gradient is a sparse tensor holding only the looked-up rows.
+
+    nn.Embedding's dense backward zero-fills a ``[vocab, hidden]`` tensor (113 MB for SmolLM2) every step, then
+    autograd adds it to the LM head's gradient of the same tied weight. The sparse rows are added into that dense
+    gradient in place instead. Only used for a tied weight whose LM head also gets a gradient in the same step, so
+    the accumulated ``.grad`` is always dense (optimizers never see a sparse gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.padding_idx = weight.shape, padding_idx
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (ids,) = ctx.saved_tensors
+        ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            keep = ids != ctx.padding_idx
+            ids, grad = ids[keep], grad[keep]
+        return None, torch.sparse_coo_tensor(ids[None], grad, ctx.weight_shape, check_invariants=False), None
+
+
+def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool) -> Tensor | None:
+    """Input embeddings through _SparseGradEmbedding when that gives the same result; else None (model embeds)."""
+    weight = getattr(embed, "weight", None)
+    if not (type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and weight is head.weight
+            and has_targets and weight.requires_grad and torch.is_grad_enabled()
+            and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse):
+        return None
+    return _SparseGradEmbedding.apply(input_ids, weight, embed.padding_idx)
 
 
 def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, *,
                 position_ids: Tensor | None = None, predictor: Tensor | None = None,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS, force_full_logits: bool = False) -> Tensor:
+                chunk_rows: int | None = None, force_full_logits: bool = False) -> Tensor:
     """``out[i, t] = log p(input_ids[i, t] | context)`` where ``target_mask[i, t]``, else 0; float32 (float64 for a
     float64 model), shape of ``input_ids``.
 
@@ -89,12 +218,17 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
         def hook(_module: Any, _args: Any, output: Any) -> None:
             captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+        head = inner.get_output_embeddings()
+        embeds = _tied_embeds(inner.get_input_embeddings(), head, input_ids, has_targets=rows.numel() > 0)
+        if embeds is not None:
+            kwargs["inputs_embeds"] = embeds
+            del kwargs["input_ids"]
         handle = inner.get_decoder().register_forward_hook(hook)
         try:
             model(**kwargs, logits_to_keep=1)
         finally:
             handle.remove()
-        picked = chunked_head_logps(inner.get_output_embeddings(), captured["h"][rows, src], targets, chunk_rows)
+        picked = chunked_head_logps(head, captured["h"][rows, src], targets, chunk_rows)
     else:
         logits = model(**kwargs).logits
         picked = _gather_logps(logits[rows, src], targets)

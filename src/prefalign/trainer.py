@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from .allocator import retain_freed_memory
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
@@ -75,6 +76,8 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
+        if args.cpu_allocator_cache and args.device.type == "cpu":
+            retain_freed_memory()
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:

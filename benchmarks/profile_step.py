@@ -1,0 +1,98 @@
+"""Where a training step's time goes: torch.profiler over one optimizer step, after two warm-up steps.
+
+    .venv/bin/python benchmarks/profile_step.py [--lib prefalign|trl] [--method dpo|orpo] [--shape long|short]
+
+Same model, synthetic data, batch and settings as bench_vs_trl.py. Prints the step's wall time, the top operators by
+self CPU time, and the same time grouped into matmul / attention / LM-head log-softmax / elementwise / optimizer /
+other, so a claim about where time goes can be checked by running this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_vs_trl import SHAPES, make_trainer, synthetic_pairs  # noqa: E402
+
+GROUPS = (  # first match wins; matched against the lower-cased operator name
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax")),
+    ("log-softmax / gather", ("logsumexp", "log_softmax", "gather", "aten::exp", "aten::max")),
+    ("optimizer", ("adam", "_foreach", "optimizer")),
+    ("copies / layout", ("copy_", "contiguous", "aten::cat", "index", "aten::clone", "aten::to", "_to_copy",
+                         "aten::fill_", "aten::zero_", "aten::empty", "aten::zeros", "aten::scatter")),
+    ("elementwise / norms", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::pow", "aten::rsqrt",
+                             "aten::mean", "aten::sum", "aten::neg", "aten::silu", "aten::sigmoid", "aten::where",
+                             "aten::embedding", "threshold", "aten::norm", "aten::sqrt", "aten::linalg")),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default="prefalign", choices=["prefalign", "trl"])
+    ap.add_argument("--method", default="dpo", choices=["dpo", "orpo"])
+    ap.add_argument("--shape", default="long", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--by-shape", action="store_true", help="also list the top operators split by input shapes")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from prefalign.models import load_tokenizer
+
+    torch.manual_seed(0)
+    rows = synthetic_pairs(load_tokenizer(), 4 * args.batch, *SHAPES[args.shape])
+    trainer = make_trainer(args.lib, args.method, rows, steps=4, batch=args.batch)
+    state: dict = {}
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, a, s, c, **kw):
+            if s.global_step == 2:  # steps 0 and 1 warm up (first-touch page faults, optimizer state)
+                state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape)
+                state["prof"].__enter__()
+                state["t"] = time.perf_counter()
+
+        def on_step_end(self, a, s, c, **kw):
+            if "prof" in state and "wall" not in state:
+                state["wall"] = time.perf_counter() - state["t"]
+                state["prof"].__exit__(None, None, None)
+
+    trainer.add_callback(Profile())
+    trainer.train()
+    events = state["prof"].key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(f"{args.lib} {args.method} {args.shape}: step wall {state['wall']:.2f} s, profiled self CPU {total:.2f} s "
+          f"(over threads; profiler overhead included)")
+    grouped: dict[str, float] = defaultdict(float)
+    for e in events:
+        grouped[group_of(e.key)] += e.self_cpu_time_total / 1e6
+    print("\n| group | self CPU s | share |\n|---|---|---|")
+    for g, s in sorted(grouped.items(), key=lambda kv: -kv[1]):
+        print(f"| {g} | {s:.2f} | {100 * s / total:.0f}% |")
+    print(f"\ntop {args.top} operators by self CPU time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+        print(f"  {e.self_cpu_time_total / 1e6:7.3f} s  {e.count:6d} calls  {e.key}")
+    if args.by_shape:
+        print(f"\ntop {args.top} operators by self CPU time, split by input shapes:")
+        shaped = state["prof"].key_averages(group_by_input_shape=True)
+        for e in sorted(shaped, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            print(f"  {e.self_cpu_time_total / 1e6:7.3f} s  {e.count:6d} calls  {e.key}  {e.input_shapes}")
+
+
+if __name__ == "__main__":
+    main()
