@@ -1,15 +1,18 @@
 """prefalign vs TRL 1.13, side by side in one run: same model, data, batch, steps, fp32.
 
-    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 3] [--shapes long,short] [--methods dpo,orpo]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo]
 
 Every (shape, method, library) runs in its own subprocess, so peak RSS is that configuration's alone. Reports
-seconds per optimizer step (median over the measured steps, after one warm-up step), pairs/s, pair tokens/s (prompt
+seconds per optimizer step (median over the measured steps, after two warm-up steps: the first steps of any CPU
+run page-fault their buffers in and create the optimizer state), pairs/s, pair tokens/s (prompt
 + chosen + rejected tokens, the same count for both libraries), peak RSS, the per-step training losses of both (they
 must agree: same math), and achieved FLOP/s of the minimal work against this machine's measured fp32 matmul
 ceiling. prefalign's DPO precomputes reference log-probs once before training (cached for later runs); that pass is
 in the reported set-up time, not in s/step, so for one epoch over the data the fair comparison is the set-up column
 too.
 ORPO runs with `trl_compat=True` so both libraries optimise the same loss (TRL's NLL covers the prompt).
+The "mixed" shape (prompt and reply lengths drawn per pair) adds a prefalign run with `packing=False`, so what
+packing buys is measured, not asserted.
 """
 
 from __future__ import annotations
@@ -26,13 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {"long": (128, 66), "short": (16, 66)}  # (prompt tokens, answer tokens)
+# (prompt tokens, answer tokens), each a (low, high) range drawn per pair; "mixed" is where packing matters
+WARMUP_STEPS = 2
+SHAPES = {"long": ((128, 128), (66, 66)), "short": ((16, 16), (66, 66)), "mixed": ((40, 256), (8, 128))}
 WORDS = ("the river model data light paper green window stone music number table garden yellow quiet "
          "travel winter simple bright market letter answer reason summer silver forest ocean").split()
 
 
-def synthetic_pairs(tok, n: int, prompt_tokens: int, answer_tokens: int, seed: int = 0) -> list[dict]:
-    """Conversational pairs whose prompt and answers are about the requested token lengths."""
+def synthetic_pairs(tok, n: int, prompt_tokens: tuple[int, int], answer_tokens: tuple[int, int],
+                    seed: int = 0) -> list[dict]:
+    """Conversational pairs whose prompt and answers are about the requested token lengths (drawn per pair and per
+    answer from the given inclusive ranges)."""
     rng = random.Random(seed)
 
     def text(tokens: int) -> str:
@@ -44,9 +51,10 @@ def synthetic_pairs(tok, n: int, prompt_tokens: int, answer_tokens: int, seed: i
     # The chat template adds ~30 tokens of system prompt and markers: subtract them from the user text.
     overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True)["input_ids"])
-    return [{"prompt": [{"role": "user", "content": text(max(1, prompt_tokens - overhead))}],
-             "chosen": [{"role": "assistant", "content": text(answer_tokens - 2)}],
-             "rejected": [{"role": "assistant", "content": text(answer_tokens - 2)}]} for _ in range(n)]
+    return [{"prompt": [{"role": "user", "content": text(max(1, rng.randint(*prompt_tokens) - overhead))}],
+             "chosen": [{"role": "assistant", "content": text(max(1, rng.randint(*answer_tokens) - 2))}],
+             "rejected": [{"role": "assistant", "content": text(max(1, rng.randint(*answer_tokens) - 2))}]}
+            for _ in range(n)]
 
 
 def matmul_ceiling() -> float:
@@ -85,6 +93,8 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
         return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
     import prefalign
 
+    if lib == "prefalign-nopack":
+        common["packing"] = False
     if method == "dpo":
         return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
@@ -100,7 +110,7 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
     torch.manual_seed(0)
     tok = load_tokenizer()
     p_len, a_len = SHAPES[shape]
-    total_steps = steps + 1
+    total_steps = steps + WARMUP_STEPS
     rows = synthetic_pairs(tok, total_steps * batch, p_len, a_len)
     times: list[float] = []
 
@@ -117,12 +127,15 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
     trainer.add_callback(Clock())
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    measured = times[1:]
+    measured = times[WARMUP_STEPS:]
     s_step = statistics.median(measured)
-    pair_tokens = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-                      for e in _tokenized(trainer)) / len(rows)
+    tokenized = _tokenized(trainer)
+    prompt_tokens = sum(len(e["prompt_ids"]) for e in tokenized) / len(rows)
+    reply_tokens = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in tokenized) / (2 * len(rows))
+    pair_tokens = prompt_tokens + 2 * reply_tokens
     return {"lib": lib, "method": method, "shape": shape, "s_per_step": s_step, "pairs_per_s": batch / s_step,
             "pair_tokens_per_s": batch * pair_tokens / s_step, "pair_tokens": pair_tokens,
+            "prompt_tokens": prompt_tokens, "reply_tokens": reply_tokens,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "losses": losses,
             "setup_s": setup, "step_times": times,
             "n_params": sum(p.numel() for p in trainer.model.parameters())}
@@ -152,9 +165,9 @@ def minimal_flops(method: str, n_params: int, prompt: float, reply: float, vocab
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=4, help=f"measured steps (after {WARMUP_STEPS} warm-up steps)")
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
-    ap.add_argument("--shapes", default="long,short")
+    ap.add_argument("--shapes", default="long,short,mixed")
     ap.add_argument("--methods", default="dpo,orpo")
     ap.add_argument("--out", default="benchmarks/results.json")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
@@ -167,7 +180,7 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
-            for lib in ("trl", "prefalign"):
+            for lib in ("trl", "prefalign") + (("prefalign-nopack",) if shape == "mixed" else ()):
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
                                        str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True,
@@ -181,14 +194,16 @@ def main() -> None:
     cfg = load_model().config
     rows = []
     for shape in args.shapes.split(","):
-        p_len, a_len = SHAPES[shape]
         for method in args.methods.split(","):
             t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
                     for lib in ("trl", "prefalign"))
-            flops = minimal_flops(method, p["n_params"], p_len, a_len, cfg.vocab_size, cfg.hidden_size)
+            nopack = next((r for r in results if r["lib"] == "prefalign-nopack" and r["method"] == method
+                           and r["shape"] == shape), None)
+            flops = minimal_flops(method, p["n_params"], p["prompt_tokens"], p["reply_tokens"], cfg.vocab_size,
+                                  cfg.hidden_size)
             n = min(len(t["losses"]), len(p["losses"]))
             rows.append({
-                "shape": shape, "method": method, "trl": t, "prefalign": p,
+                "shape": shape, "method": method, "trl": t, "prefalign": p, "prefalign_nopack": nopack,
                 "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                 "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
@@ -203,15 +218,22 @@ def main() -> None:
 def render(rows: list[dict], ceiling: float) -> str:
     lines = [f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
              "| shape | method | TRL s/step | prefalign s/step | TRL pairs/s | prefalign pairs/s | speed-up | "
-             "TRL peak RSS | prefalign peak RSS | RSS ratio | max |Δ loss| | % of ceiling (TRL / prefalign) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TRL tokens/s | prefalign tokens/s | TRL peak RSS | prefalign peak RSS | RSS ratio | max \\|Δ loss\\| | "
+             "% of ceiling (TRL / prefalign) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, p = r["trl"], r["prefalign"]
         lines.append(f"| {r['shape']} | {r['method'].upper()} | {t['s_per_step']:.2f} | {p['s_per_step']:.2f} | "
                      f"{t['pairs_per_s']:.3f} | {p['pairs_per_s']:.3f} | {r['speedup_pairs_per_s']:.2f}× | "
+                     f"{t['pair_tokens_per_s']:.0f} | {p['pair_tokens_per_s']:.0f} | "
                      f"{t['peak_rss_gb']:.2f} GB | {p['peak_rss_gb']:.2f} GB | {r['rss_ratio']:.2f} | "
                      f"{r['max_abs_loss_diff']:.1e} | {100 * r['trl_flops_fraction']:.0f}% / "
                      f"{100 * r['prefalign_flops_fraction']:.0f}% |")
+    for r in rows:
+        if r.get("prefalign_nopack"):
+            n, p = r["prefalign_nopack"], r["prefalign"]
+            lines.append(f"\npacking, {r['shape']} {r['method'].upper()}: {n['s_per_step']:.2f} s/step without, "
+                         f"{p['s_per_step']:.2f} s/step with ({n['s_per_step'] / p['s_per_step']:.2f}×)")
     return "\n".join(lines)
 
 

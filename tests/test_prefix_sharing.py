@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefalign.data.collate import PairCollator, PrefixSharedCollator
+from prefalign.data.collate import PairCollator, PrefixSharedCollator, pack_rows
 from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
-from prefalign.logprobs import token_logps
+from prefalign.logprobs import model_attention_mask, pair_token_logps, token_logps
 from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
 
@@ -18,6 +18,9 @@ def _rows():
                             {"role": "user", "content": "Count to three, please, slowly and clearly."}],
                  "chosen": [{"role": "assistant", "content": "One, two, three."}],
                  "rejected": [{"role": "assistant", "content": "No." * 30}]})  # long: truncated below
+    for word in ("Hi", "Yo"):  # short pairs: two of them fit in the longest pair's row when packing
+        rows.append({"prompt": [{"role": "user", "content": word}], "chosen": [{"role": "assistant", "content": "Hey"}],
+                     "rejected": [{"role": "assistant", "content": "Go away"}]})
     return rows
 
 
@@ -33,13 +36,14 @@ def _separate(model, examples):
     return out
 
 
-def _shared(model, examples, mask_kind="bool"):
-    batch = PrefixSharedCollator(0)(examples)
+def _shared(model, examples, mask_kind="bool", pack=False):
+    batch = PrefixSharedCollator(0, pack=pack)(examples)
+    if pack:
+        assert batch["input_ids"].shape[0] < len(examples)  # the case packs: fewer rows than pairs
     mask = batch["attention_mask"]
     if mask_kind == "float":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    tok = token_logps(model, batch["input_ids"], mask, batch["chosen_mask"] | batch["rejected_mask"],
-                      position_ids=batch["position_ids"], predictor=batch["predictor"])
+    tok = pair_token_logps(model, batch, batch["chosen_mask"] | batch["rejected_mask"], attention_mask=mask)
     out = []
     for i, e in enumerate(examples):
         p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
@@ -47,8 +51,9 @@ def _shared(model, examples, mask_kind="bool"):
     return out
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_rows_match_separate_sequences_per_token(attn):
+def test_shared_rows_match_separate_sequences_per_token(attn, pack):
     tok = smollm2_tokenizer()
     model = tiny_llama(tok, 3, attn_implementation=attn)
     examples, report = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
@@ -56,17 +61,18 @@ def test_shared_rows_match_separate_sequences_per_token(attn):
     # Different lengths per row, so both layouts pad.
     assert len({len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples}) > 1
     sep = _separate(model, examples)
-    shared = _shared(model, examples, "bool" if attn == "sdpa" else "float")
+    shared = _shared(model, examples, "bool" if attn == "sdpa" else "float", pack=pack)
     for (c1, r1), (c2, r2) in zip(sep, shared, strict=True):
         torch.testing.assert_close(c2, c1, atol=1e-5, rtol=0)
         torch.testing.assert_close(r2, r1, atol=1e-5, rtol=0)
 
 
-def test_shared_rows_give_the_same_gradients():
+@pytest.mark.parametrize("pack", [False, True])
+def test_shared_rows_give_the_same_gradients(pack):
     tok = smollm2_tokenizer()
     examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
     grads = []
-    for fn in (_separate, _shared):
+    for fn in (_separate, lambda m, e: _shared(m, e, pack=pack)):
         model = tiny_llama(tok, 3).double()
         loss = sum(c.sum() * 0.7 - r.sum() * 1.3 for c, r in fn(model, examples))
         loss.backward()
@@ -81,7 +87,7 @@ def test_shared_rows_give_the_same_gradients():
 def test_mask_and_positions_layout():
     ex = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
           {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [10, 11]}]
-    b = PrefixSharedCollator(0)(ex)
+    b = PrefixSharedCollator(0, pack=False)(ex)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 7, 10, 11, 0, 0]]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2]  # rejected restarts after the prompt
     assert b["predictor"][0, 5].item() == 1 and b["predictor"][1, 2].item() == 0  # first rejected <- last prompt
@@ -90,3 +96,61 @@ def test_mask_and_positions_layout():
     assert m[4].tolist() == [True, True, True, True, True, False]
     pad = b["attention_mask"][1, 0]
     assert pad[4].tolist() == [False, False, False, False, True, False]  # padding sees only itself (no NaN)
+
+
+def test_packed_layout_keeps_pairs_apart():
+    ex = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},  # 6 tokens: the row length
+          {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [11]},  # 3
+          {"prompt_ids": [4], "chosen_ids": [8], "rejected_ids": [12]}]  # 3: packs with the previous one
+    b = PrefixSharedCollator(0)(ex)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 7, 11, 4, 8, 12]]
+    assert b["position_ids"][1].tolist() == [0, 1, 1, 0, 1, 1]  # each pair restarts at 0
+    assert b["predictor"][1].tolist() == [0, 0, 0, 3, 3, 3]  # second pair's tokens read from its own prompt
+    m = b["attention_mask"][1, 0]
+    assert m[3].tolist() == [False, False, False, True, False, False]  # a pair never sees the one before it
+    assert m[5].tolist() == [False, False, False, True, False, True]  # rejected: own prompt and itself
+    assert b["pair_index"].tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 0, 0, 0], [9, 10, 11, 0, 0, 0]]
+    assert b["chosen_mask"].tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]]
+    assert b["rejected_mask"][2].tolist() == [0, 0, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize(("lengths", "rows"), [([6, 3, 3], [[0], [1, 2]]), ([4, 4, 4], [[0], [1], [2]]),
+                                               ([2, 5, 3, 1], [[1], [2, 0], [3]]), ([1, 1, 2], [[2], [0, 1]])])
+def test_pack_rows_is_first_fit_decreasing(lengths, rows):
+    assert pack_rows(lengths, max(lengths)) == rows
+
+
+def test_flex_attention_block_mask_matches_separate_sequences():
+    """flex_attention takes the same layout as a BlockMask. PyTorch runs it forward-only on CPU (its backward is
+    GPU-only), so this checks the numbers without gradients; training on CPU is refused with a clear error."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    tok = smollm2_tokenizer()
+    examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    sep = _separate(tiny_llama(tok, 3), examples)
+    model = tiny_llama(tok, 3, attn_implementation="flex_attention")
+    batch = PrefixSharedCollator(0)(examples)
+    mask = model_attention_mask(batch["attention_mask"], "block", torch.float32)
+    assert type(mask).__name__ == "BlockMask"
+    try:
+        with torch.no_grad():
+            tok_pairs = pair_token_logps(model, batch, batch["chosen_mask"] | batch["rejected_mask"],
+                                         attention_mask=mask)
+    except Exception as exc:  # flex attention compiles a kernel; a machine without a C++ compiler cannot
+        if "compil" in str(exc).lower() or "cpp" in str(exc).lower():
+            pytest.skip(f"flex attention could not compile here: {str(exc)[:200]}")
+        raise
+    for i, (c1, r1) in enumerate(sep):
+        p, c, r = (len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        torch.testing.assert_close(tok_pairs[i, p:p + c], c1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(tok_pairs[i, p + c:p + c + r], r1, atol=1e-5, rtol=0)
+
+
+def test_flex_attention_training_on_cpu_is_refused(tmp_path):
+    from prefalign import DPOConfig, DPOTrainer
+    from prefalign.errors import ConfigError
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, 3, attn_implementation="flex_attention")
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ConfigError, match="flex_attention' cannot train on CPU"):
+        DPOTrainer(model, args=args, train_dataset=conversational_rows(2), processing_class=tok)

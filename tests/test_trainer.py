@@ -99,3 +99,25 @@ def test_model_by_path_and_orpo_training(tmp_path):
 def test_orpo_trl_beta_name_sets_orpo_alpha():
     cfg = ORPOConfig(output_dir="unused", beta=0.3, report_to=[])
     assert cfg.orpo_alpha == 0.3 and cfg.orpo_beta == 1.0
+
+
+@pytest.mark.parametrize("cls", [DPOTrainer, ORPOTrainer])
+def test_packing_changes_rows_not_numbers(tmp_path, cls):
+    """Mixed-length pairs: packed rows (fewer than pairs) give the same loss and metrics as one row per pair."""
+    tok = smollm2_tokenizer()
+    rows = conversational_rows(4) + [{"prompt": [{"role": "user", "content": "Write a long list of fruits. " * 6}],
+                                      "chosen": [{"role": "assistant", "content": "Apple, pear, plum, fig. " * 5}],
+                                      "rejected": [{"role": "assistant", "content": "No."}]}]
+    results = []
+    for packing in (False, True):
+        config = ORPOConfig if cls is ORPOTrainer else DPOConfig
+        tr = cls(tiny_llama(tok, 2), args=_cfg(tmp_path, config, packing=packing, per_device_eval_batch_size=5),
+                 train_dataset=rows, eval_dataset=rows, processing_class=tok)
+        batch = tr.data_collator([tr.eval_dataset[i] for i in range(5)])
+        assert batch["input_ids"].shape[0] == (3 if packing else 5)  # four short pairs in two rows, the long one alone
+        results.append(tr.evaluate())
+    off, on = results
+    assert set(off) == set(on) and any("logps" in k for k in on)
+    for key in off:
+        if not any(w in key for w in ("runtime", "per_second", "_time")):
+            assert on[key] == pytest.approx(off[key], abs=1e-5), key

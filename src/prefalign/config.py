@@ -60,6 +60,11 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
                           "computed once. Used with attn_implementation 'sdpa' or 'eager'; other attention kernels "
                           "(flash attention) fall back to padded pairs. Same log-probs either way."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "With prefix_sharing: shorter pairs share a row (first-fit decreasing into rows no longer "
+                          "than the batch's longest pair, a block-diagonal mask between them), so mixed-length "
+                          "batches need fewer rows and less padding. Never makes a row longer; same log-probs."})
     cpu_allocator_cache: bool = field(
         default=True,
         metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "

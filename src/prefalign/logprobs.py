@@ -234,3 +234,41 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
         picked = _gather_logps(logits[rows, src], targets)
     out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=input_ids.device)
     return out.index_put((rows, cols), picked)
+
+
+def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
+    """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
+
+    "bool": as is (SDPA). "float": additive, 0 or the dtype's minimum (eager). "block": a flex-attention BlockMask
+    whose mask_mod reads the boolean mask, so fully masked blocks (between packed pairs, rejected rows over chosen
+    columns) are skipped rather than computed.
+    """
+    if kind == "float":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if kind == "block":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dense = mask[:, 0]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return dense[b, q, k]
+
+        rows, length = dense.shape[0], dense.shape[-1]
+        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
+    return mask
+
+
+def pair_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, *, attention_mask: Tensor | None = None,
+                     chunk_rows: int | None = None) -> Tensor:
+    """token_logps for a PrefixSharedCollator batch: ``wanted`` and the result are in pair layout ``[B, P]``.
+
+    The model runs on the (maybe packed) rows; ``pair_index`` carries the targets there and the log-probs back.
+    """
+    index, ids = batch["pair_index"], batch["input_ids"]
+    wanted = wanted.bool()
+    target = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+    target[index[wanted]] = True
+    mask = batch["attention_mask"] if attention_mask is None else attention_mask
+    tok = token_logps(model, ids, mask, target.view(ids.shape), position_ids=batch["position_ids"],
+                      predictor=batch["predictor"], chunk_rows=chunk_rows)
+    return tok.flatten()[index] * wanted

@@ -30,7 +30,7 @@ from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import read_valid_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, NonFiniteError
-from .logprobs import token_logps, unwrap
+from .logprobs import model_attention_mask, pair_token_logps, token_logps, unwrap
 from .losses import dpo_loss, orpo_loss
 from .models import load_model, load_tokenizer
 
@@ -90,6 +90,9 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        if _mask_kind(model) == "block" and args.device.type == "cpu" and train_dataset is not None:
+            raise ConfigError("attn_implementation 'flex_attention' cannot train on CPU (PyTorch has no CPU backward "
+                              "for flex attention). Fix: use attn_implementation 'sdpa' (model_init_kwargs), or a GPU.")
         if args.disable_dropout:
             _disable_dropout(model)
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
@@ -101,8 +104,8 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
         if data_collator is None:
             shared = args.prefix_sharing and _mask_kind(model) is not None
-            data_collator = (PrefixSharedCollator if shared else PairCollator)(tokenizer.pad_token_id,
-                                                                               args.pad_to_multiple_of)
+            data_collator = (PrefixSharedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.packing)
+                             if shared else PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
         self.graceful_stop = GracefulStop()
         callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl"),
                                              self.graceful_stop]
@@ -175,16 +178,14 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             tok = token_logps(model, inputs["input_ids"], inputs["attention_mask"], target,
                               chunk_rows=self.args.logprob_chunk_rows)
             return tok, reply, nll
+        # prefix-shared (maybe packed) rows: masks in pair layout [B, P], model inputs in row layout [R, L]
         chosen, rejected = inputs["chosen_mask"], inputs["rejected_mask"]
         nll = chosen | inputs["prompt_mask"] if nll_on_prompt else chosen
         if nll_on_prompt:
             nll[:, 0] = 0
-        mask = inputs["attention_mask"]
-        if _mask_kind(model) == "float":
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(self.model.dtype).min)
-        tok = token_logps(model, inputs["input_ids"], mask, nll | rejected, position_ids=inputs["position_ids"],
-                          predictor=inputs["predictor"], chunk_rows=self.args.logprob_chunk_rows)
+        mask = model_attention_mask(inputs["attention_mask"], _mask_kind(model), self.model.dtype)
+        tok = pair_token_logps(model, inputs, nll | rejected, attention_mask=mask,
+                               chunk_rows=self.args.logprob_chunk_rows)
         return torch.cat([tok, tok]), torch.cat([chosen, rejected]), nll
 
     def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -236,9 +237,10 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
 
 
 def _mask_kind(model: Any) -> str | None:
-    """How a model takes a custom 4-D attention mask: "bool" (SDPA), "float" (eager), or None (unsupported)."""
+    """How a model takes a custom attention mask: "bool" (SDPA), "float" (eager), "block" (flex attention's
+    BlockMask), or None (unsupported: flash attention kernels take no mask)."""
     impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-    return {"sdpa": "bool", "eager": "float"}.get(impl or "")
+    return {"sdpa": "bool", "eager": "float", "flex_attention": "block"}.get(impl or "")
 
 
 def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:

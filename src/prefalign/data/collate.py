@@ -46,48 +46,89 @@ class PairCollator:
         return batch
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` grouped into rows of at most ``capacity`` tokens (ties keep
+    input order, so the packing is deterministic)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if j is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[j].append(i)
+            room[j] -= lengths[i]
+    return rows
+
+
 @dataclass
 class PrefixSharedCollator:
-    """One row per pair, ``[prompt | chosen | rejected]``: the prompt is computed once instead of twice.
+    """Each pair as one segment ``[prompt | chosen | rejected]``: the prompt is computed once instead of twice.
 
-    A boolean ``[B, 1, L, L]`` attention mask lets rejected tokens see the prompt and themselves but not the chosen
+    A boolean ``[R, 1, L, L]`` attention mask lets rejected tokens see their prompt and themselves but not the chosen
     tokens; position ids restart after the prompt for the rejected reply; ``predictor`` says which position's hidden
-    state predicts each token (the first rejected token is predicted from the last prompt token). Log-probs equal
-    those of two separate sequences (tests/test_prefix_sharing.py).
+    state predicts each token (the first rejected token is predicted from the last prompt token). With ``pack``,
+    shorter segments share a row (first-fit decreasing, rows no longer than the batch's longest segment, a
+    block-diagonal mask between segments), so a batch of mixed lengths needs fewer rows than pairs and never longer
+    ones: less padding, same attention cost per row.
+
+    Model inputs are in row layout (``[R, L]``); ``pair_index`` ``[B, P]`` maps each pair's tokens to flat row
+    positions, and ``prompt_mask`` / ``chosen_mask`` / ``rejected_mask`` ``[B, P]`` are in pair layout. Log-probs
+    equal those of two separate sequences (tests/test_prefix_sharing.py).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    pack: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
-        length = max(p + c + r for p, c, r in lengths)
+        totals = [p + c + r for p, c, r in lengths]
+        longest = max(totals)
+        length = longest
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        b = len(examples)
-        input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
-        segment = torch.full((b, length), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
-        position_ids = torch.zeros((b, length), dtype=torch.long)
-        predictor = (torch.arange(length) - 1).clamp(min=0).repeat(b, 1)
-        for i, (e, (p, c, r)) in enumerate(zip(examples, lengths, strict=True)):
-            ids = list(e["prompt_ids"]) + list(e["chosen_ids"]) + list(e["rejected_ids"])
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            segment[i, :p], segment[i, p:p + c], segment[i, p + c:p + c + r] = 0, 1, 2
-            position_ids[i, : p + c] = torch.arange(p + c)
-            position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
-            predictor[i, p + c] = p - 1
+        rows = pack_rows(totals, longest) if self.pack else [[i] for i in range(len(examples))]
+        n_rows, b = len(rows), len(examples)
+        input_ids = torch.full((n_rows, length), self.pad_token_id, dtype=torch.long)
+        segment = torch.full((n_rows, length), -1, dtype=torch.long)  # which pair owns the position; -1 padding
+        part = torch.full((n_rows, length), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        position_ids = torch.zeros((n_rows, length), dtype=torch.long)
+        predictor = (torch.arange(length) - 1).clamp(min=0).repeat(n_rows, 1)
+        pair_index = torch.zeros((b, longest), dtype=torch.long)
+        pair_part = torch.full((b, longest), 3, dtype=torch.long)
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                e, (p, c, rej) = examples[i], lengths[i]
+                n = p + c + rej
+                span = slice(start, start + n)
+                input_ids[r, span] = torch.tensor(list(e["prompt_ids"]) + list(e["chosen_ids"])
+                                                  + list(e["rejected_ids"]), dtype=torch.long)
+                segment[r, span] = i
+                part[r, span] = torch.tensor([0] * p + [1] * c + [2] * rej)
+                position_ids[r, start:start + p + c] = torch.arange(p + c)
+                position_ids[r, start + p + c:start + n] = torch.arange(p, p + rej)
+                predictor[r, start] = start  # a pair's first token has no predictor (never a target)
+                predictor[r, start + p + c] = start + p - 1
+                pair_index[i, :n] = r * length + torch.arange(start, start + n)
+                pair_part[i, :n] = part[r, span]
+                start += n
         causal = torch.ones(length, length, dtype=torch.bool).tril()
-        q, k = segment.unsqueeze(2), segment.unsqueeze(1)
-        allowed = causal & ~((q == 2) & (k == 1)) & (k != 3) & (q != 3)
-        pad_rows = (segment == 3).unsqueeze(2) & torch.eye(length, dtype=torch.bool)  # padding sees itself: no NaN
+        q_seg, k_seg = segment.unsqueeze(2), segment.unsqueeze(1)
+        q_part, k_part = part.unsqueeze(2), part.unsqueeze(1)
+        allowed = causal & (q_seg == k_seg) & (k_seg >= 0) & ~((q_part == 2) & (k_part == 1))
+        pad_rows = (segment < 0).unsqueeze(2) & torch.eye(length, dtype=torch.bool)  # padding sees itself: no NaN
         batch = {
             "input_ids": input_ids,
             "attention_mask": (allowed | pad_rows).unsqueeze(1),
             "position_ids": position_ids,
             "predictor": predictor,
-            "prompt_mask": (segment == 0).long(),
-            "chosen_mask": (segment == 1).long(),
-            "rejected_mask": (segment == 2).long(),
+            "pair_index": pair_index,
+            "prompt_mask": (pair_part == 0).long(),
+            "chosen_mask": (pair_part == 1).long(),
+            "rejected_mask": (pair_part == 2).long(),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
