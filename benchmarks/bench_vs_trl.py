@@ -95,6 +95,8 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
 
     if lib == "prefalign-nopack":
         common["packing"] = False
+    if lib == "prefalign-gc":  # memory mode: activations recomputed in backward
+        common["gradient_checkpointing"] = True
     if method == "dpo":
         return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
@@ -170,6 +172,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="long,short,mixed")
     ap.add_argument("--methods", default="dpo,orpo")
     ap.add_argument("--out", default="benchmarks/results.json")
+    ap.add_argument("--memory-mode", action="store_true",
+                    help="also run prefalign with gradient_checkpointing=True (peak RSS vs speed)")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -180,7 +184,9 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
-            for lib in ("trl", "prefalign") + (("prefalign-nopack",) if shape == "mixed" else ()):
+            extra = (("prefalign-nopack",) if shape == "mixed" else ()) + (
+                ("prefalign-gc",) if args.memory_mode else ())
+            for lib in ("trl", "prefalign") + extra:
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
                                        str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True,
@@ -197,13 +203,14 @@ def main() -> None:
         for method in args.methods.split(","):
             t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
                     for lib in ("trl", "prefalign"))
-            nopack = next((r for r in results if r["lib"] == "prefalign-nopack" and r["method"] == method
-                           and r["shape"] == shape), None)
+            nopack, gc = (next((r for r in results if r["lib"] == lib and r["method"] == method
+                                and r["shape"] == shape), None) for lib in ("prefalign-nopack", "prefalign-gc"))
             flops = minimal_flops(method, p["n_params"], p["prompt_tokens"], p["reply_tokens"], cfg.vocab_size,
                                   cfg.hidden_size)
             n = min(len(t["losses"]), len(p["losses"]))
             rows.append({
                 "shape": shape, "method": method, "trl": t, "prefalign": p, "prefalign_nopack": nopack,
+                "prefalign_gc": gc,
                 "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                 "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
@@ -234,6 +241,12 @@ def render(rows: list[dict], ceiling: float) -> str:
             n, p = r["prefalign_nopack"], r["prefalign"]
             lines.append(f"\npacking, {r['shape']} {r['method'].upper()}: {n['s_per_step']:.2f} s/step without, "
                          f"{p['s_per_step']:.2f} s/step with ({n['s_per_step'] / p['s_per_step']:.2f}×)")
+    for r in rows:
+        if r.get("prefalign_gc"):
+            g, t = r["prefalign_gc"], r["trl"]
+            lines.append(f"\nmemory mode (gradient_checkpointing), {r['shape']} {r['method'].upper()}: "
+                         f"{g['s_per_step']:.2f} s/step ({t['s_per_step'] / g['s_per_step']:.2f}× TRL), peak RSS "
+                         f"{g['peak_rss_gb']:.2f} GB ({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× TRL)")
     return "\n".join(lines)
 
 

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--by-shape", action="store_true", help="also list the top operators split by input shapes")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead of profiling, account for peak RSS: process at start, model, optimizer state, step")
     args = ap.parse_args()
 
     import torch
@@ -55,6 +57,8 @@ def main() -> None:
 
     from prefalign.models import load_tokenizer
 
+    if args.memory:
+        return memory_account(args)
     torch.manual_seed(0)
     rows = synthetic_pairs(load_tokenizer(), 4 * args.batch, *SHAPES[args.shape])
     trainer = make_trainer(args.lib, args.method, rows, steps=4, batch=args.batch)
@@ -92,6 +96,43 @@ def main() -> None:
         shaped = state["prof"].key_averages(group_by_input_shape=True)
         for e in sorted(shaped, key=lambda e: -e.self_cpu_time_total)[: args.top]:
             print(f"  {e.self_cpu_time_total / 1e6:7.3f} s  {e.count:6d} calls  {e.key}  {e.input_shapes}")
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024**2
+
+
+def memory_account(args: argparse.Namespace) -> None:
+    """Peak RSS split into what the process holds before training and what a step adds on top of it."""
+    import resource
+
+    import torch
+    from transformers import TrainerCallback
+
+    from prefalign.models import load_tokenizer
+
+    torch.manual_seed(0)
+    rows = synthetic_pairs(load_tokenizer(), 4 * args.batch, *SHAPES[args.shape])
+    marks = {"imports + tokenizer": rss_gb()}
+    trainer = make_trainer(args.lib, args.method, rows, steps=4, batch=args.batch)
+    marks["trainer built (model, data, reference pass)"] = rss_gb()
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 1024**3
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, a, s, c, **kw):
+            marks[f"after step {s.global_step}"] = rss_gb()
+
+    trainer.add_callback(Marks())
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"{args.lib} {args.method} {args.shape}: peak RSS {peak:.2f} GB; weights {weights:.2f} GB, their gradients "
+          f"{weights:.2f} GB, AdamW state {2 * weights:.2f} GB (fp32)")
+    for name, value in marks.items():
+        print(f"  RSS {value:5.2f} GB  {name}")
+    base = marks["trainer built (model, data, reference pass)"]
+    print(f"  peak - (trainer built + gradients + AdamW state) = {peak - base - 3 * weights:.2f} GB: activations, "
+          "logits buffers and allocator slack at the step's high-water mark")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def main() -> None:
     else:
         trainer = ORPOTrainer(tiny_llama(tok, 1), args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
+    if method == "dpo":  # which processes computed the reference log-probs, and which read the cache
+        with open(f"{out}/reference-{trainer.args.process_index}.json", "w") as f:
+            json.dump(trainer.reference_cache["train"][0], f)
     if trainer.is_world_process_zero():
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         with open(f"{out}/losses.json", "w") as f:

@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], out: Path) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    # each run gets an empty cache, so the DPO reference log-probs are computed in it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PREFALIGN_HOME": str(out / "home")}
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())
@@ -40,3 +41,6 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, method):
     assert len(one) == len(two) == 4
     assert one[-1] != one[0]  # training moved the loss
     assert two == pytest.approx(one, abs=1e-5)
+    if method == "dpo":  # the main process computed the reference log-probs; the other read its cache
+        computed = {p.name: json.loads(p.read_text()) for p in (tmp_path / "two").glob("reference-*.json")}
+        assert computed == {"reference-0.json": "computed", "reference-1.json": "read"}

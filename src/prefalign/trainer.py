@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from . import layers as lean_layers
 from .allocator import retain_freed_memory
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
@@ -95,6 +96,8 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
                               "for flex attention). Fix: use attn_implementation 'sdpa' (model_init_kwargs), or a GPU.")
         if args.disable_dropout:
             _disable_dropout(model)
+        if args.lean_activations:
+            lean_layers.apply(model)
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
         self.data_reports: dict[str, TokenizeReport] = {}
         train_dataset = self._prepare_dataset(train_dataset, "train", args)
@@ -283,6 +286,7 @@ class DPOTrainer(_PreferenceTrainer):
     args: DPOConfig
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.reference_cache: dict[str, tuple[str, str]] = {}  # dataset -> ("read" | "computed", cache file)
         super().__init__(*args, **kwargs)
         self._reference_released = False
         if self.args.precompute_ref_log_probs:
@@ -324,7 +328,10 @@ class DPOTrainer(_PreferenceTrainer):
             finally:
                 bar.close()
 
-        (chosen, rejected), cached = load_or_compute(path, compute)
+        # Under several processes the main one computes and writes the cache first; the others then read it.
+        with self.accelerator.main_process_first():
+            (chosen, rejected), cached = load_or_compute(path, compute)
+        self.reference_cache[name] = ("read" if cached else "computed", str(path))
         if cached:
             logger.info("%s: reference log-probs read from %s", name, path)
         return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps",
