@@ -75,7 +75,7 @@ class PreferenceConfig(TrainingArguments):
         default=True,
         metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "
                           "returning it to the kernel, so every step reuses the previous step's buffers rather than "
-                          "page-faulting them again (about 10% faster per step on the benchmark, same peak RSS). "
+                          "page-faulting them again (measured: 5.7-5.9 instead of 5.9-6.4 s per long ORPO step). "
                           "Process-wide; see prefalign/allocator.py."})
     logprob_chunk_rows: int | None = field(
         default=None,
