@@ -186,6 +186,7 @@ def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool) ->
     """Input embeddings through _SparseGradEmbedding when that gives the same result; else None (model embeds)."""
     weight = getattr(embed, "weight", None)
     if not (type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and weight is head.weight
+            and tuple(weight.shape) == (embed.num_embeddings, embed.embedding_dim)  # not an FSDP/ZeRO-3 shard
             and has_targets and weight.requires_grad and torch.is_grad_enabled()
             and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse):
         return None
