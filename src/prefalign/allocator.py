@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Any
 
 logger = logging.getLogger("prefalign")
 
@@ -42,3 +43,39 @@ def retain_freed_memory() -> bool:
     _applied = True
     logger.debug("glibc malloc: mmap off, trim threshold 2 GiB (freed CPU memory is reused, not returned)")
     return True
+
+
+def preallocate_adam_state(optimizer: Any) -> int:
+    """Create torch Adam/AdamW state (moments and step) for every trainable parameter now, before the first step.
+
+    torch creates it lazily inside the first ``step()``, after the first backward has freed that step's activations,
+    so the state lands in the freed activation space and the next step's activations need fresh memory around it:
+    on CPU that heap fragmentation cost about 0.5 GB of peak RSS in the benchmark's long ORPO run. Allocated up
+    front, the state sits below the memory that every step reuses. The values are exactly those of the lazy
+    initialisation (zeros, step 0), so training is unchanged (tests/test_allocator.py). Other optimizers are left
+    alone. Returns the number of parameters given state.
+    """
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        return 0
+    count = 0
+    for group in inner.param_groups:
+        if group.get("differentiable"):
+            return count
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            state = inner.state[p]
+            if not p.requires_grad or len(state) != 0 or torch.is_complex(p):
+                continue
+            # as torch.optim.Adam._init_group: a float32 step on the parameter's device when fused or capturable,
+            # else torch's default scalar dtype on the CPU
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(
+                0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            count += 1
+    return count

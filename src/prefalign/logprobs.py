@@ -8,6 +8,9 @@ plain path (full logits), which gives the same numbers at a higher cost.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -226,23 +229,51 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
             del kwargs["input_ids"]
         handle = inner.get_decoder().register_forward_hook(hook)
         try:
-            model(**kwargs, logits_to_keep=1)
+            with _lean_forward(inner, attention_mask):
+                model(**kwargs, logits_to_keep=1)
         finally:
             handle.remove()
         picked = chunked_head_logps(head, captured["h"][rows, src], targets, chunk_rows)
     else:
-        logits = model(**kwargs).logits
+        with _lean_forward(unwrap(model), attention_mask):
+            logits = model(**kwargs).logits
         picked = _gather_logps(logits[rows, src], targets)
     out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=input_ids.device)
     return out.index_put((rows, cols), picked)
 
 
+@contextlib.contextmanager
+def _lean_forward(model: Any, attention_mask: Tensor) -> Iterator[None]:
+    """Memory savings for one forward that change no number.
+
+    - RMSNorm outputs saved by the projections they feed are rebuilt in backward (layers.recompute_norm_outputs),
+      when lean activations are applied and autograd is recording.
+    - On CPU with a custom 4-D mask, SDPA gets grouped-query key/value heads as they are (``enable_gqa``) instead of
+      copies repeated to every query head: the CPU flash kernel supports it and then keeps 3 heads, not 9, of keys
+      and values per layer for backward (and runs faster). transformers only does this without a mask, so it is
+      asked to through its TRANSFORMERS_SDPA_FORCE_GQA switch, for this forward only.
+    """
+    from .layers import recompute_norm_outputs
+
+    with contextlib.ExitStack() as stack:
+        if torch.is_grad_enabled() and getattr(model, "_prefalign_lean", 0):
+            stack.enter_context(recompute_norm_outputs())
+        cfg = getattr(model, "config", None)
+        if (isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and attention_mask.device.type == "cpu"
+                and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ):
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+            stack.callback(os.environ.pop, "TRANSFORMERS_SDPA_FORCE_GQA", None)
+        yield
+
+
 def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
     """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
 
-    "bool": as is (SDPA). "float": additive, 0 or the dtype's minimum (eager). "block": a flex-attention BlockMask
-    whose mask_mod reads the boolean mask, so fully masked blocks (between packed pairs, rejected rows over chosen
-    columns) are skipped rather than computed.
+    "float": additive, 0 or the dtype's minimum, built once per batch (eager; SDPA too: given a boolean mask, SDPA
+    converts it to this form in every layer and its kernels keep each copy for backward, 30 extra copies for
+    SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so fully
+    masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
     """
     if kind == "float":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

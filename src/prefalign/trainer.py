@@ -24,7 +24,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import layers as lean_layers
-from .allocator import retain_freed_memory
+from .allocator import preallocate_adam_state, retain_freed_memory
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
@@ -123,6 +123,11 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
 
     # ----- set-up -------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model)
+        preallocate_adam_state(optimizer)  # before the first step, not inside it: less heap fragmentation
+        return optimizer
+
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
         return None
 
@@ -240,10 +245,10 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
 
 
 def _mask_kind(model: Any) -> str | None:
-    """How a model takes a custom attention mask: "bool" (SDPA), "float" (eager), "block" (flex attention's
+    """How a model takes a custom attention mask: "float" (SDPA and eager: additive), "block" (flex attention's
     BlockMask), or None (unsupported: flash attention kernels take no mask)."""
     impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-    return {"sdpa": "bool", "eager": "float", "flex_attention": "block"}.get(impl or "")
+    return {"sdpa": "float", "eager": "float", "flex_attention": "block"}.get(impl or "")
 
 
 def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:
