@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = """
 import resource, sys, torch
@@ -53,3 +54,137 @@ def test_cpu_trainer_applies_it_unless_turned_off(tmp_path, monkeypatch, enabled
     args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=enabled)
     ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
     assert calls == ([1] if enabled else [])
+
+
+ADAM_MODES = {"default": {}, "foreach=False": {"foreach": False}, "fused": {"fused": True}}
+
+
+def _adam_run(cls, kwargs: dict, preallocate: bool, steps: int = 3):
+    """Train a small parameter set ``steps`` steps: two groups, float32 and float64 parameters, a frozen parameter
+    (never gets state) and one that gets no gradient in the first step (Adam skips it there). Returns the optimizer,
+    the parameters by name and what preallocate_adam_state returned (None when not called)."""
+    from prefalign.allocator import preallocate_adam_state
+
+    gen = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen),
+         "late": torch.randn(3, generator=gen), "frozen": torch.randn(3, generator=gen),
+         "w64": torch.randn(3, generator=gen, dtype=torch.float64)}
+    p = {n: torch.nn.Parameter(t, requires_grad=n != "frozen") for n, t in p.items()}
+    opt = cls([{"params": [p["w"], p["b"], p["frozen"]]},
+               {"params": [p["late"], p["w64"]], "lr": 3e-2, "weight_decay": 0.1}],
+              lr=1e-2, **kwargs)
+    count = preallocate_adam_state(opt) if preallocate else None
+    x = torch.randn(5, 4, generator=gen)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        h = (x @ p["w"] + p["b"]) * p["frozen"]
+        if step > 0:
+            h = h + p["late"]
+        loss = h.tanh().pow(2).sum() + (p["w64"] ** 2).sum().float() * (step + 1)
+        loss.backward()
+        assert (p["late"].grad is None) == (step == 0)
+        opt.step()
+    return opt, p, count
+
+
+@pytest.mark.parametrize("mode", list(ADAM_MODES))
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
+def test_preallocated_adam_state_trains_bit_for_bit_like_lazy_init(cls, amsgrad, mode):
+    """The up-front state must be exactly what torch's lazy _init_group would create (zeros, step 0 of the same
+    dtype and device), or training would change: parameters and optimizer state after 3 steps are bitwise equal."""
+    kwargs = {"amsgrad": amsgrad, **ADAM_MODES[mode]}
+    lazy_opt, lazy, none = _adam_run(cls, kwargs, preallocate=False)
+    pre_opt, pre, count = _adam_run(cls, kwargs, preallocate=True)
+    assert none is None and count == 4  # every trainable parameter, not the frozen one
+    for name, param in lazy.items():
+        assert torch.equal(pre[name], param), name
+    gen = torch.Generator().manual_seed(0)
+    assert not torch.equal(lazy["w"], torch.randn(4, 3, generator=gen))  # training moved the parameters
+    keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    for name in ("w", "b", "late", "w64"):
+        a, b = lazy_opt.state[lazy[name]], pre_opt.state[pre[name]]
+        assert set(a) == set(b) == keys, name
+        for key in keys:
+            assert a[key].dtype == b[key].dtype and a[key].device == b[key].device, (name, key)
+            assert torch.equal(a[key], b[key]), (name, key)
+        # "late" missed step 1: two updates, not three, either way
+        assert b["step"].item() == (2 if name == "late" else 3), name
+        assert b["step"].dtype == torch.float32  # fused: on the parameter's device; else the default float dtype
+    assert not pre_opt.state.get(pre["frozen"])  # no moments for a parameter that does not train
+    assert pre_opt.state_dict()["param_groups"] == lazy_opt.state_dict()["param_groups"]
+
+
+def test_preallocation_adds_no_state_entry_for_a_frozen_parameter():
+    """A checkpoint's optimizer state must not differ from lazy init's: no entry at all for the frozen parameter."""
+    lazy_opt, _, _ = _adam_run(torch.optim.AdamW, {}, preallocate=False, steps=1)
+    pre_opt, pre, _ = _adam_run(torch.optim.AdamW, {}, preallocate=True, steps=1)
+    assert pre["frozen"] not in pre_opt.state
+    assert pre_opt.state_dict()["state"].keys() == lazy_opt.state_dict()["state"].keys()
+
+
+def test_preallocated_step_follows_a_float64_default_dtype():
+    """Unfused Adam's lazy step is a CPU scalar of torch's default dtype: float64 when that is the default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lazy_opt, lazy, _ = _adam_run(torch.optim.AdamW, {}, preallocate=False, steps=2)
+        pre_opt, pre, _ = _adam_run(torch.optim.AdamW, {}, preallocate=True, steps=2)
+    finally:
+        torch.set_default_dtype(previous)
+    for name in ("w", "late"):
+        a, b = lazy_opt.state[lazy[name]]["step"], pre_opt.state[pre[name]]["step"]
+        assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b)
+        assert torch.equal(lazy[name], pre[name])
+
+
+def test_other_optimizers_are_left_alone():
+    """Only torch's own Adam and AdamW are known to initialise exactly so; anything else (an AdamW subclass too)
+    keeps its lazy initialisation."""
+    from prefalign.allocator import preallocate_adam_state
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    w = torch.nn.Parameter(torch.ones(3))
+    for opt in (torch.optim.SGD([w], lr=0.1, momentum=0.9), torch.optim.Adamax([w]), torch.optim.RMSprop([w]),
+                MyAdamW([w])):
+        assert preallocate_adam_state(opt) == 0, type(opt).__name__
+        assert len(opt.state) == 0 and opt.state_dict()["state"] == {}, type(opt).__name__
+
+
+def test_a_wrapped_optimizer_is_unwrapped():
+    """accelerate's AcceleratedOptimizer keeps the torch optimizer as ``.optimizer``; the state goes on that one."""
+    import types
+
+    from prefalign.allocator import preallocate_adam_state
+
+    w, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(3))
+    inner = torch.optim.AdamW([w, b], amsgrad=True)
+    assert preallocate_adam_state(types.SimpleNamespace(optimizer=inner)) == 2
+    for p in (w, b):
+        state = inner.state[p]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert state["step"].item() == 0 and state["step"].dtype == torch.float32
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert torch.equal(state[key], torch.zeros_like(p)) and state[key].shape == p.shape
+    assert preallocate_adam_state(types.SimpleNamespace(optimizer=inner)) == 0  # existing state is kept as is
+    wrapped_sgd = types.SimpleNamespace(optimizer=torch.optim.SGD([w], lr=0.1))
+    assert preallocate_adam_state(wrapped_sgd) == 0 and not wrapped_sgd.optimizer.state
+
+
+def test_trainer_optimizer_has_its_state_before_the_first_step(tmp_path):
+    """create_optimizer preallocates: the default fused AdamW holds zero moments for every trainable parameter."""
+    from prefalign import ORPOConfig, ORPOTrainer
+    from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+
+    tok = smollm2_tokenizer()
+    args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=False)
+    trainer = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
+    opt = trainer.create_optimizer()
+    inner = getattr(opt, "optimizer", opt)
+    assert type(inner) is torch.optim.AdamW
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(len(inner.state[p]) == 3 for p in trainable)
+    for p in trainable:
+        assert inner.state[p]["step"].item() == 0 and not inner.state[p]["exp_avg_sq"].any()

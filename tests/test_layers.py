@@ -97,3 +97,115 @@ def test_unknown_or_different_modules_are_left_alone(tok):
     layers.apply(model)
     assert "forward" not in vars(mlp)
     assert vars(norm)["forward"].__func__ is not layers._rmsnorm_forward
+
+
+def _recipe_log(monkeypatch):
+    """Wrap layers._pack/_unpack: the recipes made (saved tensors stored as _SavedView), the bytes of the storages
+    still kept as tensors (one count per storage), and the recipes unpacked in backward."""
+    log = {"recipes": [], "kept": {}, "unpacked": []}
+    pack, unpack = layers._pack, layers._unpack
+
+    def counting_pack(t):
+        saved = pack(t)
+        if isinstance(saved, layers._SavedView):
+            log["recipes"].append(saved)
+        else:
+            log["kept"][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return saved
+
+    def counting_unpack(saved):
+        if isinstance(saved, layers._SavedView):
+            log["unpacked"].append(saved)
+        return unpack(saved)
+
+    monkeypatch.setattr(layers, "_pack", counting_pack)
+    monkeypatch.setattr(layers, "_unpack", counting_unpack)
+    return log
+
+
+def _saved_bytes_and_grads(model, ids):
+    """_loss_and_grads, with the bytes of the storages autograd saves (one count per storage) counted by a hook."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, grads = _loss_and_grads(model, ids)
+    return sum(seen.values()), loss, grads
+
+
+def test_rebuilt_norm_outputs_give_identical_gradients_and_keep_fewer_bytes(tok, monkeypatch):
+    """Inside recompute_norm_outputs a patched norm's output saved by the layers it feeds is a recipe: per decoder
+    layer q, k and v save the input norm's output (3 recipes, one rebuild) and gate and up the post-attention norm's
+    (2 recipes, one rebuild); the LM head saves the final norm's. Rebuilt by the same ops, so bit-identical."""
+    model = tiny_llama(tok, seed=4)
+    layers.apply(model)
+    n, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    ids = torch.randint(0, tok.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
+    log = _recipe_log(monkeypatch)
+    plain_loss, plain = _loss_and_grads(model, ids)
+    assert log == {"recipes": [], "kept": {}, "unpacked": []}  # outside the context: no hook, nothing changes
+    plain_bytes, loss_again, _ = _saved_bytes_and_grads(model, ids)
+    assert torch.equal(loss_again, plain_loss)
+
+    with layers.recompute_norm_outputs():
+        lean_loss, lean = _loss_and_grads(model, ids)
+    assert torch.equal(lean_loss, plain_loss)
+    for name, g in plain.items():
+        assert torch.equal(lean[name], g), name
+    assert len(log["recipes"]) == 5 * n + 1 == 11
+    assert len({id(r.out) for r in log["recipes"]}) == 2 * n + 1  # one recorded output per norm
+    assert sorted(map(id, log["unpacked"])) == sorted(map(id, log["recipes"]))  # each one used once, in backward
+    assert all(tuple(r.size) == (ids.numel(), hidden) for r in log["recipes"])  # the projections' 2-D views
+    # bytes kept: 2 norm outputs per layer and the final one, each [tokens, hidden] float32, fewer
+    assert plain_bytes - sum(log["kept"].values()) == 4 * ids.numel() * hidden * (2 * n + 1)
+
+    log["recipes"].clear()
+    _loss_and_grads(model, ids)  # after the block: nothing recorded any more
+    assert log["recipes"] == [] and getattr(layers._recording, "outputs", None) is None
+
+
+def test_unpatched_model_is_unaffected_by_the_context(tok, monkeypatch):
+    """Only patched norms record their outputs: a stock model's saved tensors all stay tensors, same gradients."""
+    model = tiny_llama(tok, seed=4)
+    ids = torch.randint(0, tok.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    plain_loss, plain = _loss_and_grads(model, ids)
+    log = _recipe_log(monkeypatch)
+    with layers.recompute_norm_outputs():
+        loss, grads = _loss_and_grads(model, ids)
+    assert log["recipes"] == [] and log["unpacked"] == [] and log["kept"]  # the hook ran, made no recipe
+    assert torch.equal(loss, plain_loss)
+    for name, g in plain.items():
+        assert torch.equal(grads[name], g), name
+
+
+def test_token_logps_rebuilds_norm_outputs_only_when_recording_a_patched_model(tok, monkeypatch):
+    """logprobs._lean_forward enters the context for a patched model (layers.apply marks it) with grad enabled;
+    not under no_grad (nothing is saved) and not for an unpatched or restored model."""
+    from prefalign.logprobs import token_logps
+
+    model = tiny_llama(tok, seed=4)
+    ids = torch.randint(0, tok.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask, target = torch.ones_like(ids), torch.ones_like(ids)
+    log = _recipe_log(monkeypatch)
+    token_logps(model, ids, mask, target).sum().backward()
+    assert log["recipes"] == [] and log["kept"] == {}  # unpatched: the context is not entered at all
+    assert layers.apply(model) == model._prefalign_lean == 7  # 2 MLPs, 2 x 2 norms, the final norm
+    with torch.no_grad():
+        ref = token_logps(model, ids, mask, target)
+    assert log["recipes"] == [] and log["kept"] == {}
+    model.zero_grad(set_to_none=True)
+    out = token_logps(model, ids, mask, target)
+    n = model.config.num_hidden_layers
+    # 5 per layer; the final norm's last position, read by the LM head at logits_to_keep=1 (unused in backward)
+    assert len(log["recipes"]) == 5 * n + 1
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert len(log["unpacked"]) == 5 * n
+    layers.restore(model)
+    assert not hasattr(model, "_prefalign_lean")
+    log["recipes"].clear()
+    token_logps(model, ids, mask, target)
+    assert log["recipes"] == []

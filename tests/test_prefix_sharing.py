@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -154,3 +156,93 @@ def test_flex_attention_training_on_cpu_is_refused(tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ConfigError, match="flex_attention' cannot train on CPU"):
         DPOTrainer(model, args=args, train_dataset=conversational_rows(2), processing_class=tok)
+
+
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def _record_sdpa(monkeypatch, fail: bool = False) -> list:
+    """Wrap torch's SDPA (transformers looks it up per call): per call (query heads, key heads, value heads,
+    enable_gqa, the GQA switch as set during the call)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def recording(query, key, value, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1], value.shape[1], kwargs.get("enable_gqa", False),
+                      os.environ.get(GQA_SWITCH)))
+        if fail:
+            raise RuntimeError("boom")
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+def test_sdpa_keeps_grouped_kv_heads_with_a_4d_mask_on_cpu(monkeypatch, mask_kind):
+    """With a custom 4-D mask on CPU, SDPA gets the 2 key/value heads as they are (enable_gqa) instead of copies
+    repeated to the 4 query heads: same log-probs and gradients as with the switch off, and the switch is set for
+    the forward only."""
+    from prefalign.trainer import _mask_kind
+
+    tok = smollm2_tokenizer()
+    examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    batch = PrefixSharedCollator(0)(examples)
+    wanted = (batch["chosen_mask"] | batch["rejected_mask"]).bool()
+    weights = torch.randn(wanted.shape, generator=torch.Generator().manual_seed(5))
+    calls = _record_sdpa(monkeypatch)
+    results = {}
+    for switch in ("unset", "0"):
+        if switch == "unset":
+            monkeypatch.delenv(GQA_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(GQA_SWITCH, switch)  # preset: left as it is, so the feature is off
+        model = tiny_llama(tok, 3, attn_implementation="sdpa")
+        cfg = model.config
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)  # grouped-query attention
+        assert _mask_kind(model) == "float"  # what the trainer builds for SDPA: one additive mask per batch
+        mask = model_attention_mask(batch["attention_mask"], mask_kind, model.dtype)
+        assert mask.dim() == 4
+        calls.clear()
+        out = pair_token_logps(model, batch, wanted, attention_mask=mask)
+        (out * weights).sum().backward()
+        results[switch] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls))
+        assert os.environ.get(GQA_SWITCH) == (None if switch == "unset" else "0")  # not left set
+    layers = cfg.num_hidden_layers
+    assert results["unset"][2] == [(4, 2, 2, True, "1")] * layers  # grouped heads, switch on during the forward
+    assert results["0"][2] == [(4, 4, 4, False, "0")] * layers  # repeated heads
+    (on, grads_on, _), (off, grads_off, _) = results["unset"], results["0"]
+    assert (on[wanted] < 0).all()
+    torch.testing.assert_close(on, off, atol=1e-6, rtol=0)
+    assert max(g.abs().max().item() for g in grads_off.values()) > 1e-2  # not near-zero gradients
+    for name, g in grads_off.items():
+        torch.testing.assert_close(grads_on[name], g, atol=1e-5, rtol=0)
+
+
+def test_gqa_switch_is_not_set_without_a_4d_mask_or_sdpa_and_is_cleared_on_error(monkeypatch):
+    """A 2-D padding mask (transformers decides itself) and eager attention leave the switch alone; a forward that
+    raises still removes it."""
+    monkeypatch.delenv(GQA_SWITCH, raising=False)
+    tok = smollm2_tokenizer()
+    examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    sep = PairCollator(0)(examples)
+    calls = _record_sdpa(monkeypatch)
+    model = tiny_llama(tok, 3, attn_implementation="sdpa")
+    with torch.no_grad():
+        token_logps(model, sep["input_ids"], sep["attention_mask"], sep["completion_mask"])
+    assert calls and all(c[4] is None for c in calls)
+
+    batch = PrefixSharedCollator(0)(examples)
+    eager = tiny_llama(tok, 3, attn_implementation="eager")
+    seen = []
+    hook = eager.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(os.environ.get(GQA_SWITCH)))
+    with torch.no_grad():
+        pair_token_logps(eager, batch, batch["chosen_mask"], attention_mask=model_attention_mask(
+            batch["attention_mask"], "float", eager.dtype))
+    hook.remove()
+    assert seen == [None]
+
+    calls = _record_sdpa(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        pair_token_logps(model, batch, batch["chosen_mask"], attention_mask=batch["attention_mask"])
+    assert calls == [(4, 2, 2, True, "1")] and GQA_SWITCH not in os.environ

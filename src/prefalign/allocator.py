@@ -66,9 +66,9 @@ def preallocate_adam_state(optimizer: Any) -> int:
             return count
         on_device = group.get("capturable") or group.get("fused")
         for p in group["params"]:
-            state = inner.state[p]
-            if not p.requires_grad or len(state) != 0 or torch.is_complex(p):
+            if not p.requires_grad or torch.is_complex(p) or inner.state.get(p):  # .state is a defaultdict
                 continue
+            state = inner.state[p]
             # as torch.optim.Adam._init_group: a float32 step on the parameter's device when fused or capturable,
             # else torch's default scalar dtype on the CPU
             state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(

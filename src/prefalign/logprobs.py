@@ -259,8 +259,11 @@ def _lean_forward(model: Any, attention_mask: Tensor) -> Iterator[None]:
         if torch.is_grad_enabled() and getattr(model, "_prefalign_lean", 0):
             stack.enter_context(recompute_norm_outputs())
         cfg = getattr(model, "config", None)
+        # Not under activation checkpointing: its recompute in backward runs outside this block and must see the
+        # same key/value shapes as the forward did.
         if (isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and attention_mask.device.type == "cpu"
                 and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and not getattr(model, "is_gradient_checkpointing", False)
                 and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ):
             os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
             stack.callback(os.environ.pop, "TRANSFORMERS_SDPA_FORCE_GQA", None)
