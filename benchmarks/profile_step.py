@@ -124,6 +124,16 @@ def memory_account(args: argparse.Namespace) -> None:
             marks[f"after step {s.global_step}"] = rss_gb()
 
     trainer.add_callback(Marks())
+    heap: dict[str, float] = {}
+    backward = trainer.accelerator.backward
+
+    def traced_backward(loss, **kw):  # the step's high-water mark is where backward starts (all activations alive)
+        system, used = heap_gb()
+        if system - used > heap.get("free", -1.0):
+            heap.update(system=system, used=used, free=system - used)
+        return backward(loss, **kw)
+
+    trainer.accelerator.backward = traced_backward
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"{args.lib} {args.method} {args.shape}: peak RSS {peak:.2f} GB; weights {weights:.2f} GB, their gradients "
@@ -133,6 +143,26 @@ def memory_account(args: argparse.Namespace) -> None:
     base = marks["trainer built (model, data, reference pass)"]
     print(f"  peak - (trainer built + gradients + AdamW state) = {peak - base - 3 * weights:.2f} GB: activations, "
           "logits buffers and allocator slack at the step's high-water mark")
+    if heap:
+        print(f"  malloc heap when backward starts: {heap['system']:.2f} GB held, {heap['used']:.2f} GB in use, "
+              f"{heap['free']:.2f} GB free but resident (fragmentation between the step's buffers)")
+
+
+def heap_gb() -> tuple[float, float]:
+    """(bytes the glibc malloc heap holds, bytes in use), from mallinfo2; (0, 0) where that is unavailable."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0.0, 0.0
+    fn.restype = MallInfo2
+    info = fn()
+    return (info.arena + info.hblkhd) / 1024**3, (info.uordblks + info.hblkhd) / 1024**3
 
 
 if __name__ == "__main__":

@@ -70,9 +70,9 @@ class PreferenceConfig(TrainingArguments):
         default=True,
         metadata={"help": "Llama-family MLPs and RMSNorms of the trained model keep fewer activations for backward "
                           "(gate and up instead of four intermediate-size tensors; the input instead of two "
-                          "hidden-size ones) and recompute the rest elementwise: 0.52 GB fewer saved bytes for "
-                          "SmolLM2-135M with 4 pairs of 260 tokens (peak RSS measured 4.24 -> 3.81 GB), same values "
-                          "and gradients (prefalign/layers.py)."})
+                          "hidden-size ones; norm outputs saved by the projections they feed are rebuilt in "
+                          "backward) and recompute the rest elementwise: 0.66 GB fewer saved bytes for SmolLM2-135M "
+                          "with 4 pairs of 260 tokens, same values and gradients (prefalign/layers.py)."})
     cpu_allocator_cache: bool = field(
         default=True,
         metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "
