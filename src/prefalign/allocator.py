@@ -50,8 +50,8 @@ def preallocate_adam_state(optimizer: Any) -> int:
 
     torch creates it lazily inside the first ``step()``, after the first backward has freed that step's activations,
     so the state lands in the freed activation space and the next step's activations need fresh memory around it:
-    on CPU that heap fragmentation cost about 0.5 GB of peak RSS in the benchmark's long ORPO run. Allocated up
-    front, the state sits below the memory that every step reuses. The values are exactly those of the lazy
+    on CPU, allocating it up front lowered the benchmark's long ORPO peak RSS from 3.91 to 3.79 GB (the state then
+    sits below the memory that every step reuses). The values are exactly those of the lazy
     initialisation (zeros, step 0), so training is unchanged (tests/test_allocator.py). Other optimizers are left
     alone. Returns the number of parameters given state.
     """
