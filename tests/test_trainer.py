@@ -121,3 +121,21 @@ def test_packing_changes_rows_not_numbers(tmp_path, cls):
     for key in off:
         if not any(w in key for w in ("runtime", "per_second", "_time")):
             assert on[key] == pytest.approx(off[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("cls,cfg_cls", [(DPOTrainer, DPOConfig), (ORPOTrainer, ORPOConfig)])
+def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls):
+    """gradient_checkpointing recomputes activations in backward: it must not change a number, and the recompute must
+    see the same tensor shapes as the forward (the grouped-K/V SDPA switch is off under it)."""
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(8))
+    losses = []
+    for gc in (False, True):
+        args = _cfg(tmp_path / str(gc), cfg_cls, learning_rate=5e-3, max_steps=3, per_device_train_batch_size=2,
+                    gradient_checkpointing=gc)
+        tr = cls(tiny_llama(tok, 1), args=args, train_dataset=ds, processing_class=tok)
+        tr.train()
+        assert tr.model.is_gradient_checkpointing == gc
+        losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
