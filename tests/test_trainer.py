@@ -135,7 +135,7 @@ def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls):
                     gradient_checkpointing=gc)
         tr = cls(tiny_llama(tok, 1), args=args, train_dataset=ds, processing_class=tok)
         tr.train()
-        assert tr.model.is_gradient_checkpointing == gc
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in tr.model.modules()) == gc
         losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)

@@ -263,7 +263,7 @@ def _lean_forward(model: Any, attention_mask: Tensor) -> Iterator[None]:
         # same key/value shapes as the forward did.
         if (isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and attention_mask.device.type == "cpu"
                 and getattr(cfg, "_attn_implementation", None) == "sdpa"
-                and not getattr(model, "is_gradient_checkpointing", False)
+                and not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
                 and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ):
             os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
             stack.callback(os.environ.pop, "TRANSFORMERS_SDPA_FORCE_GQA", None)
