@@ -129,7 +129,7 @@ def memory_account(args: argparse.Namespace) -> None:
 
     def traced_backward(loss, **kw):  # the step's high-water mark is where backward starts (all activations alive)
         system, used = heap_gb()
-        if system - used > heap.get("free", -1.0):
+        if system and system - used > heap.get("free", -1.0):  # nothing recorded where mallinfo2 is unavailable
             heap.update(system=system, used=used, free=system - used)
         return backward(loss, **kw)
 

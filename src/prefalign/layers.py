@@ -50,7 +50,7 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        y = _rmsnorm_output(x, weight, rstd)
+        y = _rmsnorm_output(xf, weight, rstd, x.dtype)
         recorder = getattr(_recording, "outputs", None)
         if recorder is not None:
             recorder[y.untyped_storage().data_ptr()] = _NormOutput(y, x, weight, rstd)
@@ -70,8 +70,9 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _rmsnorm_output(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
-    return weight * (x.float() * rstd).to(x.dtype)
+def _rmsnorm_output(xf: Tensor, weight: Tensor, rstd: Tensor, dtype: torch.dtype) -> Tensor:
+    """The norm's output from its float32 input: ``weight * (xf * rstd).to(dtype)``."""
+    return weight * (xf * rstd).to(dtype)
 
 
 _recording = threading.local()  # .outputs: {storage pointer: _NormOutput} while recompute_norm_outputs() is active
@@ -86,7 +87,7 @@ class _NormOutput:
 
     def rebuild(self) -> Tensor:
         if self.rebuilt is None:
-            self.rebuilt = _rmsnorm_output(self.x, self.weight, self.rstd)
+            self.rebuilt = _rmsnorm_output(self.x.float(), self.weight, self.rstd, self.x.dtype)
         return self.rebuilt
 
 
