@@ -300,3 +300,30 @@ def test_tied_embedding_gets_the_same_dense_gradient(tok, batch, padding_idx):
         assert torch.allclose(g_sparse[name], g, atol=TOL, rtol=0), name
     if padding_idx:  # the pad token is in the batch as input, yet its row only gets the LM head's share
         assert (batch["input_ids"] == tok.pad_token_id).any()
+
+
+def test_tied_embedding_adds_its_rows_into_the_head_gradient_in_place(tok, batch):
+    """No second [vocab, hidden] tensor in backward: autograd's own dense + sparse sum of the tied weight's two
+    gradients is out of place; the embedding adds its rows into the head's gradient instead, which becomes .grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_llama(tok, seed=0, tie_word_embeddings=True)
+    weight = model.lm_head.weight
+    ids, attn, target = _inputs(batch)
+    logps = token_logps(model, ids, attn, target, chunk_rows=4)
+    made: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == weight.shape and out.layout == torch.strided:
+                made.append((func.overloadpacket.__name__, out.untyped_storage().data_ptr()))
+            return out
+
+    with Record():
+        logps.sum().backward()
+    names = [n for n, _ in made]
+    assert names.count("empty_like") == 1 and "index_add_" in names, names  # one buffer; the rows go into it
+    assert not {"add", "clone", "_to_copy", "copy_"} & set(names), names
+    buffer = made[names.index("empty_like")][1]
+    assert weight.grad.untyped_storage().data_ptr() == buffer and not weight.grad.is_sparse

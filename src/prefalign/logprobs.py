@@ -67,7 +67,7 @@ class _LinearHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int) -> Tensor:
+                chunk_rows: int, tied: TiedGrad | None = None) -> Tensor:
         out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
         lse = torch.empty_like(out)
         buf = None
@@ -82,7 +82,7 @@ class _LinearHeadLogps(torch.autograd.Function):
         keep = hidden.shape[0] <= chunk_rows and any(ctx.needs_input_grad[:3])
         ctx.softmax = z.mul_((m - lse[:, None]).exp_()) if keep else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.tied = chunk_rows, tied
         return out
 
     @staticmethod
@@ -112,7 +112,23 @@ class _LinearHeadLogps(torch.autograd.Function):
                     grad_w.addmm_(dz.t(), hidden[sl])
             if need_b:
                 grad_b.add_(dz.sum(0))
-        return grad_h, grad_w, grad_b, None, None
+        if ctx.tied is not None:
+            ctx.tied.grad = grad_w  # the tied input embedding adds its rows here (_SparseGradEmbedding)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+class TiedGrad:
+    """Hands the LM head's dense weight gradient to the tied input embedding's backward within one graph.
+
+    Autograd sums the two gradients of a tied weight in its input buffer, and a dense + sparse sum there is out of
+    place: a second ``[vocab, hidden]`` tensor at the end of backward, where every other gradient is already alive
+    (113 MB for SmolLM2; that moment is the step's peak under activation checkpointing). The head's backward always
+    runs first (the embedding feeds everything the head reads), so the embedding adds its rows into the head's
+    gradient in place and passes no gradient of its own.
+    """
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buf: Tensor | None) -> Tensor:
@@ -135,7 +151,7 @@ def _plain_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
 
 
 def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
-                       chunk_rows: int | None = None) -> Tensor:
+                       chunk_rows: int | None = None, tied: TiedGrad | None = None) -> Tensor:
     """``log softmax(head(hidden))[targets]`` for ``hidden: [T, H]``, at most ``chunk_rows x vocab`` logits alive.
 
     A plain linear head takes the fused path (_LinearHeadLogps); any other head runs as a module, each chunk under
@@ -148,7 +164,7 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
         vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
         chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
     if _plain_linear(head, hidden):
-        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows)
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -166,13 +182,15 @@ class _SparseGradEmbedding(torch.autograd.Function):
     nn.Embedding's dense backward zero-fills a ``[vocab, hidden]`` tensor (113 MB for SmolLM2) every step, then
     autograd adds it to the LM head's gradient of the same tied weight. The sparse rows are added into that dense
     gradient in place instead. Only used for a tied weight whose LM head also gets a gradient in the same step, so
-    the accumulated ``.grad`` is always dense (optimizers never see a sparse gradient).
+    the accumulated ``.grad`` is always dense (optimizers never see a sparse gradient). Given the head's
+    ``TiedGrad``, the rows are added straight into the head's dense gradient and no gradient is returned.
     """
 
     @staticmethod
-    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None,
+                tied: TiedGrad | None = None) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.weight_shape, ctx.padding_idx = weight.shape, padding_idx
+        ctx.weight_shape, ctx.padding_idx, ctx.tied = weight.shape, padding_idx, tied
         return torch.nn.functional.embedding(ids, weight)
 
     @staticmethod
@@ -182,10 +200,16 @@ class _SparseGradEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
             keep = ids != ctx.padding_idx
             ids, grad = ids[keep], grad[keep]
-        return None, torch.sparse_coo_tensor(ids[None], grad, ctx.weight_shape, check_invariants=False), None
+        dense = ctx.tied.grad if ctx.tied is not None else None
+        if dense is not None:
+            ctx.tied.grad = None  # drop the reference: autograd may then use the buffer as .grad without a copy
+            dense.index_add_(0, ids, grad.to(dense.dtype))
+            return None, None, None, None
+        sparse = torch.sparse_coo_tensor(ids[None], grad, ctx.weight_shape, check_invariants=False)
+        return None, sparse, None, None
 
 
-def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool) -> Tensor | None:
+def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool, tied: TiedGrad) -> Tensor | None:
     """Input embeddings through _SparseGradEmbedding when that gives the same result; else None (model embeds)."""
     weight = getattr(embed, "weight", None)
     if not (type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and weight is head.weight
@@ -193,7 +217,7 @@ def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool) ->
             and has_targets and weight.requires_grad and torch.is_grad_enabled()
             and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse):
         return None
-    return _SparseGradEmbedding.apply(input_ids, weight, embed.padding_idx)
+    return _SparseGradEmbedding.apply(input_ids, weight, embed.padding_idx, tied)
 
 
 def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, *,
@@ -223,7 +247,9 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
             captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
         head = inner.get_output_embeddings()
-        embeds = _tied_embeds(inner.get_input_embeddings(), head, input_ids, has_targets=rows.numel() > 0)
+        tied = TiedGrad()
+        embeds = _tied_embeds(inner.get_input_embeddings(), head, input_ids, has_targets=rows.numel() > 0,
+                              tied=tied)
         if embeds is not None:
             kwargs["inputs_embeds"] = embeds
             del kwargs["input_ids"]
@@ -233,7 +259,8 @@ def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_ma
                 model(**kwargs, logits_to_keep=1)
         finally:
             handle.remove()
-        picked = chunked_head_logps(head, captured["h"][rows, src], targets, chunk_rows)
+        picked = chunked_head_logps(head, captured["h"][rows, src], targets, chunk_rows,
+                                    tied=tied if embeds is not None else None)
     else:
         with _lean_forward(unwrap(model), attention_mask):
             logits = model(**kwargs).logits
