@@ -95,8 +95,10 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
 
     if lib == "prefalign-nopack":
         common["packing"] = False
-    if lib == "prefalign-gc":  # memory mode: activations recomputed in backward
-        common["gradient_checkpointing"] = True
+    if lib in ("prefalign-release", "prefalign-gc"):  # free heap pages go back to the kernel after every layer
+        common["release_cpu_memory_every"] = 1
+    if lib == "prefalign-gc":  # memory mode: also activations recomputed in backward, LM head in small chunks
+        common.update(gradient_checkpointing=True, logprob_chunk_rows=256)
     if method == "dpo":
         return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,

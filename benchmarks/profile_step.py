@@ -41,7 +41,8 @@ def group_of(name: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", default="prefalign", choices=["prefalign", "trl", "prefalign-nopack", "prefalign-gc"])
+    ap.add_argument("--lib", default="prefalign",
+                    choices=["prefalign", "trl", "prefalign-nopack", "prefalign-release", "prefalign-gc"])
     ap.add_argument("--method", default="dpo", choices=["dpo", "orpo"])
     ap.add_argument("--shape", default="long", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -190,3 +191,58 @@ def test_trainer_optimizer_has_its_state_before_the_first_step(tmp_path):
     assert trainable and all(len(inner.state[p]) == 3 for p in trainable)
     for p in trainable:
         assert inner.state[p]["step"].item() == 0 and not inner.state[p]["exp_avg_sq"].any()
+
+
+RELEASE_PROBE = """
+import sys, torch
+from prefalign.allocator import release_freed_memory, retain_freed_memory
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+if not retain_freed_memory():
+    print("skip"); sys.exit()
+big = torch.ones(24 * 2**20)  # 96 MiB on the heap (mmap is off), every page touched
+pin = torch.ones(4096)  # allocated after it, so the freed block is a hole, not the heap's top
+del big
+before = rss_mib()
+release_freed_memory()
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_release_returns_a_freed_block_inside_the_heap_to_the_kernel():
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True).stdout
+    if out.strip() == "skip":
+        pytest.skip("not glibc")
+    assert float(out) > 80  # MiB of the 96 MiB hole no longer resident
+
+
+def test_release_after_layers_runs_in_forward_and_backward_every_nth_layer():
+    from prefalign.allocator import decoder_layers, release_after_layers
+    from tiny import smollm2_tokenizer, tiny_llama
+
+    model = tiny_llama(smollm2_tokenizer(), num_hidden_layers=4)
+    assert decoder_layers(model) == list(model.model.layers)
+    assert decoder_layers(torch.nn.Linear(2, 2)) == []
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for every, per_pass in ((1, 4), (2, 2), (3, 1), (5, 0)):
+        calls: list[str] = []
+        handles = release_after_layers(model, every, release=functools.partial(calls.append, "x"))
+        assert len(handles) == per_pass
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert len(calls) == per_pass  # no grad: forward only
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == 3 * per_pass  # forward, then once per hooked layer in backward
+        for h in handles:
+            h.remove()
+    assert release_after_layers(model, 0) == []
+
+
+def test_release_every_must_not_be_negative(tmp_path):
+    from prefalign import DPOConfig
+    from prefalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="release_cpu_memory_every=-1 is out of range"):
+        DPOConfig(output_dir=str(tmp_path), use_cpu=True, release_cpu_memory_every=-1)

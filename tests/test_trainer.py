@@ -124,18 +124,33 @@ def test_packing_changes_rows_not_numbers(tmp_path, cls):
 
 
 @pytest.mark.parametrize("cls,cfg_cls", [(DPOTrainer, DPOConfig), (ORPOTrainer, ORPOConfig)])
-def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls):
-    """gradient_checkpointing recomputes activations in backward: it must not change a number, and the recompute must
-    see the same tensor shapes as the forward (the grouped-K/V SDPA switch is off under it)."""
+def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls, monkeypatch):
+    """Memory mode (gradient_checkpointing recomputes activations in backward; release_cpu_memory_every hands free
+    heap pages back after every layer; small LM-head chunks) must not change a number, and the recompute must see the
+    same tensor shapes as the forward (the grouped-K/V SDPA switch is off under it)."""
+    import prefalign.allocator
+
+    released: list[int] = []
+    monkeypatch.setattr(prefalign.allocator, "release_freed_memory", lambda: released.append(1))
     tok = smollm2_tokenizer()
     ds = datasets.Dataset.from_list(conversational_rows(8))
     losses = []
-    for gc in (False, True):
-        args = _cfg(tmp_path / str(gc), cfg_cls, learning_rate=5e-3, max_steps=3, per_device_train_batch_size=2,
-                    gradient_checkpointing=gc)
+    modes = ({}, {"gradient_checkpointing": True},
+             {"gradient_checkpointing": True, "release_cpu_memory_every": 1, "logprob_chunk_rows": 2},
+             {"release_cpu_memory_every": 2})
+    for i, mode in enumerate(modes):
+        args = _cfg(tmp_path / str(i), cfg_cls, learning_rate=5e-3, max_steps=3, per_device_train_batch_size=2,
+                    **mode)
         tr = cls(tiny_llama(tok, 1), args=args, train_dataset=ds, processing_class=tok)
+        released.clear()
         tr.train()
+        gc = mode.get("gradient_checkpointing", False)
         assert any(getattr(m, "gradient_checkpointing", False) is True for m in tr.model.modules()) == gc
+        every = mode.get("release_cpu_memory_every", 0)
+        # each hooked layer, every step: after its forward and when backward reaches it (checkpointing's recompute
+        # stops early, before the layer's forward hooks)
+        assert len(released) == (3 * 2 * (2 // every) if every else 0), mode
         losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
     assert len(losses[0]) == 3
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], abs=1e-5)
