@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--methods", default="dpo,orpo")
     ap.add_argument("--out", default="benchmarks/results.json")
     ap.add_argument("--memory-mode", action="store_true",
-                    help="also run prefalign with gradient_checkpointing=True (peak RSS vs speed)")
+                    help="also run prefalign with release_cpu_memory_every=1, and in memory mode (that plus "
+                         "gradient_checkpointing and logprob_chunk_rows=256): peak RSS vs speed")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -187,7 +188,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
             extra = (("prefalign-nopack",) if shape == "mixed" else ()) + (
-                ("prefalign-gc",) if args.memory_mode else ())
+                ("prefalign-release", "prefalign-gc") if args.memory_mode else ())
             for lib in ("trl", "prefalign") + extra:
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
@@ -205,14 +206,15 @@ def main() -> None:
         for method in args.methods.split(","):
             t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
                     for lib in ("trl", "prefalign"))
-            nopack, gc = (next((r for r in results if r["lib"] == lib and r["method"] == method
-                                and r["shape"] == shape), None) for lib in ("prefalign-nopack", "prefalign-gc"))
+            nopack, release, gc = (next((r for r in results if r["lib"] == lib and r["method"] == method
+                                         and r["shape"] == shape), None)
+                                   for lib in ("prefalign-nopack", "prefalign-release", "prefalign-gc"))
             flops = minimal_flops(method, p["n_params"], p["prompt_tokens"], p["reply_tokens"], cfg.vocab_size,
                                   cfg.hidden_size)
             n = min(len(t["losses"]), len(p["losses"]))
             rows.append({
                 "shape": shape, "method": method, "trl": t, "prefalign": p, "prefalign_nopack": nopack,
-                "prefalign_gc": gc,
+                "prefalign_release": release, "prefalign_gc": gc,
                 "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                 "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
@@ -243,12 +245,16 @@ def render(rows: list[dict], ceiling: float) -> str:
             n, p = r["prefalign_nopack"], r["prefalign"]
             lines.append(f"\npacking, {r['shape']} {r['method'].upper()}: {n['s_per_step']:.2f} s/step without, "
                          f"{p['s_per_step']:.2f} s/step with ({n['s_per_step'] / p['s_per_step']:.2f}×)")
-    for r in rows:
-        if r.get("prefalign_gc"):
-            g, t = r["prefalign_gc"], r["trl"]
-            lines.append(f"\nmemory mode (gradient_checkpointing), {r['shape']} {r['method'].upper()}: "
-                         f"{g['s_per_step']:.2f} s/step ({t['s_per_step'] / g['s_per_step']:.2f}× TRL), peak RSS "
-                         f"{g['peak_rss_gb']:.2f} GB ({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× TRL)")
+    for key, label in (("prefalign_release", "release_cpu_memory_every=1"),
+                       ("prefalign_gc", "memory mode (release_cpu_memory_every=1, gradient_checkpointing, "
+                                        "logprob_chunk_rows=256)")):
+        for r in rows:
+            if r.get(key):
+                g, t = r[key], r["trl"]
+                diff = max(abs(a - b) for a, b in zip(t["losses"], g["losses"], strict=False))
+                lines.append(f"\n{label}, {r['shape']} {r['method'].upper()}: {g['s_per_step']:.2f} s/step "
+                             f"({t['s_per_step'] / g['s_per_step']:.2f}× TRL), peak RSS {g['peak_rss_gb']:.2f} GB "
+                             f"({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× TRL), max |Δ loss| vs TRL {diff:.1e}")
     return "\n".join(lines)
 
 
