@@ -13,7 +13,7 @@ The heap kept that way is not all in use at the step's high-water mark: temporar
 that a layer keeps for backward leave holes that later, larger buffers do not fit (measured on the benchmark's long
 DPO batch: 2.65 GB of heap, at most 2.05 GB of it in use). ``release_after_layers`` trades speed for that memory:
 every N decoder layers, in forward and in backward, the free pages go back to the kernel (``malloc_trim``), so peak
-RSS follows what is in use (long DPO, N=1: 3.50 -> 2.89 GB peak, about +20% step time from the page faults of
+RSS follows what is in use (benchmark, long DPO, N=1: peak 3.40 -> 2.90 GB, step time +16% from the page faults of
 reusing released pages).
 """
 
