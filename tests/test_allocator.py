@@ -222,7 +222,7 @@ def test_release_after_layers_runs_in_forward_and_backward_every_nth_layer():
     from prefalign.allocator import decoder_layers, release_after_layers
     from tiny import smollm2_tokenizer, tiny_llama
 
-    model = tiny_llama(smollm2_tokenizer(), num_hidden_layers=4)
+    model = tiny_llama(smollm2_tokenizer(), num_hidden_layers=4).train()
     assert decoder_layers(model) == list(model.model.layers)
     assert decoder_layers(torch.nn.Linear(2, 2)) == []
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -235,6 +235,10 @@ def test_release_after_layers_runs_in_forward_and_backward_every_nth_layer():
         assert len(calls) == per_pass  # no grad: forward only
         model(input_ids=ids).logits.sum().backward()
         assert len(calls) == 3 * per_pass  # forward, then once per hooked layer in backward
+        model.eval()  # evaluation and generation: never
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == 3 * per_pass
+        model.train()
         for h in handles:
             h.remove()
     assert release_after_layers(model, 0) == []

@@ -94,8 +94,8 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 def release_after_layers(model: Any, every: int, release: Callable[[], Any] | None = None) -> list[Any]:
-    """Call ``release`` (default release_freed_memory) after every ``every``-th decoder layer's forward, and when
-    backward reaches that layer.
+    """Call ``release`` (default release_freed_memory) after every ``every``-th decoder layer's forward in training
+    mode, and when backward reaches that layer.
 
     Backward is reached through a hook on the layer's output gradient, so activation checkpointing (which runs the
     layer again in backward) needs nothing special. Returns the hook handles (``handle.remove()`` undoes it); empty
@@ -111,7 +111,9 @@ def release_after_layers(model: Any, every: int, release: Callable[[], Any] | No
     def in_backward(_grad: Any) -> None:
         run()
 
-    def after_forward(_module: Any, _args: Any, output: Any) -> None:
+    def after_forward(module: Any, _args: Any, output: Any) -> None:
+        if not module.training:  # evaluation and generation keep their speed
+            return
         run()
         out = output[0] if isinstance(output, tuple) else output
         if getattr(out, "requires_grad", False):

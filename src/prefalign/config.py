@@ -81,11 +81,12 @@ class PreferenceConfig(TrainingArguments):
                           "Process-wide; see prefalign/allocator.py."})
     release_cpu_memory_every: int = field(
         default=0,
-        metadata={"help": "When training on CPU under glibc (Linux): every N decoder layers, in forward and in "
-                          "backward, return the heap's free pages to the kernel, so peak RSS follows the memory in "
-                          "use instead of the heap's high-water mark (benchmark, long DPO: peak RSS 3.40 -> 2.90 GB "
-                          "with N=1, step time +16%). 0: never (fastest). For the least memory combine N=1 "
-                          "with gradient_checkpointing and a small logprob_chunk_rows; see README 'Memory'."})
+        metadata={"help": "When training on CPU under glibc (Linux): every N decoder layers, in training forward "
+                          "and backward (not in evaluation or generation), return the heap's free pages to the "
+                          "kernel, so peak RSS follows the memory in use instead of the heap's high-water mark "
+                          "(benchmark, long DPO: peak RSS 3.40 -> 2.90 GB with N=1, step time +16%). 0: never "
+                          "(fastest). For the least memory combine N=1 with gradient_checkpointing and a small "
+                          "logprob_chunk_rows; see README 'Memory'."})
     logprob_chunk_rows: int | None = field(
         default=None,
         metadata={"help": "Positions per LM-head chunk when computing log-probs: at most this many rows of "
