@@ -125,6 +125,8 @@ def memory_account(args: argparse.Namespace) -> None:
             marks[f"after step {s.global_step}"] = rss_gb()
 
     trainer.add_callback(Marks())
+    peak_op: dict[str, tuple[str, float, float]] = {}
+    trainer.add_callback(heap_trace(step=3, into=peak_op))
     heap: dict[str, float] = {}
     backward = trainer.accelerator.backward
 
@@ -147,6 +149,41 @@ def memory_account(args: argparse.Namespace) -> None:
     if heap:
         print(f"  malloc heap when backward starts: {heap['system']:.2f} GB held, {heap['used']:.2f} GB in use, "
               f"{heap['free']:.2f} GB free but resident (fragmentation between the step's buffers)")
+    if peak_op:
+        op, used, held = peak_op["peak"]
+        print(f"  malloc heap over step 3, read after every operator: at most {used:.2f} GB in use (after {op}), "
+              f"{held:.2f} GB held then")
+
+
+def heap_trace(step: int, into: dict) -> object:
+    """A TrainerCallback that reads the malloc heap after every operator of one step (forward, backward, optimizer)
+    and keeps in ``into["peak"]`` the reading with the most bytes in use: (operator, GB in use, GB held)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import TrainerCallback
+
+    class Reader(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            held, used = heap_gb()
+            if "peak" not in into or used > into["peak"][1]:
+                into["peak"] = (str(func), used, held)
+            return out
+
+    class HeapTrace(TrainerCallback):
+        def __init__(self) -> None:
+            self.reader: Reader | None = None
+
+        def on_step_begin(self, a, s, c, **kw):
+            if s.global_step + 1 == step and heap_gb()[0]:
+                self.reader = Reader()
+                self.reader.__enter__()
+
+        def on_step_end(self, a, s, c, **kw):
+            if self.reader is not None:
+                self.reader.__exit__(None, None, None)
+                self.reader = None
+
+    return HeapTrace()
 
 
 def heap_gb() -> tuple[float, float]:
