@@ -250,3 +250,21 @@ def test_release_every_must_not_be_negative(tmp_path):
 
     with pytest.raises(ConfigError, match="release_cpu_memory_every=-1 is out of range"):
         DPOConfig(output_dir=str(tmp_path), use_cpu=True, release_cpu_memory_every=-1)
+
+
+def test_trainer_says_when_release_has_nothing_to_hook(tmp_path, caplog):
+    from prefalign import ORPOConfig, ORPOTrainer
+    from prefalign.allocator import can_release_memory
+    from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+
+    if not can_release_memory():
+        pytest.skip("not glibc")
+    tok = smollm2_tokenizer()
+    for every, hooked in ((2, 1), (3, 0)):  # the tiny model has 2 layers
+        caplog.clear()
+        args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], release_cpu_memory_every=every)
+        tr = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
+        assert sum(len(layer._forward_hooks) for layer in tr.model.model.layers) == hooked
+        warned = [r.getMessage() for r in caplog.records if "release_cpu_memory_every" in r.getMessage()]
+        assert warned == ([] if hooked else ["release_cpu_memory_every=3 has no effect: the model has only 2 decoder "
+                                             "layers"])

@@ -24,7 +24,13 @@ from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import layers as lean_layers
-from .allocator import can_release_memory, preallocate_adam_state, release_after_layers, retain_freed_memory
+from .allocator import (
+    can_release_memory,
+    decoder_layers,
+    preallocate_adam_state,
+    release_after_layers,
+    retain_freed_memory,
+)
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
@@ -99,11 +105,15 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         if args.lean_activations:
             lean_layers.apply(model)
         if args.release_cpu_memory_every and args.device.type == "cpu":
+            n_layers = len(decoder_layers(model))
             why = ("this C library has no malloc_trim (glibc only)" if not can_release_memory() else
-                   "" if release_after_layers(model, args.release_cpu_memory_every) else
-                   "the model has no decoder-layer list (layers or h)")
+                   "the model has no decoder-layer list (layers or h)" if not n_layers else
+                   f"the model has only {n_layers} decoder layers" if args.release_cpu_memory_every > n_layers else
+                   "")
             if why:
                 logger.warning("release_cpu_memory_every=%d has no effect: %s", args.release_cpu_memory_every, why)
+            else:
+                release_after_layers(model, args.release_cpu_memory_every)
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
         self.data_reports: dict[str, TokenizeReport] = {}
         train_dataset = self._prepare_dataset(train_dataset, "train", args)
