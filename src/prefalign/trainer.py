@@ -104,16 +104,17 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             _disable_dropout(model)
         if args.lean_activations:
             lean_layers.apply(model)
-        if args.release_cpu_memory_every and args.device.type == "cpu":
-            n_layers = len(decoder_layers(model))
-            why = ("this C library has no malloc_trim (glibc only)" if not can_release_memory() else
-                   "the model has no decoder-layer list (layers or h)" if not n_layers else
-                   f"the model has only {n_layers} decoder layers" if args.release_cpu_memory_every > n_layers else
-                   "")
+        every = args.release_cpu_memory_every
+        if every and args.device.type == "cpu":
+            why = ""
+            if not can_release_memory():
+                why = "this C library has no malloc_trim (glibc only)"
+            elif not release_after_layers(model, every):  # nothing hooked: say why
+                n_layers = len(decoder_layers(model))
+                why = (f"the model has only {n_layers} decoder layers" if n_layers else
+                       "the model has no decoder-layer list (layers or h)")
             if why:
-                logger.warning("release_cpu_memory_every=%d has no effect: %s", args.release_cpu_memory_every, why)
-            else:
-                release_after_layers(model, args.release_cpu_memory_every)
+                logger.warning("release_cpu_memory_every=%d has no effect: %s", every, why)
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
         self.data_reports: dict[str, TokenizeReport] = {}
         train_dataset = self._prepare_dataset(train_dataset, "train", args)
