@@ -180,10 +180,11 @@ class _SparseGradEmbedding(torch.autograd.Function):
     """``weight[ids]`` whose weight gradient is a sparse tensor holding only the looked-up rows.
 
     nn.Embedding's dense backward zero-fills a ``[vocab, hidden]`` tensor (113 MB for SmolLM2) every step, then
-    autograd adds it to the LM head's gradient of the same tied weight. The sparse rows are added into that dense
-    gradient in place instead. Only used for a tied weight whose LM head also gets a gradient in the same step, so
-    the accumulated ``.grad`` is always dense (optimizers never see a sparse gradient). Given the head's
-    ``TiedGrad``, the rows are added straight into the head's dense gradient and no gradient is returned.
+    autograd adds it to the LM head's gradient of the same tied weight. Only the looked-up rows are produced here.
+    Given the head's ``TiedGrad`` they are added in place into the head's dense gradient and no gradient is
+    returned; without it they are returned as a sparse tensor, which autograd sums with the head's dense gradient
+    into a new dense one. Only used for a tied weight whose LM head also gets a gradient in the same step, so the
+    accumulated ``.grad`` is always dense (optimizers never see a sparse gradient).
     """
 
     @staticmethod
