@@ -1,4 +1,5 @@
-"""allocator.retain_freed_memory: a freed large buffer is reused by the next allocation instead of page-faulted."""
+"""speed/allocator.py: with the policy held, a freed large buffer is reused by the next allocation instead of
+page-faulted; released, the process's own malloc settings are back."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ import torch
 
 PROBE = """
 import resource, sys, torch
-from prefalign.allocator import retain_freed_memory
-applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+from prefalign.speed.allocator import hold_freed_memory, retain_freed_memory
+if sys.argv[1] == "retain":
+    applied = retain_freed_memory()
+elif sys.argv[1] == "held-then-released":  # the speed boundary's hold, ended: the process's own settings again
+    release = hold_freed_memory()
+    applied = release is not None
+    if applied:
+        release()
+else:
+    applied = False
 def faults_of_one_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 * 2**20)  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
@@ -41,20 +50,31 @@ def test_freed_memory_is_reused_instead_of_page_faulted_again():
     # retained: once the heap has settled (a few steps; glibc's aligned allocations need a bigger free block than
     # the one just freed at first), every step reuses freed pages
     assert retained < pages // 20
+    # held by the speed boundary and released again: the process's malloc settings are back (fresh mmap each step)
+    applied, _, released = _probe("held-then-released")
+    assert applied and released > pages // 2
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_cpu_trainer_applies_it_unless_turned_off(tmp_path, monkeypatch, enabled):
-    import prefalign.trainer
+def test_cpu_trainer_holds_it_during_train_unless_turned_off(tmp_path, monkeypatch, enabled):
+    import prefalign.speed
     from prefalign import ORPOConfig, ORPOTrainer
     from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
     calls = []
-    monkeypatch.setattr(prefalign.trainer, "retain_freed_memory", lambda: calls.append(1) or True)
+
+    def hold():
+        calls.append("hold")
+        return lambda: calls.append("release")
+
+    monkeypatch.setattr(prefalign.speed, "hold_freed_memory", hold)
     tok = smollm2_tokenizer()
-    args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=enabled)
-    ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
-    assert calls == ([1] if enabled else [])
+    args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=enabled, max_steps=1,
+                      save_strategy="no", disable_tqdm=True)
+    trainer = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
+    assert calls == []  # building a trainer changes nothing in the process
+    trainer.train()
+    assert calls == (["hold", "release"] if enabled else [])
 
 
 ADAM_MODES = {"default": {}, "foreach=False": {"foreach": False}, "fused": {"fused": True}}
@@ -64,7 +84,7 @@ def _adam_run(cls, kwargs: dict, preallocate: bool, steps: int = 3):
     """Train a small parameter set ``steps`` steps: two groups, float32 and float64 parameters, a frozen parameter
     (never gets state) and one that gets no gradient in the first step (Adam skips it there). Returns the optimizer,
     the parameters by name and what preallocate_adam_state returned (None when not called)."""
-    from prefalign.allocator import preallocate_adam_state
+    from prefalign.speed.allocator import preallocate_adam_state
 
     gen = torch.Generator().manual_seed(0)
     p = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen),
@@ -144,7 +164,7 @@ def test_preallocated_step_follows_a_float64_default_dtype():
 def test_other_optimizers_are_left_alone():
     """Only torch's own Adam and AdamW are known to initialise exactly so; anything else (an AdamW subclass too)
     keeps its lazy initialisation."""
-    from prefalign.allocator import preallocate_adam_state
+    from prefalign.speed.allocator import preallocate_adam_state
 
     class MyAdamW(torch.optim.AdamW):
         pass
@@ -160,7 +180,7 @@ def test_a_wrapped_optimizer_is_unwrapped():
     """accelerate's AcceleratedOptimizer keeps the torch optimizer as ``.optimizer``; the state goes on that one."""
     import types
 
-    from prefalign.allocator import preallocate_adam_state
+    from prefalign.speed.allocator import preallocate_adam_state
 
     w, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(3))
     inner = torch.optim.AdamW([w, b], amsgrad=True)
@@ -184,7 +204,8 @@ def test_trainer_optimizer_has_its_state_before_the_first_step(tmp_path):
     tok = smollm2_tokenizer()
     args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=False)
     trainer = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
-    opt = trainer.create_optimizer()
+    with trainer.fast():  # as inside train()
+        opt = trainer.create_optimizer()
     inner = getattr(opt, "optimizer", opt)
     assert type(inner) is torch.optim.AdamW
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -195,7 +216,7 @@ def test_trainer_optimizer_has_its_state_before_the_first_step(tmp_path):
 
 RELEASE_PROBE = """
 import sys, torch
-from prefalign.allocator import release_freed_memory, retain_freed_memory
+from prefalign.speed.allocator import release_freed_memory, retain_freed_memory
 def rss_mib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
@@ -219,7 +240,7 @@ def test_release_returns_a_freed_block_inside_the_heap_to_the_kernel():
 
 
 def test_release_after_layers_runs_in_forward_and_backward_every_nth_layer():
-    from prefalign.allocator import decoder_layers, release_after_layers
+    from prefalign.speed.allocator import decoder_layers, release_after_layers
     from tiny import smollm2_tokenizer, tiny_llama
 
     model = tiny_llama(smollm2_tokenizer(), num_hidden_layers=4).train()
@@ -254,7 +275,7 @@ def test_release_every_must_not_be_negative(tmp_path):
 
 def test_trainer_says_when_release_has_nothing_to_hook(tmp_path, caplog):
     from prefalign import ORPOConfig, ORPOTrainer
-    from prefalign.allocator import can_release_memory
+    from prefalign.speed.allocator import can_release_memory
     from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
     if not can_release_memory():
@@ -264,7 +285,9 @@ def test_trainer_says_when_release_has_nothing_to_hook(tmp_path, caplog):
         caplog.clear()
         args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], release_cpu_memory_every=every)
         tr = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
-        assert sum(len(layer._forward_hooks) for layer in tr.model.model.layers) == hooked
+        with tr.fast():  # as inside train() and evaluate()
+            assert sum(len(layer._forward_hooks) for layer in tr.model.model.layers) == hooked
+        assert sum(len(layer._forward_hooks) for layer in tr.model.model.layers) == 0  # removed again
         warned = [r.getMessage() for r in caplog.records if "release_cpu_memory_every" in r.getMessage()]
         assert warned == ([] if hooked else ["release_cpu_memory_every=3 has no effect: the model has only 2 decoder "
                                              "layers"])

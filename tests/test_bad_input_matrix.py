@@ -49,7 +49,7 @@ CASES = {
     "prompt longer than max_length": (
         "long.jsonl", _jsonl([GOOD, {"prompt": [{"role": "user", "content": "word " * 200}], "chosen": [A],
                                      "rejected": [B]}]),
-        ["--max-length", "64"], ["row 2", "prompt", "max_length=64", "max_prompt_length"]),
+        ["--max-length", "64"], ["line 2", "prompt", "max_length=64", "max_prompt_length"]),
     "unknown config key": ("ok.jsonl", _jsonl([GOOD]), ["--set", "lerning_rate=1e-5"],
                            ["lerning_rate", "learning_rate"]),
     "beta <= 0": ("ok.jsonl", _jsonl([GOOD]), ["--beta", "0"], ["beta", "> 0"]),

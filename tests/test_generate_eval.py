@@ -7,8 +7,7 @@ import torch
 
 from prefalign.evaluate import pair_metrics, sequence_logps, win_rate
 from prefalign.generate import build_pairs, generate, generate_pairs
-from prefalign.logprobs import token_logps
-from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+from tiny import conversational_rows, smollm2_tokenizer, tiny_llama, token_logps
 
 
 def _score(prompt: str, reply: str) -> float | None:

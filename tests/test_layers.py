@@ -1,12 +1,13 @@
-"""layers.py: the lean MLP and RMSNorm match the stock modules (values, gradients) and keep fewer bytes."""
+"""speed/layers.py: the lean MLP and RMSNorm match the stock modules (values, gradients) and keep fewer bytes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from prefalign import layers
-from tiny import smollm2_tokenizer, tiny_llama
+from prefalign import speed
+from prefalign.speed import layers
+from tiny import smollm2_tokenizer, tiny_llama, token_logps
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def test_patched_model_matches_stock_values_and_gradients(tok):
     ids = torch.randint(0, tok.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
     stock_loss, stock = _loss_and_grads(model, ids)
     n_layers = model.config.num_hidden_layers
-    assert layers.apply(model) == n_layers + 2 * n_layers + 1  # MLPs, two norms per layer, the final norm
-    assert layers.apply(model) == 0  # idempotent
+    assert len(layers.apply(model)) == n_layers + 2 * n_layers + 1  # MLPs, two norms per layer, the final norm
+    assert len(layers.apply(model)) == 0  # idempotent
     lean_loss, lean = _loss_and_grads(model, ids)
     assert lean_loss.item() == pytest.approx(stock_loss.item(), rel=1e-5)
     for name, g in stock.items():
@@ -50,7 +51,7 @@ def test_rmsnorm_matches_the_stock_module_in_its_dtype(tok, dtype):
     outs = []
     for patch in (False, True):
         if patch:
-            assert layers.apply(norm) == 1
+            assert len(layers.apply(norm)) == 1
         xi = x.clone().requires_grad_()
         y = norm(xi)
         gx, gw = torch.autograd.grad(y, [xi, norm.weight], grad)
@@ -181,31 +182,31 @@ def test_unpatched_model_is_unaffected_by_the_context(tok, monkeypatch):
         assert torch.equal(grads[name], g), name
 
 
-def test_token_logps_rebuilds_norm_outputs_only_when_recording_a_patched_model(tok, monkeypatch):
-    """logprobs._lean_forward enters the context for a patched model (layers.apply marks it) with grad enabled;
-    not under no_grad (nothing is saved) and not for an unpatched or restored model."""
-    from prefalign.logprobs import token_logps
+def test_fast_path_rebuilds_norm_outputs_only_inside_the_boundary_that_patched_the_model(tok, monkeypatch):
+    """The speed boundary patches the model and tells the fast path (FastPath.rebuild_norm_outputs) to rebuild norm
+    outputs: with grad enabled only (nothing is saved under no_grad); never for an unpatched or restored model."""
 
     model = tiny_llama(tok, seed=4)
     ids = torch.randint(0, tok.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     mask, target = torch.ones_like(ids), torch.ones_like(ids)
     log = _recipe_log(monkeypatch)
     token_logps(model, ids, mask, target).sum().backward()
-    assert log["recipes"] == [] and log["kept"] == {}  # unpatched: the context is not entered at all
-    assert layers.apply(model) == model._prefalign_lean == 7  # 2 MLPs, 2 x 2 norms, the final norm
-    with torch.no_grad():
-        ref = token_logps(model, ids, mask, target)
-    assert log["recipes"] == [] and log["kept"] == {}
-    model.zero_grad(set_to_none=True)
-    out = token_logps(model, ids, mask, target)
-    n = model.config.num_hidden_layers
-    # 5 per layer; the final norm's last position, read by the LM head at logits_to_keep=1 (unused in backward)
-    assert len(log["recipes"]) == 5 * n + 1
-    assert torch.equal(out.detach(), ref)
-    out.sum().backward()
-    assert len(log["unpacked"]) == 5 * n
-    layers.restore(model)
-    assert not hasattr(model, "_prefalign_lean")
+    assert log["recipes"] == [] and log["kept"] == {}  # outside the boundary: the context is not entered at all
+    with speed.enable(model, None) as handle:
+        assert handle.lean_modules == 7 and handle.path.rebuild_norm_outputs  # 2 MLPs, 2 x 2 norms, final norm
+        with torch.no_grad():
+            ref = token_logps(model, ids, mask, target, path=handle.path)
+        assert log["recipes"] == [] and log["kept"] == {}
+        model.zero_grad(set_to_none=True)
+        out = token_logps(model, ids, mask, target, path=handle.path)
+        n = model.config.num_hidden_layers
+        # 5 per layer; the final norm's last position, read by the LM head at logits_to_keep=1 (unused in backward)
+        assert len(log["recipes"]) == 5 * n + 1
+        assert torch.equal(out.detach(), ref)
+        out.sum().backward()
+        assert len(log["unpacked"]) == 5 * n
+        path = handle.path
+    assert all("forward" not in vars(m) for m in model.modules())  # undone
     log["recipes"].clear()
-    token_logps(model, ids, mask, target)
+    token_logps(model, ids, mask, target, path=path)
     assert log["recipes"] == []

@@ -52,69 +52,76 @@ def load_error(source, **kw) -> str:
 # ---------------------------------------------------------------- sources
 
 
+def _rows(ds):
+    """The loaded rows without the loader's row numbers (asserted where they matter)."""
+    return [{k: v for k, v in r.items() if k != "source_row"} for r in ds.to_list()]
+
+
 def test_jsonl(tmp_path):
     ds = load_preference_dataset(write_jsonl(tmp_path / "p.jsonl", TEXT_ROWS))
     assert isinstance(ds, datasets.Dataset)
-    assert ds.column_names == ["prompt", "chosen", "rejected"]
-    assert ds.to_list() == TEXT_ROWS
+    assert ds.column_names == ["prompt", "chosen", "rejected", "source_row"]
+    assert _rows(ds) == TEXT_ROWS
 
 
 def test_jsonl_blank_lines_and_bom(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(("\ufeff" + json.dumps(TEXT_ROWS[0]) + "\n\n   \n" + json.dumps(TEXT_ROWS[1]) + "\r\n")
                      .encode("utf-8"))
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS[:2]
+    ds = load_preference_dataset(path)
+    assert _rows(ds) == TEXT_ROWS[:2]
+    assert ds["source_row"] == [1, 4]  # line numbers: blank lines count
 
 
 def test_conversational_jsonl(tmp_path):
     ds = load_preference_dataset(write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS))
-    assert ds.to_list() == CHAT_ROWS
+    assert _rows(ds) == CHAT_ROWS
 
 
 def test_json_list(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(TEXT_ROWS, indent=2))
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(path)) == TEXT_ROWS
 
 
 def test_json_train_key_and_column_oriented(tmp_path):
     path = tmp_path / "splits.json"
     path.write_text(json.dumps({"train": TEXT_ROWS[:2], "test": TEXT_ROWS[2:]}))
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS[:2]
+    assert _rows(load_preference_dataset(path)) == TEXT_ROWS[:2]
     path = tmp_path / "cols.json"
     path.write_text(json.dumps({k: [r[k] for r in TEXT_ROWS] for k in ("prompt", "chosen", "rejected")}))
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(path)) == TEXT_ROWS
 
 
 def test_json_lines_saved_as_json(tmp_path):
     path = tmp_path / "p.json"
     write_jsonl(path, TEXT_ROWS)
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(path)) == TEXT_ROWS
 
 
 def test_csv(tmp_path):
     # commas and newlines inside fields survive CSV quoting
     ds = load_preference_dataset(write_csv(tmp_path / "p.csv", TEXT_ROWS))
-    assert ds.to_list() == TEXT_ROWS
+    assert _rows(ds) == TEXT_ROWS
 
 
 def test_parquet(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(TEXT_ROWS), path)
-    assert load_preference_dataset(path).to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(path)) == TEXT_ROWS
     path = tmp_path / "c.parquet"
     pq.write_table(pa.Table.from_pylist(CHAT_ROWS), path)
-    assert load_preference_dataset(path).to_list() == CHAT_ROWS
+    assert _rows(load_preference_dataset(path)) == CHAT_ROWS
 
 
 def test_save_to_disk_dataset_and_dict(tmp_path):
     datasets.Dataset.from_list(TEXT_ROWS).save_to_disk(str(tmp_path / "ds"))
-    assert load_preference_dataset(tmp_path / "ds").to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(tmp_path / "ds")) == TEXT_ROWS
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(TEXT_ROWS[:1]),
                                "test": datasets.Dataset.from_list(TEXT_ROWS[1:])})
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert load_preference_dataset(tmp_path / "dd").to_list() == TEXT_ROWS[:1]
-    assert load_preference_dataset(str(tmp_path / "dd"), split="test").to_list() == TEXT_ROWS[1:]
+    assert _rows(load_preference_dataset(tmp_path / "dd")) == TEXT_ROWS[:1]
+    assert _rows(load_preference_dataset(str(tmp_path / "dd"), split="test")) == TEXT_ROWS[1:]
     msg = load_error(str(tmp_path / "dd"), split="validation")
     assert str(tmp_path / "dd") in msg and "no split 'validation'" in msg and "train, test" in msg
 
@@ -122,24 +129,24 @@ def test_save_to_disk_dataset_and_dict(tmp_path):
 def test_directory_of_split_files(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", TEXT_ROWS[:2])
     write_jsonl(tmp_path / "test.jsonl", TEXT_ROWS[2:])
-    assert load_preference_dataset(tmp_path).to_list() == TEXT_ROWS[:2]
-    assert load_preference_dataset(tmp_path, split="test").to_list() == TEXT_ROWS[2:]
+    assert _rows(load_preference_dataset(tmp_path)) == TEXT_ROWS[:2]
+    assert _rows(load_preference_dataset(tmp_path, split="test")) == TEXT_ROWS[2:]
 
 
 def test_in_memory_dataset_and_rows():
     ds = datasets.Dataset.from_list(CHAT_ROWS)
-    assert load_preference_dataset(ds).to_list() == CHAT_ROWS
+    assert _rows(load_preference_dataset(ds)) == CHAT_ROWS
     dd = datasets.DatasetDict({"train": ds, "eval": datasets.Dataset.from_list(CHAT_ROWS[:1])})
-    assert load_preference_dataset(dd, split="eval").to_list() == CHAT_ROWS[:1]
-    assert load_preference_dataset(list(TEXT_ROWS)).to_list() == TEXT_ROWS
+    assert _rows(load_preference_dataset(dd, split="eval")) == CHAT_ROWS[:1]
+    assert _rows(load_preference_dataset(list(TEXT_ROWS))) == TEXT_ROWS
 
 
 def test_column_mapping(tmp_path):
     rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "score": 1} for r in TEXT_ROWS]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     ds = load_preference_dataset(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
-    assert ds.column_names == ["prompt", "chosen", "rejected"]  # unmapped columns are dropped
-    assert ds.to_list() == TEXT_ROWS
+    assert ds.column_names == ["prompt", "chosen", "rejected", "source_row"]  # unmapped columns are dropped
+    assert _rows(ds) == TEXT_ROWS
     msg = load_error(path, columns={"chosen": "gooood", "rejected": "bad"})
     assert "no column 'gooood'" in msg and "question, good, bad, score" in msg
     msg = load_error(path, columns={"answer": "good"})
@@ -150,11 +157,12 @@ def test_system_column_and_implicit_prompt(tmp_path):
     rows = [{"system": "Be kind.", "chosen": "Q? Yes", "rejected": "Q? No"},
             {"system": None, "chosen": "R? Fine", "rejected": "R? Bad"}]
     ds = load_preference_dataset(write_jsonl(tmp_path / "s.jsonl", rows))
-    assert ds.column_names == ["chosen", "rejected", "system"]
-    assert ds.to_list() == [{"chosen": r["chosen"], "rejected": r["rejected"], "system": r["system"]} for r in rows]
+    assert ds.column_names == ["chosen", "rejected", "system", "source_row"]
+    assert _rows(ds) == [{"chosen": r["chosen"], "rejected": r["rejected"], "system": r["system"]} for r in rows]
     # a prompt column that is null everywhere is the implicit-prompt format: the column is dropped
     rows = [{"prompt": None, "chosen": "Q? Yes", "rejected": "Q? No"}]
-    assert load_preference_dataset(write_jsonl(tmp_path / "n.jsonl", rows)).column_names == ["chosen", "rejected"]
+    columns = load_preference_dataset(write_jsonl(tmp_path / "n.jsonl", rows)).column_names
+    assert columns == ["chosen", "rejected", "source_row"]
 
 
 # ---------------------------------------------------------------- file-level errors
@@ -321,7 +329,7 @@ def test_rows_missing_an_optional_field_keep_the_column(tmp_path):
     rows = [{"chosen": "Q? Yes", "rejected": "Q? No"}, {"prompt": "R?", "chosen": " Fine", "rejected": " Bad"},
             {"chosen": "S? a", "rejected": "S? b", "system": "Be kind."}]
     ds = load_preference_dataset(write_jsonl(tmp_path / "o.jsonl", rows))
-    assert ds.column_names == ["prompt", "chosen", "rejected", "system"]
+    assert ds.column_names == ["prompt", "chosen", "rejected", "system", "source_row"]
     assert ds[1]["prompt"] == "R?" and ds[0]["prompt"] is None and ds[2]["system"] == "Be kind."
 
 
@@ -437,12 +445,12 @@ def test_jsonl_with_unicode_line_separator_in_a_string(tmp_path):
     rows = [{"prompt": "p", "chosen": "first\u2028second", "rejected": "r\x85s"}, TEXT_ROWS[0]]
     path = tmp_path / "u.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert load_preference_dataset(path).to_list() == rows
+    assert _rows(load_preference_dataset(path)) == rows
 
 
 def test_csv_with_unicode_line_separator_in_a_field(tmp_path):
     rows = [{"prompt": "p", "chosen": "first\u2028second", "rejected": "r"}, TEXT_ROWS[0]]
-    assert load_preference_dataset(write_csv(tmp_path / "u.csv", rows)).to_list() == rows
+    assert _rows(load_preference_dataset(write_csv(tmp_path / "u.csv", rows))) == rows
 
 
 def test_rows_mixing_text_and_messages_raise_data_error(tmp_path):

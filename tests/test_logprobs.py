@@ -9,8 +9,9 @@ import torch
 
 from prefalign.data.collate import PairCollator
 from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
-from prefalign.logprobs import can_chunk, chunked_head_logps, token_logps
-from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+from prefalign.speed.forward import can_chunk
+from prefalign.speed.head import chunked_head_logps
+from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, tiny_llama, token_logps
 
 TOL = 1e-5
 
@@ -46,7 +47,7 @@ def naive_logps(model, input_ids, attention_mask, target_mask) -> torch.Tensor:
 
 
 def _inputs(batch):
-    return batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    return batch["input_ids"], batch["attention_mask"], row_reply_mask(batch)
 
 
 def test_token_logps_matches_full_logits(model, batch):
@@ -87,7 +88,7 @@ def _grads(model, batch, weights, **kw) -> tuple[torch.Tensor, dict[str, torch.T
 
 
 def test_chunked_gradients_match_full_logits(tok, batch):
-    n_targets = int(batch["completion_mask"][:, 1:].sum())
+    n_targets = int(row_reply_mask(batch)[:, 1:].sum())
     assert n_targets > 3 * 5  # several chunks of 3 rows
     weights = torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(1))
     # float64 weights, so the two paths differ only in how they compute, not in float32 rounding (the log-softmax

@@ -11,7 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefalign.losses import dpo_loss, log1mexp, orpo_loss
+from prefalign import losses as L
+from prefalign.losses import log1mexp, nll_loss
+
+
+def dpo_loss(*args, **kwargs):
+    """The library's per-pair DPO losses, reduced as the trainer reduces them (the mean over pairs)."""
+    losses, metrics = L.dpo_loss(*args, **kwargs)
+    assert losses.shape == args[0].shape  # one loss per pair
+    return losses.mean(), metrics
+
+
+def orpo_loss(*args, **kwargs):
+    """The library's per-pair ORPO losses, reduced as the trainer reduces them (the mean over pairs)."""
+    losses, metrics = L.orpo_loss(*args, **kwargs)
+    return losses.mean(), metrics
 
 METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"}
@@ -422,3 +436,21 @@ def test_orpo_matches_trl_odds_ratio_loss(alpha):
     # and the summed F.logsigmoid form in the docstring
     log_or = (lw - ll) - (torch.log(-torch.expm1(lw)) - torch.log(-torch.expm1(ll)))
     assert loss.item() == pytest.approx((nll - alpha * F.logsigmoid(log_or).mean()).item(), rel=1e-6)
+
+
+def test_dpo_losses_are_per_pair():
+    losses, _ = L.dpo_loss(t64(-1.0, -3.0), t64(-2.0, -2.0), t64(-1.5, -2.5), t64(-2.0, -2.0), beta=1.0)
+    # h = 0.5 and -0.5: -log sigmoid(h) per pair
+    assert losses.tolist() == pytest.approx([-log_sigmoid(0.5), -log_sigmoid(-0.5)], abs=1e-12)
+
+
+def test_nll_loss_is_a_token_mean_over_the_batch_written_per_pair():
+    sums, counts = t64(-6.0, -2.0), torch.tensor([3, 1])
+    per_pair = nll_loss(sums, counts.sum())
+    # mean over pairs = -(6 + 2) / (3 + 1) = 2.0: a token mean, not the mean of per-pair means (1.5)
+    assert per_pair.tolist() == pytest.approx([2 * 6.0 / 4, 2 * 2.0 / 4], abs=1e-12)
+    assert per_pair.mean().item() == pytest.approx(2.0, abs=1e-12)
+    # two processes with half the batch each: the global count over the world size gives the same average loss
+    half = [nll_loss(sums[i:i + 1], counts.sum() / 2).mean() for i in range(2)]
+    assert ((half[0] + half[1]) / 2).item() == pytest.approx(2.0, abs=1e-12)
+    assert nll_loss(t64(0.0), 0).item() == 0.0  # no tokens: no NaN

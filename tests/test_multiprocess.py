@@ -1,5 +1,6 @@
 """`accelerate launch` with 2 CPU processes (gloo) and per-device batch b gives the losses of one process with
-batch 2b, step by step."""
+batch 2b, step by step: DPO, DPO with the sft term (RPO: its token mean is over the global batch, as ORPO's NLL),
+and ORPO."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _run(cmd: list[str], out: Path) -> list[float]:
     return json.loads((out / "losses.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
+@pytest.mark.parametrize("method", ["dpo", "dpo-rpo", "orpo"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, method):
     one = _run([sys.executable, "mp_worker.py", method, "4", str(tmp_path / "one")], tmp_path / "one")
     # `accelerate launch --multi_gpu` starts the processes with torchrun; without CUDA the Trainer's Accelerator
@@ -41,6 +42,6 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, method):
     assert len(one) == len(two) == 4
     assert one[-1] != one[0]  # training moved the loss
     assert two == pytest.approx(one, abs=1e-5)
-    if method == "dpo":  # the main process computed the reference log-probs; the other read its cache
+    if method != "orpo":  # the main process computed the reference log-probs; the other read its cache
         computed = {p.name: json.loads(p.read_text()) for p in (tmp_path / "two").glob("reference-*.json")}
         assert computed == {"reference-0.json": "computed", "reference-1.json": "read"}

@@ -56,7 +56,7 @@ def test_skip_drops_the_bad_step_and_goes_on(tmp_path):
 
     tr = DPOTrainer(tiny_llama(tok, 1), args=_args(tmp_path, on_nonfinite="skip"), processing_class=tok,
                     train_dataset=datasets.Dataset.from_list(conversational_rows(6)), callbacks=[Snap()])
-    real = tr._loss_and_metrics
+    real = tr.pair_losses
     calls = []
 
     def poisoned(model, inputs):
@@ -64,7 +64,7 @@ def test_skip_drops_the_bad_step_and_goes_on(tmp_path):
         loss, metrics = real(model, inputs)
         return (loss * float("nan") if len(calls) == 2 else loss), metrics
 
-    tr._loss_and_metrics = poisoned
+    tr.pair_losses = poisoned
     tr.train()
     assert tr.nonfinite_skipped == [2] and tr.state.global_step == 3
     for k in snapshots[1]:

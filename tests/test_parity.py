@@ -9,7 +9,7 @@ from trl.experimental.orpo import ORPOConfig as TrlORPOConfig
 from trl.experimental.orpo import ORPOTrainer as TrlORPOTrainer
 
 from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
-from tiny import conversational_rows, smollm2_tokenizer, text_rows, tiny_llama
+from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, text_rows, tiny_llama, token_logps
 
 TOL = 1e-4
 COMMON = dict(per_device_eval_batch_size=3, report_to=[], use_cpu=True, bf16=False, max_length=256, seed=0)
@@ -109,12 +109,11 @@ def test_orpo_default_nll_covers_only_the_reply(tmp_path):
     # The paper's NLL is minus the mean reply-token log-prob of the chosen replies (all chosen rows, token mean).
     examples = [paper.eval_dataset[i] for i in range(3)]
     from prefalign.data.collate import PairCollator
-    from prefalign.logprobs import token_logps
 
     padded = PairCollator(tok.pad_token_id)(examples)
-    tok_lp = token_logps(paper.model, padded["input_ids"], padded["attention_mask"], padded["completion_mask"])
-    m = padded["completion_mask"][:3]
+    tok_lp = token_logps(paper.model, padded["input_ids"], padded["attention_mask"], row_reply_mask(padded))
+    m = row_reply_mask(padded)[:3]
     expected = -(tok_lp[:3] * m).sum() / m.sum()
     _, metrics = paper.compute_loss(paper.model, paper.data_collator(examples), return_outputs=True)
     assert "predictor" in paper.data_collator(examples)  # prefix sharing is on by default
-    assert metrics["nll_loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert metrics["nll_loss"].mean().item() == pytest.approx(expected.item(), abs=1e-5)  # as logged: the mean

@@ -9,8 +9,15 @@ import torch
 
 from prefalign.data.collate import PairCollator, PrefixSharedCollator, pack_rows
 from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
-from prefalign.logprobs import model_attention_mask, pair_token_logps, token_logps
-from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+from prefalign.logps import fast_token_logps, mask_kind, model_attention_mask, pair_logps, plain_token_logps
+from prefalign.speed import FastPath
+from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, tiny_llama, token_logps
+
+
+def pair_token_logps(model, batch, wanted, attention_mask=None):
+    """The fast path on a collated batch with the given mask: pair-layout log-probs of the wanted tokens."""
+    mask = batch["attention_mask"] if attention_mask is None else attention_mask
+    return fast_token_logps(model, {**batch, "attention_mask": mask}, wanted.bool(), FastPath())
 
 
 def _rows():
@@ -29,7 +36,7 @@ def _rows():
 def _separate(model, examples):
     """Reference numbers: chosen and rejected as two right-padded sequences."""
     batch = PairCollator(0)(examples)
-    tok = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    tok = token_logps(model, batch["input_ids"], batch["attention_mask"], row_reply_mask(batch))
     n = len(examples)
     out = []
     for i, e in enumerate(examples):
@@ -158,18 +165,13 @@ def test_flex_attention_training_on_cpu_is_refused(tmp_path):
         DPOTrainer(model, args=args, train_dataset=conversational_rows(2), processing_class=tok)
 
 
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
 def _record_sdpa(monkeypatch, fail: bool = False) -> list:
-    """Wrap torch's SDPA (transformers looks it up per call): per call (query heads, key heads, value heads,
-    enable_gqa, the GQA switch as set during the call)."""
+    """Wrap torch's SDPA (looked up per call): per call (query heads, key heads, value heads, enable_gqa)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
 
     def recording(query, key, value, *args, **kwargs):
-        calls.append((query.shape[1], key.shape[1], value.shape[1], kwargs.get("enable_gqa", False),
-                      os.environ.get(GQA_SWITCH)))
+        calls.append((query.shape[1], key.shape[1], value.shape[1], kwargs.get("enable_gqa", False)))
         if fail:
             raise RuntimeError("boom")
         return sdpa(query, key, value, *args, **kwargs)
@@ -178,12 +180,12 @@ def _record_sdpa(monkeypatch, fail: bool = False) -> list:
     return calls
 
 
-@pytest.mark.parametrize("mask_kind", ["float", "bool"])
-def test_sdpa_keeps_grouped_kv_heads_with_a_4d_mask_on_cpu(monkeypatch, mask_kind):
-    """With a custom 4-D mask on CPU, SDPA gets the 2 key/value heads as they are (enable_gqa) instead of copies
-    repeated to the 4 query heads: same log-probs and gradients as with the switch off, and the switch is set for
-    the forward only."""
-    from prefalign.trainer import _mask_kind
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_sdpa_keeps_grouped_kv_heads_with_a_4d_mask_on_cpu(monkeypatch, kind):
+    """Inside the speed boundary, SDPA with a custom 4-D mask on CPU gets the 2 key/value heads as they are
+    (enable_gqa) instead of copies repeated to the 4 query heads: same log-probs and gradients as without, the
+    environment untouched, and the model's attention implementation back to "sdpa" afterwards."""
+    from prefalign import speed
 
     tok = smollm2_tokenizer()
     examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
@@ -191,27 +193,27 @@ def test_sdpa_keeps_grouped_kv_heads_with_a_4d_mask_on_cpu(monkeypatch, mask_kin
     wanted = (batch["chosen_mask"] | batch["rejected_mask"]).bool()
     weights = torch.randn(wanted.shape, generator=torch.Generator().manual_seed(5))
     calls = _record_sdpa(monkeypatch)
+    env = dict(os.environ)
     results = {}
-    for switch in ("unset", "0"):
-        if switch == "unset":
-            monkeypatch.delenv(GQA_SWITCH, raising=False)
-        else:
-            monkeypatch.setenv(GQA_SWITCH, switch)  # preset: left as it is, so the feature is off
+    for grouped in (True, False):
         model = tiny_llama(tok, 3, attn_implementation="sdpa")
         cfg = model.config
         assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)  # grouped-query attention
-        assert _mask_kind(model) == "float"  # what the trainer builds for SDPA: one additive mask per batch
-        mask = model_attention_mask(batch["attention_mask"], mask_kind, model.dtype)
+        assert mask_kind(model) == "float"  # what the fast path builds for SDPA: one additive mask per batch
+        mask = model_attention_mask(batch["attention_mask"], kind, model.dtype)
         assert mask.dim() == 4
         calls.clear()
-        out = pair_token_logps(model, batch, wanted, attention_mask=mask)
-        (out * weights).sum().backward()
-        results[switch] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls))
-        assert os.environ.get(GQA_SWITCH) == (None if switch == "unset" else "0")  # not left set
+        handle = speed.enable(model, None) if grouped else speed.Speed(FastPath(), [])
+        with handle:
+            assert handle.grouped_attention is grouped
+            out = pair_token_logps(model, batch, wanted, attention_mask=mask)
+            (out * weights).sum().backward()
+        results[grouped] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls))
+        assert cfg._attn_implementation == "sdpa" and dict(os.environ) == env
     layers = cfg.num_hidden_layers
-    assert results["unset"][2] == [(4, 2, 2, True, "1")] * layers  # grouped heads, switch on during the forward
-    assert results["0"][2] == [(4, 4, 4, False, "0")] * layers  # repeated heads
-    (on, grads_on, _), (off, grads_off, _) = results["unset"], results["0"]
+    assert results[True][2] == [(4, 2, 2, True)] * layers  # grouped heads
+    assert results[False][2] == [(4, 4, 4, False)] * layers  # repeated heads
+    (on, grads_on, _), (off, grads_off, _) = results[True], results[False]
     assert (on[wanted] < 0).all()
     torch.testing.assert_close(on, off, atol=1e-6, rtol=0)
     assert max(g.abs().max().item() for g in grads_off.values()) > 1e-2  # not near-zero gradients
@@ -219,30 +221,52 @@ def test_sdpa_keeps_grouped_kv_heads_with_a_4d_mask_on_cpu(monkeypatch, mask_kin
         torch.testing.assert_close(grads_on[name], g, atol=1e-5, rtol=0)
 
 
-def test_gqa_switch_is_not_set_without_a_4d_mask_or_sdpa_and_is_cleared_on_error(monkeypatch):
-    """A 2-D padding mask (transformers decides itself) and eager attention leave the switch alone; a forward that
-    raises still removes it."""
-    monkeypatch.delenv(GQA_SWITCH, raising=False)
+def test_grouped_sdpa_leaves_padding_masks_eager_and_errors_alone(monkeypatch):
+    """A 2-D padding mask still gets transformers' own mask; eager attention is never switched; a forward that
+    raises inside the boundary still leaves the model as it was."""
+    from prefalign import speed
+
     tok = smollm2_tokenizer()
     examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
     sep = PairCollator(0)(examples)
-    calls = _record_sdpa(monkeypatch)
     model = tiny_llama(tok, 3, attn_implementation="sdpa")
     with torch.no_grad():
-        token_logps(model, sep["input_ids"], sep["attention_mask"], sep["completion_mask"])
-    assert calls and all(c[4] is None for c in calls)
+        plain = pair_logps(model, sep, FastPath())
+        with speed.enable(model, None):
+            grouped = pair_logps(model, sep, FastPath())
+    torch.testing.assert_close(grouped.chosen, plain.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped.rejected, plain.rejected, atol=1e-5, rtol=0)
+
+    eager = tiny_llama(tok, 3, attn_implementation="eager")
+    with speed.enable(eager, None) as handle:
+        assert not handle.grouped_attention and eager.config._attn_implementation == "eager"
 
     batch = PrefixSharedCollator(0)(examples)
-    eager = tiny_llama(tok, 3, attn_implementation="eager")
-    seen = []
-    hook = eager.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(os.environ.get(GQA_SWITCH)))
-    with torch.no_grad():
-        pair_token_logps(eager, batch, batch["chosen_mask"], attention_mask=model_attention_mask(
-            batch["attention_mask"], "float", eager.dtype))
-    hook.remove()
-    assert seen == [None]
-
     calls = _record_sdpa(monkeypatch, fail=True)
-    with pytest.raises(RuntimeError, match="boom"):
-        pair_token_logps(model, batch, batch["chosen_mask"], attention_mask=batch["attention_mask"])
-    assert calls == [(4, 2, 2, True, "1")] and GQA_SWITCH not in os.environ
+    with pytest.raises(RuntimeError, match="boom"), speed.enable(model, None):
+        pair_logps(model, batch, FastPath())
+    assert calls == [(4, 2, 2, True)] and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("collate", ["padded", "shared", "packed"])
+def test_plain_path_is_the_oracle_for_every_layout(collate):
+    """pair_logps without a FastPath (full logits of two ordinary sequences per pair) equals the fast path, for every
+    collator, with the NLL's prompt tokens too (TRL's ORPO)."""
+    tok = smollm2_tokenizer()
+    examples, _ = tokenize_rows(_rows(), tok, TokenizeSettings(max_length=90))
+    make = {"padded": PairCollator(0), "shared": PrefixSharedCollator(0, pack=False),
+            "packed": PrefixSharedCollator(0)}[collate]
+    batch = make(examples)
+    model = tiny_llama(tok, 3).double()
+    with torch.no_grad():
+        fast = pair_logps(model, batch, FastPath(chunk_rows=5), nll_on_prompt=True)
+        plain = pair_logps(model, batch, None, nll_on_prompt=True)
+    for name in ("chosen", "rejected", "nll"):
+        assert (getattr(plain, name) < 0).all()
+        torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=1e-6, rtol=0)
+    for name in ("chosen_tokens", "rejected_tokens", "nll_tokens"):
+        assert getattr(fast, name).tolist() == getattr(plain, name).tolist()
+    p, c = (len(examples[0][k]) for k in ("prompt_ids", "chosen_ids"))
+    assert fast.nll_tokens[0].item() == p - 1 + c  # the prompt after its first token, and the chosen reply
+    wanted = batch["chosen_mask"].bool()
+    torch.testing.assert_close(plain_token_logps(model, batch, wanted).sum(-1), plain.chosen, atol=0, rtol=0)

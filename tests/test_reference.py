@@ -10,7 +10,7 @@ from peft import LoraConfig
 from prefalign import DPOConfig, DPOTrainer
 from prefalign import reference as reference_mod
 from prefalign.errors import ConfigError
-from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
+from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, tiny_llama, token_logps
 
 
 @pytest.fixture
@@ -86,11 +86,10 @@ def test_peft_reference_precompute_uses_the_adapter_disabled_base(tmp_path, home
     tr = DPOTrainer(tiny_llama(tok, 1), args=_args(tmp_path), train_dataset=ds, processing_class=tok,
                     peft_config=lora)
     from prefalign.data.collate import PairCollator
-    from prefalign.logprobs import token_logps
 
     batch = PairCollator(tok.pad_token_id)([{k: tr.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids",
                                                                               "rejected_ids")} for i in range(4)])
-    mask = batch["completion_mask"]
+    mask = row_reply_mask(batch)
     base = (token_logps(tiny_llama(tok, 1), batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
     stored = torch.tensor(list(tr.train_dataset["ref_chosen_logps"]) + list(tr.train_dataset["ref_rejected_logps"]))
     torch.testing.assert_close(stored, base, atol=1e-4, rtol=0)
@@ -112,11 +111,10 @@ def test_without_ref_model_the_untrained_policy_is_the_reference_and_no_copy_is_
                     train_dataset=ds, eval_dataset=ds, processing_class=tok)
     assert tr.ref_model is None and "LlamaForCausalLM" not in copies
     from prefalign.data.collate import PairCollator
-    from prefalign.logprobs import token_logps
 
     batch = PairCollator(tok.pad_token_id)([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                                             for r in tr.train_dataset])
-    mask = batch["completion_mask"]
+    mask = row_reply_mask(batch)
     sums = (token_logps(tiny_llama(tok, 1), batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
     expected_chosen = sums[:4]
     assert list(tr.train_dataset["ref_chosen_logps"]) == pytest.approx(expected_chosen.tolist(), abs=1e-4)

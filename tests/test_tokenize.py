@@ -10,7 +10,7 @@ from prefalign.data.collate import PairCollator
 from prefalign.data.format import to_example
 from prefalign.data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from prefalign.errors import DataError
-from tiny import conversational_rows, smollm2_tokenizer, text_rows
+from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, text_rows
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM"
 
@@ -276,18 +276,26 @@ def test_pair_collator_layout_and_masks(tok):
     seqs = [(p, "chosen", r) for p, r in zip(pairs, rows, strict=True)] + \
         [(p, "rejected", r) for p, r in zip(pairs, rows, strict=True)]  # chosen rows first, then rejected
     length = max(len(p["prompt_ids"]) + len(p[f"{k}_ids"]) for p, k, _ in seqs)
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-    for key in ("input_ids", "attention_mask", "completion_mask"):
+    assert set(batch) == {"input_ids", "attention_mask", "position_ids", "predictor", "pair_index", "prompt_mask",
+                          "chosen_mask", "rejected_mask", "ref_chosen_logps", "ref_rejected_logps"}
+    for key in ("input_ids", "attention_mask", "position_ids", "predictor"):
         assert batch[key].shape == (4, length) and batch[key].dtype == torch.long
+    # pair layout [prompt | chosen | rejected]: chosen tokens from row i, rejected ones from row 2 + i
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = (len(p[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        pair_ids = batch["input_ids"].flatten()[batch["pair_index"][i, :n_p + n_c + n_r]].tolist()
+        assert pair_ids == p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]
+        assert batch["chosen_mask"][i].sum() == n_c and batch["rejected_mask"][i].sum() == n_r
+        assert batch["prompt_mask"][i, :n_p].all() and not batch["prompt_mask"][i, n_p:].any()
     for i, (p, kind, row) in enumerate(seqs):
         prompt, reply = p["prompt_ids"], p[f"{kind}_ids"]
         n = len(prompt) + len(reply)
         assert batch["input_ids"][i, :n].tolist() == prompt + reply
         assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (length - n)
-        assert batch["completion_mask"][i].tolist() == [0] * len(prompt) + [1] * len(reply) + [0] * (length - n)
+        assert row_reply_mask(batch)[i].tolist() == [0] * len(prompt) + [1] * len(reply) + [0] * (length - n)
         # the masked tokens are exactly the reply text and its end-of-turn
-        picked = batch["input_ids"][i][batch["completion_mask"][i].bool()]
+        picked = batch["input_ids"][i][row_reply_mask(batch)[i].bool()]
         assert tok.decode(picked) == row[kind][0]["content"] + "<|im_end|>\n"
     assert any(batch["attention_mask"][i, -1] == 0 for i in range(4))  # there is padding to check
     assert batch["ref_chosen_logps"].tolist() == [-1.5, -2.5]
@@ -302,8 +310,9 @@ def test_pair_collator_pad_to_multiple_of(tok):
     length = plain["input_ids"].shape[1]
     assert padded["input_ids"].shape == (6, -(-length // 16) * 16)
     assert padded["input_ids"].shape[1] > length
-    for key in ("input_ids", "attention_mask", "completion_mask"):
+    for key in ("input_ids", "attention_mask", "position_ids", "predictor"):
         assert torch.equal(padded[key][:, :length], plain[key])
-    assert (padded["attention_mask"][:, length:] == 0).all() and (padded["completion_mask"][:, length:] == 0).all()
+    assert (padded["attention_mask"][:, length:] == 0).all() and (row_reply_mask(padded)[:, length:] == 0).all()
+    assert torch.equal(row_reply_mask(padded)[:, :length], row_reply_mask(plain))
     assert (padded["input_ids"][:, length:] == tok.pad_token_id).all()
     assert "ref_chosen_logps" not in padded

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from prefalign import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
-from tiny import conversational_rows, save_tiny, smollm2_tokenizer, tiny_llama
+from tiny import conversational_rows, row_reply_mask, save_tiny, smollm2_tokenizer, tiny_llama, token_logps
 
 
 def _cfg(tmp_path, cls=DPOConfig, **kw):
@@ -55,13 +55,12 @@ def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
                     eval_dataset=ds, processing_class=tok, peft_config=lora)
     assert tr.ref_model is None
     examples = [tr.eval_dataset[i] for i in range(4)]
-    ref = tr._reference_logps(tr.model, tr.data_collator(examples))  # the trainer's (prefix-shared) layout
+    ref = torch.cat(tr._reference_logps(tr.model, tr.data_collator(examples)))  # the trainer's (prefix-shared) layout
     base = tiny_llama(tok, 1)
     from prefalign.data.collate import PairCollator
-    from prefalign.logprobs import token_logps
 
     batch = PairCollator(tok.pad_token_id)(examples)
-    mask = batch["completion_mask"]
+    mask = row_reply_mask(batch)
     expected = (token_logps(base, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
     torch.testing.assert_close(ref, expected, atol=1e-4, rtol=0)  # sums of ~16 tokens at ~-11 each
     with torch.no_grad():
@@ -127,11 +126,11 @@ def test_packing_changes_rows_not_numbers(tmp_path, cls):
 def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls, monkeypatch):
     """Memory mode (gradient_checkpointing recomputes activations in backward; release_cpu_memory_every hands free
     heap pages back after every layer; small LM-head chunks) must not change a number, and the recompute must see the
-    same tensor shapes as the forward (the grouped-K/V SDPA switch is off under it)."""
-    import prefalign.allocator
+    same tensor shapes as the forward (the grouped-K/V SDPA switch holds for the whole of train(), so it does)."""
+    import prefalign.speed.allocator
 
     released: list[int] = []
-    monkeypatch.setattr(prefalign.allocator, "release_freed_memory", lambda: released.append(1))
+    monkeypatch.setattr(prefalign.speed.allocator, "release_freed_memory", lambda: released.append(1))
     tok = smollm2_tokenizer()
     ds = datasets.Dataset.from_list(conversational_rows(8))
     losses = []

@@ -53,3 +53,38 @@ def conversational_rows(n: int = 8) -> list[dict]:
 def text_rows(n: int = 8) -> list[dict]:
     return [{"prompt": f"Q: name a colour number {i}.\nA:", "chosen": f" Blue {i}.",
              "rejected": f" I refuse to answer question {i}."} for i in range(n)]
+
+
+def row_reply_mask(batch) -> torch.Tensor:
+    """Row-layout mask of the reply tokens (chosen and rejected) of a collated batch, from its pair layout."""
+    ids = batch["input_ids"]
+    wanted = (batch["chosen_mask"] | batch["rejected_mask"]).bool()
+    mask = torch.zeros(ids.numel(), dtype=torch.long)
+    mask[batch["pair_index"][wanted]] = 1
+    return mask.view(ids.shape)
+
+
+def token_logps(model, input_ids, attention_mask, target_mask, *, position_ids=None, predictor=None,
+                chunk_rows=None, force_full_logits=False, path=None) -> torch.Tensor:
+    """Row-layout log-probs of the ``target_mask`` tokens (0 elsewhere) through prefalign's fast forward
+    (speed.forward.target_logps; ``path`` a FastPath, default one with ``chunk_rows``), or with
+    ``force_full_logits`` from the model's full logits (the oracle). The hidden state at ``predictor[i, t]``
+    (default ``t - 1``) predicts token ``t``."""
+    from prefalign.speed.forward import FastPath, target_logps
+    from prefalign.speed.head import gather_logps
+
+    mask = target_mask.bool().clone()
+    if predictor is None:
+        mask[:, 0] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    src = cols - 1 if predictor is None else predictor[rows, cols]
+    targets = input_ids[rows, cols]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    if force_full_logits:
+        picked = gather_logps(model(**inputs, use_cache=False).logits[rows, src], targets)
+    else:
+        picked = target_logps(model, inputs, rows, src, targets, path or FastPath(chunk_rows=chunk_rows))
+    out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32))
+    return out.index_put((rows, cols), picked)

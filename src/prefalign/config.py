@@ -55,6 +55,13 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "What a NaN or inf loss or gradient does: 'stop' ends training with an error naming the "
                           "step (checkpoints already written are kept; none is written after it), 'skip' drops that "
                           "optimizer step's gradients, counts it, and goes on.", "choices": ["stop", "skip"]})
+    fast_path: bool = field(
+        default=True,
+        metadata={"help": "The speed boundary (prefalign/speed): fused, chunked LM head on reply positions only, lean "
+                          "activations, grouped K/V heads, the CPU allocator policy, all switched on for train() / "
+                          "evaluate() and undone after. False: the plain path (full logits, gather, mask; stock "
+                          "modules; nothing switched on), the oracle the fast path is tested against: same numbers, "
+                          "slower. For debugging."})
     prefix_sharing: bool = field(
         default=True,
         metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
@@ -72,13 +79,16 @@ class PreferenceConfig(TrainingArguments):
                           "(gate and up instead of four intermediate-size tensors; the input instead of two "
                           "hidden-size ones; norm outputs saved by the projections they feed are rebuilt in "
                           "backward) and recompute the rest elementwise: 0.66 GB fewer saved bytes for SmolLM2-135M "
-                          "with 4 pairs of 260 tokens, same values and gradients (prefalign/layers.py)."})
+                          "with 4 pairs of 260 tokens, same values and gradients (prefalign/speed/layers.py; undone "
+                          "when train() / evaluate() return)."})
     cpu_allocator_cache: bool = field(
         default=True,
         metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "
                           "returning it to the kernel, so every step reuses the previous step's buffers rather than "
                           "page-faulting them again (measured: 5.7-5.9 instead of 5.9-6.4 s per long ORPO step). "
-                          "Process-wide; see prefalign/allocator.py."})
+                          "Process-wide, so it is held only while train() / evaluate() run and the process's malloc "
+                          "settings are set back after (the prefalign command keeps it for its whole life); see "
+                          "prefalign/speed/allocator.py."})
     release_cpu_memory_every: int = field(
         default=0,
         metadata={"help": "When training on CPU under glibc (Linux): every N decoder layers, in training forward "

@@ -16,28 +16,29 @@ from typing import Any
 
 import torch
 
-from .data.collate import PairCollator
+from . import speed
+from .data.collate import PairCollator, PrefixSharedCollator
 from .data.tokenize import TokenizeSettings, tokenize_rows
 from .generate import generate, prompt_text
 from .judges import Judge, call_score
-from .logprobs import token_logps
+from .logps import mask_kind, pair_logps
 
 
 @torch.no_grad()
 def sequence_logps(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, max_length: int = 1024,
-                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-probs ``(chosen [N], rejected [N])`` of every pair under ``model``."""
+                   batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                   config: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reply log-probs ``(chosen [N], rejected [N])`` of every pair under ``model``, through the same fast
+    path and prefix-shared batches as training (``config``: any object with the configs' speed fields)."""
     from .reference import batched_pair_logps
 
     model.eval()
     ids, _ = tokenize_rows(pairs, tokenizer, TokenizeSettings(max_length=max_length))
-
-    def summed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["completion_mask"]
-        return (token_logps(model, batch["input_ids"], batch["attention_mask"], mask) * mask).sum(-1)
-
-    return batched_pair_logps(summed, ids, PairCollator(tokenizer.pad_token_id), batch_size,
-                                   next(model.parameters()).device)
+    shared = mask_kind(model) is not None
+    collate = PrefixSharedCollator(tokenizer.pad_token_id) if shared else PairCollator(tokenizer.pad_token_id)
+    with speed.enable(model, config) as fast:
+        return batched_pair_logps(lambda batch: pair_logps(model, batch, fast.path), ids, collate, batch_size,
+                                  next(model.parameters()).device, progress)
 
 
 @dataclass
@@ -258,8 +259,10 @@ def evaluate_models(policy: Any, reference: Any, tokenizer: Any, judge: Judge, *
     """The whole `prefalign eval`: pairs (if any) and generations (if prompts) of policy against reference."""
     pairs = None
     if pair_rows:
-        pairs = pair_metrics(sequence_logps(policy, tokenizer, pair_rows, max_length=max_length),
-                             sequence_logps(reference, tokenizer, pair_rows, max_length=max_length), beta)
+        scored = [sequence_logps(m, tokenizer, pair_rows, max_length=max_length,
+                                 progress=progress(f"{name}: scoring pairs", len(pair_rows)) if progress else None)
+                  for name, m in (("policy", policy), ("reference", reference))]
+        pairs = pair_metrics(scored[0], scored[1], beta)
     runs: list[GenerationRun | None] = [None, None]
     if prompt_rows:
         prompts = [r["prompt"] for r in prompt_rows]

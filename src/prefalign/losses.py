@@ -1,9 +1,9 @@
 """Preference losses as pure functions of log-prob tensors.
 
-Each function takes per-pair log-probabilities (already reduced over completion tokens) and returns
-``(loss, metrics)``: ``loss`` is a scalar to back-propagate, ``metrics`` maps TRL's metric names to detached
-tensors (per pair, shape ``[B]``, or scalars) that the trainer averages and logs. Nothing here touches a model, so
-every equation can be checked by hand (see tests/test_losses.py).
+Each function takes per-pair log-probabilities (already reduced over completion tokens) and returns per-pair
+losses ``[B]`` (with, for the preference losses, ``metrics``: TRL's metric names mapped to detached per-pair
+tensors). The reduction is the trainer's, in one place: the mean over pairs. Nothing here touches a model, so every
+equation can be checked by hand (see tests/test_losses.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")  # "sft" is nll_loss, the others dpo_loss
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -29,8 +29,9 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -ln2, torch.log1p(-torch.exp(x.clamp(max=-ln2))), torch.log(-torch.expm1(x)))
 
 
-def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,
-                  rejected_logps: Tensor) -> dict[str, Tensor]:
+def pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,
+                 rejected_logps: Tensor) -> dict[str, Tensor]:
+    """TRL's per-pair reward metrics."""
     return {
         "rewards/chosen": chosen_rewards.detach(),
         "rewards/rejected": rejected_rewards.detach(),
@@ -39,6 +40,21 @@ def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     }
+
+
+def nll_loss(logp_sums: Tensor, token_total: Tensor | float) -> Tensor:
+    r"""Negative log-likelihood per token over the whole batch, as per-pair shares whose mean is that token mean.
+
+    :math:`L = -\sum_i \log\pi_\theta(y_i|x_i) / N` over the batch's tokens, written per pair as
+    :math:`\ell_i = -B \log\pi_\theta(y_i|x_i) / N`, so that :math:`\frac{1}{B}\sum_i \ell_i = L`. ``logp_sums``
+    ``[B]`` are the summed log-probs of the covered tokens; ``token_total`` is :math:`N`, their count over the batch
+    (under several processes, the global count divided by the number of processes, since the processes' gradients
+    are averaged). ORPO's supervised term, and DPO's ``sft`` loss type: added to ``sigmoid`` (``loss_type=["sigmoid",
+    "sft"]``) it is RPO (Pang et al. 2024, arXiv:2404.19733), which keeps DPO from lowering the chosen replies'
+    likelihood.
+    """
+    total = torch.as_tensor(token_total, dtype=logp_sums.dtype, device=logp_sums.device).clamp(min=1)
+    return -logp_sums * logp_sums.shape[0] / total
 
 
 def dpo_loss(
@@ -53,7 +69,7 @@ def dpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    r"""Direct Preference Optimization and its pairwise variants.
+    r"""Direct Preference Optimization and its pairwise variants: per-pair losses ``[B]`` and metrics.
 
     With summed completion log-probs and the implicit reward :math:`r(y) = \beta(\log\pi_\theta(y|x) -
     \log\pi_{ref}(y|x))`, let :math:`h = \log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)} -
@@ -66,15 +82,12 @@ def dpo_loss(
       TRL does (the IPO authors' normalisation): :math:`L = (h_{avg} - \frac{1}{2\beta})^2`, where :math:`\beta` is
       the paper's :math:`\tau`. Needs ``chosen_lengths`` and ``rejected_lengths``.
     - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`L = \max(0, 1 - \beta h)`.
-    - ``sft``: negative log-likelihood of the chosen replies per token,
-      :math:`L = -\sum_i \log\pi_\theta(y_{w,i}|x_i) / \sum_i |y_{w,i}|`. Added to ``sigmoid`` (``loss_type=
-      ["sigmoid", "sft"]``) it is RPO (Pang et al. 2024, arXiv:2404.19733), which keeps DPO from lowering the
-      chosen replies' likelihood. Needs ``chosen_lengths``.
 
-    The loss is the mean over pairs. Metrics use TRL's names; rewards are :math:`\beta` times the log-ratios.
+    (The ``sft`` loss type of ``DPOConfig`` is :func:`nll_loss`.) Metrics use TRL's names; rewards are
+    :math:`\beta` times the log-ratios.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of sigmoid, ipo, hinge (sft: nll_loss)")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -82,24 +95,20 @@ def dpo_loss(
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
-    elif loss_type == "sft":
-        if chosen_lengths is None:
-            raise ValueError("the 'sft' loss needs chosen_lengths (completion token counts)")
-        losses = (-policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)).expand_as(h)
     else:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("the 'ipo' loss needs chosen_lengths and rejected_lengths (completion token counts)")
         h_avg = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
         losses = (h_avg - 1.0 / (2.0 * beta)) ** 2
-    metrics = _pair_metrics(beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps,
-                            policy_rejected_logps)
-    return losses.mean(), metrics
+    metrics = pair_metrics(beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps,
+                           policy_rejected_logps)
+    return losses, metrics
 
 
 def orpo_loss(
     chosen_mean_logps: Tensor,
     rejected_mean_logps: Tensor,
-    nll_loss: Tensor,
+    nll: Tensor,
     *,
     alpha: float = 0.1,
     beta: float = 1.0,
@@ -115,8 +124,8 @@ def orpo_loss(
         L = L_{NLL} + \alpha \cdot (-\log\sigma(\beta \log\mathrm{OR}))
 
     ``alpha`` is the paper's :math:`\lambda` (``orpo_alpha``, "strength of preference optimisation"; TRL's ``beta``),
-    ``beta`` is a temperature on the log odds ratio (``orpo_beta``; 1.0 is the paper's loss). ``nll_loss`` is the
-    supervised term, computed by the caller over the tokens its definition covers. ``log1mexp`` keeps
+    ``beta`` is a temperature on the log odds ratio (``orpo_beta``; 1.0 is the paper's loss). ``nll`` is the
+    supervised term per pair (:func:`nll_loss` over the tokens its definition covers). ``log1mexp`` keeps
     :math:`\log(1-e^{\ell})` finite as :math:`\ell \to 0`. Computed in float32.
 
     Metrics follow TRL: rewards are ``alpha`` times the mean log-probs, ``log_odds_ratio`` is
@@ -126,9 +135,9 @@ def orpo_loss(
     ll = rejected_mean_logps.float()
     log_odds = (lw - ll) - (log1mexp(lw) - log1mexp(ll))
     ratio = F.logsigmoid(beta * log_odds)
-    loss = nll_loss - alpha * ratio.mean()
-    metrics = _pair_metrics(alpha * lw, alpha * ll, lw, ll)
-    metrics["nll_loss"] = nll_loss.detach()
+    losses = nll.float() - alpha * ratio
+    metrics = pair_metrics(alpha * lw, alpha * ll, lw, ll)
+    metrics["nll_loss"] = nll.detach()
     metrics["log_odds_ratio"] = ratio.detach()
     metrics["log_odds_chosen"] = log_odds.detach()
-    return loss, metrics
+    return losses, metrics

@@ -71,6 +71,15 @@ _DTYPE_ALIASES: dict[str, str] = {
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "config.json")
 
 
+def unwrap(model: Any) -> Any:
+    """The model inside DDP-style wrappers (which keep it as ``.module``)."""
+    import torch
+
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def prefalign_home() -> Path:
     """Where prefalign keeps converted models: ``$PREFALIGN_HOME`` if set, else ``~/.cache/prefalign``."""
     home = os.environ.get("PREFALIGN_HOME")

@@ -51,20 +51,20 @@ def cache_path(model_key: str, data_key: str) -> Path:
     return prefalign_home() / "cache" / "ref-logps" / f"v{CACHE_VERSION}-{model_key}-{data_key}.pt"
 
 
-def batched_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                       pairs: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
-                       batch_size: int, device: torch.device,
+def batched_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], Any], pairs: Sequence[dict[str, Any]],
+                       collate: Callable[[list], dict[str, torch.Tensor]], batch_size: int, device: torch.device,
                        progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-probs ``(chosen [N], rejected [N])`` under ``logps_fn``, batch by batch, without grad."""
+    """Summed reply log-probs ``(chosen [N], rejected [N])``, batch by batch, without grad; ``logps_fn`` maps a
+    collated batch to its `prefalign.logps.PairLogps`."""
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(pairs[start:start + batch_size])).items()}
-            c, r = logps_fn(batch).float().cpu().chunk(2)
-            chosen.append(c)
-            rejected.append(r)
+            out = logps_fn(batch)
+            chosen.append(out.chosen.float().cpu())
+            rejected.append(out.rejected.float().cpu())
             if progress:
-                progress(len(c))
+                progress(len(chosen[-1]))
     return torch.cat(chosen), torch.cat(rejected)
 
 

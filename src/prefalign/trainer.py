@@ -1,20 +1,20 @@
 """DPOTrainer and ORPOTrainer: `transformers.Trainer` subclasses whose only job is the loss.
 
 The data path (load → format → tokenize → collate) and the losses live in their own modules; here a batch becomes
-log-probs (logprobs.py), log-probs become a loss and metrics (losses.py), and metrics are averaged and logged with
-TRL's names. Everything else (optimisation, accumulation, checkpoints, evaluation loops, `accelerate launch`) is
-the Trainer's.
+log-probs (logps.py; fast inside the speed boundary, speed/), log-probs become per-pair losses and metrics
+(losses.py), their mean is the loss, and metrics are averaged and logged with TRL's names. Everything else
+(optimisation, accumulation, checkpoints, evaluation loops, `accelerate launch`) is the Trainer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from . import layers as lean_layers
-from .allocator import (
-    can_release_memory,
-    decoder_layers,
-    preallocate_adam_state,
-    release_after_layers,
-    retain_freed_memory,
-)
+from . import speed
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
-from .data.load import read_valid_rows
+from .data.load import ROW_COLUMN, validated_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, NonFiniteError
-from .logprobs import model_attention_mask, pair_token_logps, token_logps, unwrap
-from .losses import dpo_loss, orpo_loss
+from .logps import PairLogps, mask_kind, pair_logps
+from .losses import dpo_loss, nll_loss, orpo_loss, pair_metrics
 from .models import load_model, load_tokenizer
 
 logger = logging.getLogger("prefalign")
@@ -83,8 +76,6 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
-        if args.cpu_allocator_cache and args.device.type == "cpu":
-            retain_freed_memory()
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
@@ -97,24 +88,12 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        if _mask_kind(model) == "block" and args.device.type == "cpu" and train_dataset is not None:
+        if mask_kind(model) == "block" and args.device.type == "cpu" and train_dataset is not None:
             raise ConfigError("attn_implementation 'flex_attention' cannot train on CPU (PyTorch has no CPU backward "
                               "for flex attention). Fix: use attn_implementation 'sdpa' (model_init_kwargs), or a GPU.")
         if args.disable_dropout:
             _disable_dropout(model)
-        if args.lean_activations:
-            lean_layers.apply(model)
-        every = args.release_cpu_memory_every
-        if every and args.device.type == "cpu":
-            why = ""
-            if not can_release_memory():
-                why = "this C library has no malloc_trim (glibc only)"
-            elif not release_after_layers(model, every):  # nothing hooked: say why
-                n_layers = len(decoder_layers(model))
-                why = (f"the model has only {n_layers} decoder layers" if n_layers else
-                       "the model has no decoder-layer list (layers or h)")
-            if why:
-                logger.warning("release_cpu_memory_every=%d has no effect: %s", every, why)
+        self._speed: speed.Speed | None = None  # set while train() / evaluate() / the reference precompute run
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
         self.data_reports: dict[str, TokenizeReport] = {}
         train_dataset = self._prepare_dataset(train_dataset, "train", args)
@@ -123,7 +102,7 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
         if data_collator is None:
-            shared = args.prefix_sharing and _mask_kind(model) is not None
+            shared = args.prefix_sharing and mask_kind(model) is not None
             data_collator = (PrefixSharedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.packing)
                              if shared else PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
         self.graceful_stop = GracefulStop()
@@ -139,10 +118,37 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
 
-    # ----- set-up -------------------------------------------------------------------------------------------------
+    # ----- the speed boundary -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def fast(self) -> Iterator[speed.Speed]:
+        """The one place the speed machinery is switched on (speed.enable) and off again, by exception too.
+
+        train(), evaluate(), predict() and the reference precompute run inside it; nested calls (evaluation during
+        training) share the outer one. Outside it, log-probs take the plain path (same numbers, slower).
+        """
+        if self._speed is not None:
+            yield self._speed
+            return
+        handle = speed.enable(self.model, self.args)
+        self._speed = handle
+        try:
+            yield handle
+        finally:
+            self._speed = None
+            handle.undo()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with self.fast():
+            return super().train(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self.fast():
+            return super().predict(*args, **kwargs)
+
     def create_optimizer(self, model: Any = None) -> Any:
         optimizer = super().create_optimizer(model)
-        preallocate_adam_state(optimizer)  # before the first step, not inside it: less heap fragmentation
+        if self._speed is not None:
+            self._speed.prepare_optimizer(optimizer)
         return optimizer
 
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
@@ -153,19 +159,19 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
                                 chat=args.chat_template_for_text)
 
     def _prepare_dataset(self, dataset: Any, name: str, args: PreferenceConfig) -> datasets.Dataset | None:
-        """Validate and tokenize raw preference rows; already-tokenized datasets pass through."""
+        """Tokenize preference rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
         if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
-        source = f"{name} dataset"
-        raw, warnings = read_valid_rows(dataset, name=source)
-        dupes = len(warnings)
-        pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=source)
+        raw = validated_rows(dataset, name=f"{name} dataset")
+        pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
+                                      row_numbers=raw.row_numbers, row_label=raw.row_label)
         self.data_reports[name] = report
-        for line in report.lines() + ([f"{dupes} duplicate rows kept"] if dupes else []):
-            logger.warning("%s: %s", source, line)
-        return datasets.Dataset.from_list(pairs)
+        for line in report.lines():
+            logger.warning("%s: %s", raw.source, line)
+        return datasets.Dataset.from_list([{**p, ROW_COLUMN: n} for p, n in zip(pairs, raw.row_numbers,
+                                                                                 strict=True)])
 
     def _finish_eval_dataset(self, dataset: Any, name: str) -> Any:
         return dataset
@@ -173,53 +179,40 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """As Trainer.evaluate; a dataset passed here gets the same validation and tokenisation as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            prepared = self._prepare_dataset(eval_dataset, metric_key_prefix, self.args)
-            eval_dataset = self._finish_eval_dataset(prepared, metric_key_prefix)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        with self.fast():
+            if eval_dataset is not None and not isinstance(eval_dataset, str):
+                prepared = self._prepare_dataset(eval_dataset, metric_key_prefix, self.args)
+                eval_dataset = self._finish_eval_dataset(prepared, metric_key_prefix)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = TOKENIZED_COLUMNS + ["ref_chosen_logps", "ref_rejected_logps"]
 
     # ----- loss ---------------------------------------------------------------------------------------------------
-    def _pair_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-token log-probs in a layout-independent view: ``(tok [2B, L], reply_mask [2B, L], nll_mask [B, L])``.
+    def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False) -> PairLogps:
+        """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``."""
+        return pair_logps(model, inputs, self._speed.path if self._speed is not None else None,
+                          nll_on_prompt=nll_on_prompt)
 
-        Rows ``:B`` are the chosen replies and ``B:`` the rejected ones, whichever collator built the batch.
-        ``nll_mask`` marks the chosen tokens an NLL term covers: the reply, plus the prompt (after its first token)
-        when ``nll_on_prompt`` (TRL's ORPO).
-        """
-        if "predictor" not in inputs:  # padded pairs: chosen rows, then rejected rows
-            reply = inputs["completion_mask"]
-            n = reply.shape[0] // 2
-            nll = reply[:n]
-            if nll_on_prompt:
-                nll = inputs["attention_mask"][:n].clone()
-                nll[:, 0] = 0
-            target = reply.clone()
-            target[:n] |= nll
-            tok = token_logps(model, inputs["input_ids"], inputs["attention_mask"], target,
-                              chunk_rows=self.args.logprob_chunk_rows)
-            return tok, reply, nll
-        # prefix-shared (maybe packed) rows: masks in pair layout [B, P], model inputs in row layout [R, L]
-        chosen, rejected = inputs["chosen_mask"], inputs["rejected_mask"]
-        nll = chosen | inputs["prompt_mask"] if nll_on_prompt else chosen
-        if nll_on_prompt:
-            nll[:, 0] = 0
-        mask = model_attention_mask(inputs["attention_mask"], _mask_kind(model), self.model.dtype)
-        tok = pair_token_logps(model, inputs, nll | rejected, attention_mask=mask,
-                               chunk_rows=self.args.logprob_chunk_rows)
-        return torch.cat([tok, tok]), torch.cat([chosen, rejected]), nll
+    def token_total(self, counts: Tensor) -> Tensor:
+        """The token count a token-mean NLL divides by: this batch's, or under several processes the global count
+        over the number of processes (their gradients are averaged), so every process count gives the same loss."""
+        total = counts.sum().float()
+        world = self.accelerator.num_processes
+        if world > 1:
+            total = self.accelerator.reduce(total.detach(), reduction="sum") / world
+        return total
 
-    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-pair losses ``[B]`` and per-pair metrics of one batch."""
         raise NotImplementedError
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         mode = "train" if model.training else "eval"
-        loss, metrics = self._loss_and_metrics(model, inputs)
+        losses, metrics = self.pair_losses(model, inputs)
+        loss = losses.mean()  # the one reduction: the mean over the batch's pairs
         for key, value in metrics.items():
             gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
             self._metrics[mode][key].append(gathered.mean().item())
@@ -261,13 +254,6 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         super().log(logs, start_time)
 
 
-def _mask_kind(model: Any) -> str | None:
-    """How a model takes a custom attention mask: "float" (SDPA and eager: additive), "block" (flex attention's
-    BlockMask), or None (unsupported: flash attention kernels take no mask)."""
-    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-    return {"sdpa": "float", "eager": "float", "flex_attention": "block"}.get(impl or "")
-
-
 def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:
     kwargs = dict(args.model_init_kwargs or {})
     if "torch_dtype" in kwargs:  # the pre-transformers-5 name
@@ -287,11 +273,6 @@ def _is_peft(model: Any) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
-
-
-def _completion_stats(logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs and token counts per row over ``mask``."""
-    return (logps * mask).sum(-1), mask.sum(-1)
 
 
 class DPOTrainer(_PreferenceTrainer):
@@ -344,9 +325,9 @@ class DPOTrainer(_PreferenceTrainer):
             bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
                        disable=not self.is_world_process_zero())
             try:
-                return batched_pair_logps(
-                    lambda b: self._reference_logps(self.model, b), rows, self.data_collator,
-                    batch_size, self.accelerator.device, bar.update)
+                with self.fast():
+                    return batched_pair_logps(lambda b: self._live_reference(self.model, b), rows,
+                                              self.data_collator, batch_size, self.accelerator.device, bar.update)
             finally:
                 bar.close()
 
@@ -374,37 +355,42 @@ class DPOTrainer(_PreferenceTrainer):
             ref_model.requires_grad_(False)
         return ref_model
 
-    def _reference_logps(self, model: Any, inputs: dict[str, Tensor]) -> Tensor:
-        if "ref_chosen_logps" in inputs:
-            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+    def _live_reference(self, model: Any, inputs: dict[str, Tensor]) -> PairLogps:
+        """The reference's log-probs of a batch: ``ref_model``, else the policy with its adapter disabled (PEFT),
+        else the policy itself (before training, for the precompute)."""
         if self._reference_released:
             raise ConfigError("this batch has no precomputed reference log-probs and the reference model was freed. "
                               "Fix: evaluate datasets passed at construction, or set precompute_ref_log_probs=False.")
         with torch.no_grad():
             if self.ref_model is not None:
-                tok, reply, _ = self._pair_logps(self.ref_model, inputs)
-            else:
-                inner = self.accelerator.unwrap_model(model)
-                with inner.disable_adapter() if _is_peft(inner) else nullcontext():
-                    tok, reply, _ = self._pair_logps(model, inputs)
-        return (tok * reply).sum(-1)
+                return self.batch_logps(self.ref_model, inputs)
+            inner = self.accelerator.unwrap_model(model)
+            with inner.disable_adapter() if _is_peft(inner) else contextlib.nullcontext():
+                return self.batch_logps(model, inputs)
 
-    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        tok, reply, _ = self._pair_logps(model, inputs)
-        logps, lengths = _completion_stats(tok, reply)
-        ref = self._reference_logps(model, inputs)
-        pc, pr = logps.chunk(2)
-        rc, rr = ref.chunk(2)
-        lc, lr = lengths.chunk(2)
-        weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
-        loss: Tensor | float = 0.0
-        metrics: dict[str, Tensor] = {}
-        for loss_type, weight in zip(self.args.loss_type, weights, strict=True):
-            part, metrics = dpo_loss(pc, pr, rc, rr, beta=self.args.beta, loss_type=loss_type,
-                                     label_smoothing=self.args.label_smoothing, chosen_lengths=lc,
-                                     rejected_lengths=lr)
-            loss = loss + weight * part
-        return loss, metrics  # type: ignore[return-value]
+    def _reference_logps(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        ref = self._live_reference(model, inputs)
+        return ref.chosen, ref.rejected
+
+    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        policy = self.batch_logps(model, inputs)
+        ref_chosen, ref_rejected = self._reference_logps(model, inputs)
+        args = self.args
+        weights = args.loss_weights or [1.0] * len(args.loss_type)
+        losses: Tensor | float = 0.0
+        for loss_type, weight in zip(args.loss_type, weights, strict=True):
+            if loss_type == "sft":
+                part = nll_loss(policy.chosen, self.token_total(policy.chosen_tokens))
+            else:
+                part, _ = dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=args.beta,
+                                   loss_type=loss_type, label_smoothing=args.label_smoothing,
+                                   chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens)
+            losses = losses + weight * part
+        metrics = pair_metrics(args.beta * (policy.chosen - ref_chosen), args.beta * (policy.rejected - ref_rejected),
+                               policy.chosen, policy.rejected)
+        return losses, metrics  # type: ignore[return-value]
 
 
 class ORPOTrainer(_PreferenceTrainer):
@@ -433,14 +419,8 @@ class ORPOTrainer(_PreferenceTrainer):
             settings.ensure_bos = settings.ensure_eos = True
         return settings
 
-    def _loss_and_metrics(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        tok, reply, nll_mask = self._pair_logps(model, inputs, nll_on_prompt=self.args.trl_compat)
-        sums, counts = _completion_stats(tok, reply)
-        mean_logps = sums / counts.clamp(min=1)
-        n = nll_mask.shape[0]
-        count = nll_mask.sum().float()
-        world = self.accelerator.num_processes
-        if world > 1:  # token mean over the global batch: processes' gradients are averaged, so scale by world size
-            count = self.accelerator.reduce(count.detach(), reduction="sum") / world
-        nll = -(tok[:n] * nll_mask).sum() / count.clamp(min=1)
-        return orpo_loss(mean_logps[:n], mean_logps[n:], nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)
+    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.batch_logps(model, inputs, nll_on_prompt=self.args.trl_compat)
+        nll = nll_loss(out.nll, self.token_total(out.nll_tokens))  # a token mean over the (global) batch
+        return orpo_loss(out.chosen / out.chosen_tokens.clamp(min=1), out.rejected / out.rejected_tokens.clamp(min=1),
+                         nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)

@@ -1,7 +1,9 @@
-"""Batch pairs into padded tensors: chosen rows first, then rejected rows, right-padded.
+"""Batch tokenised pairs for the model: padded pairs, or prefix-shared (and packed) rows.
 
-Layout (as TRL's DPO collator, so batches can be compared one to one): ``input_ids`` and ``attention_mask`` of
-shape ``[2B, L]``, and ``completion_mask`` marking reply tokens. Precomputed reference log-probs ride along.
+Both collators describe their batch in the same two views (logps.py): the rows the model runs on (``input_ids``,
+``attention_mask``, ``position_ids``, ``predictor``) and the pairs the loss reads (``pair_index``, ``prompt_mask``,
+``chosen_mask``, ``rejected_mask`` in pair layout ``[B, P]``, each pair as ``[prompt | chosen | rejected]``).
+Precomputed reference log-probs ride along. Nothing downstream needs to know which collator built a batch.
 """
 
 from __future__ import annotations
@@ -21,29 +23,49 @@ def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
 
 @dataclass
 class PairCollator:
-    """Collate ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` examples into one padded batch."""
+    """Chosen rows first, then rejected rows, right-padded: ``[2B, L]``, TRL's DPO layout, for attention kernels
+    that take no custom mask (flash attention). The prompt is computed twice."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs, completion = [], []
-        for part in ("chosen_ids", "rejected_ids"):
-            for ex in examples:
-                seqs.append(list(ex["prompt_ids"]) + list(ex[part]))
-                completion.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[part]))
-        length = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        b = len(examples)
+        seqs = [list(ex["prompt_ids"]) + list(ex[part]) for part in ("chosen_ids", "rejected_ids") for ex in examples]
+        length = _round_up(max(len(s) for s in seqs), self.pad_to_multiple_of)
+        sizes = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+        longest = max(p + c + r for p, c, r in sizes)
+        pair_index = torch.zeros((b, longest), dtype=torch.long)
+        pair_part = torch.full((b, longest), 3, dtype=torch.long)
+        for i, (p, c, r) in enumerate(sizes):
+            pair_index[i, :p + c] = i * length + torch.arange(p + c)
+            pair_index[i, p + c:p + c + r] = (b + i) * length + torch.arange(p, p + r)
+            pair_part[i, :p + c + r] = torch.tensor([0] * p + [1] * c + [2] * r)
         batch = {
             "input_ids": _pad(seqs, self.pad_token_id, length),
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0, length),
-            "completion_mask": _pad(completion, 0, length),
+            "position_ids": torch.arange(length).repeat(2 * b, 1),
+            "predictor": (torch.arange(length) - 1).clamp(min=0).repeat(2 * b, 1),
+            "pair_index": pair_index,
+            **_part_masks(pair_part),
         }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)
-        return batch
+        return _with_reference(batch, examples)
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    return -(-length // multiple) * multiple if multiple else length
+
+
+def _part_masks(pair_part: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"prompt_mask": (pair_part == 0).long(), "chosen_mask": (pair_part == 1).long(),
+            "rejected_mask": (pair_part == 2).long()}
+
+
+def _with_reference(batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)
+    return batch
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -86,9 +108,7 @@ class PrefixSharedCollator:
         lengths = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
         totals = [p + c + r for p, c, r in lengths]
         longest = max(totals)
-        length = longest
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = _round_up(longest, self.pad_to_multiple_of)
         rows = pack_rows(totals, longest) if self.pack else [[i] for i in range(len(examples))]
         n_rows, b = len(rows), len(examples)
         input_ids = torch.full((n_rows, length), self.pad_token_id, dtype=torch.long)
@@ -126,11 +146,6 @@ class PrefixSharedCollator:
             "position_ids": position_ids,
             "predictor": predictor,
             "pair_index": pair_index,
-            "prompt_mask": (pair_part == 0).long(),
-            "chosen_mask": (pair_part == 1).long(),
-            "rejected_mask": (pair_part == 2).long(),
+            **_part_masks(pair_part),
         }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)
-        return batch
+        return _with_reference(batch, examples)

@@ -39,7 +39,8 @@ class Example:
     conversational: bool
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
+    """A conversation: a list of message mappings (an empty list counts; load.py reports it as a problem)."""
     return isinstance(value, list) and all(isinstance(m, Mapping) for m in value)
 
 
@@ -47,7 +48,7 @@ def detect_format(row: Mapping[str, Any]) -> DataFormat:
     """Format of a dataset, read off its first row (load.validate_rows has checked that rows agree in kind)."""
     prompt = row.get("prompt")
     return DataFormat(
-        conversational=_is_messages(row["chosen"]),
+        conversational=is_messages(row["chosen"]),
         explicit_prompt=prompt is not None and prompt != [],
         has_system=row.get("system") is not None,
     )
@@ -67,7 +68,7 @@ def _messages(value: Any) -> Messages:
 
 
 def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = None,
-               source: str | None = None) -> Example:
+               source: str | None = None, row_label: str = "row") -> Example:
     """Normal form of one row.
 
     ``chat``: plain-text rows become a user message and assistant replies, so a chat model sees the template it
@@ -77,10 +78,10 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
     """
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     system = row.get("system")
-    conversational = _is_messages(chosen)
+    conversational = is_messages(chosen)
 
     def fail(message: str, fix: str, field: str | None = None) -> DataError:
-        return DataError(message, source=source, row=row_number, field=field, fix=fix)
+        return DataError(message, source=source, row=row_number, field=field, fix=fix, row_label=row_label)
 
     if prompt is None or prompt == []:
         if conversational:
@@ -102,7 +103,7 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
                            "rejected")
 
     if conversational:
-        prompt_msgs = _messages(prompt) if _is_messages(prompt) else [{"role": "user", "content": str(prompt)}]
+        prompt_msgs = _messages(prompt) if is_messages(prompt) else [{"role": "user", "content": str(prompt)}]
         if system is not None and (not prompt_msgs or prompt_msgs[0]["role"] != "system"):
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         return Example(prompt_msgs, _messages(chosen), _messages(rejected), True)

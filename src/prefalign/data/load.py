@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .format import is_messages
+
+logger = logging.getLogger("prefalign")
 
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")
 REQUIRED_COLUMNS = ("chosen", "rejected")
@@ -286,10 +290,6 @@ def map_columns(raw: RawData, columns: Mapping[str, str] | None) -> RawData:
     return RawData(raw.source, raw.kind, rows, list(present), raw.row_label, raw.row_numbers)
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
-
-
 def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
     if not value:
         yield Problem(row, name, "is an empty list of messages.", "give at least one message")
@@ -331,26 +331,26 @@ def validate_rows(raw: RawData) -> list[Problem]:
             if isinstance(v, str):
                 if name in ("chosen", "rejected") and not v.strip():
                     row_problems.append(Problem(n, name, "is empty.", "drop the row or write the response"))
-            elif _is_messages(v) and name != "system":
+            elif is_messages(v) and name != "system":
                 row_problems.extend(_check_messages(v, n, name))
             else:
                 want = "text" if name == "system" else "text or a list of {role, content} messages"
                 row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
                                             f"store {name} as {want}"))
         if not row_problems:
-            kinds = {k: _is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
+            kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
             if len(set(kinds.values())) > 1:
                 row_problems.append(Problem(n, None, "mixes plain text and message lists across prompt/chosen/"
                                             "rejected.", "use text everywhere or messages everywhere in a row"))
-            elif _completion_text(r["chosen"]).strip() == "" and _is_messages(r["chosen"]):
+            elif _completion_text(r["chosen"]).strip() == "" and is_messages(r["chosen"]):
                 row_problems.append(Problem(n, "chosen", "final message is empty.", "write the response"))
-            elif _is_messages(r["rejected"]) and _completion_text(r["rejected"]).strip() == "":
+            elif is_messages(r["rejected"]) and _completion_text(r["rejected"]).strip() == "":
                 row_problems.append(Problem(n, "rejected", "final message is empty.", "write the response"))
             elif r["chosen"] == r["rejected"]:
                 row_problems.append(Problem(n, "rejected", "is identical to chosen, so the pair carries no "
                                             "preference.", "drop the row or fix the responses"))
         if not row_problems:
-            is_msgs = _is_messages(r["chosen"])
+            is_msgs = is_messages(r["chosen"])
             if first_kind is None:
                 first_kind = (n, is_msgs)
             elif is_msgs != first_kind[1]:
@@ -394,6 +394,10 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     return raw, problems
 
 
+ROW_COLUMN = "source_row"  # the loader's row number (the source line) of each row, carried to every later stage
+_INFO_KEY = "prefalign"
+
+
 def load_preference_dataset(
     source: str | os.PathLike | Any,
     split: str = "train",
@@ -404,12 +408,60 @@ def load_preference_dataset(
     ``source`` is a .jsonl/.json/.csv/.parquet file, a directory saved by `datasets`, a hub dataset id, or an
     in-memory `datasets.Dataset`. ``columns`` maps prefalign's names to yours: ``{"chosen": "good"}``.
     Raises `DataError` on the first fatal problem (``prefalign data check`` lists all of them). Suspicious rows
-    (duplicates) are kept; :func:`validate_rows` counts them for the reports.
+    (duplicates) are kept, counted and logged. The rows are validated here, once: the dataset also carries each
+    row's number in the source (column ``source_row``) and the source's name, so the trainers take it as it is and
+    report rows by the same numbers.
     """
+    raw, problems = read_valid_rows(source, split, columns)
+    _log_kept(raw, problems)
+    return as_dataset(raw)
+
+
+def as_dataset(raw: RawData) -> Any:
+    """Validated rows as a `datasets.Dataset` that remembers its source and row numbers (see validated_rows)."""
     import datasets
 
-    raw, _ = read_valid_rows(source, split, columns)
     # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
-    return datasets.Dataset.from_list([{c: r.get(c) for c in keep} for r in raw.rows])
+    info = datasets.DatasetInfo(description=json.dumps({_INFO_KEY: {"source": raw.source, "kind": raw.kind,
+                                                                    "row_label": raw.row_label}}))
+    return datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
+                                       for r, n in zip(raw.rows, raw.row_numbers, strict=True)], info=info)
 
+
+def _loader_info(dataset: Any) -> dict[str, str] | None:
+    """What as_dataset recorded, if ``dataset`` came from it (and still has its row numbers)."""
+    ds_module = sys.modules.get("datasets")
+    if ds_module is None or not isinstance(dataset, ds_module.Dataset) or ROW_COLUMN not in dataset.column_names:
+        return None
+    try:
+        return json.loads(dataset.info.description or "")[_INFO_KEY]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def validated_rows(data: Any, name: str) -> RawData:
+    """The rows of ``data`` for tokenisation, validated exactly once.
+
+    A dataset from `load_preference_dataset` was validated by it: its rows, source and row numbers are taken as
+    they are. Anything else (raw rows, a `datasets.Dataset`, a path) is read and validated here, named ``name``
+    in messages, with its duplicates logged.
+    """
+    info = _loader_info(data)
+    if info is not None:
+        rows = data.to_list()
+        numbers = [int(r.pop(ROW_COLUMN)) for r in rows]
+        return RawData(info["source"], info.get("kind", "dataset"), rows, [c for c in data.column_names
+                                                                             if c != ROW_COLUMN],
+                       info.get("row_label", "row"), numbers)
+    in_memory = not isinstance(data, (str, os.PathLike))
+    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None)
+    _log_kept(raw, problems)
+    return raw
+
+
+def _log_kept(raw: RawData, problems: list[Problem]) -> None:
+    """Non-fatal problems (duplicates) are kept, but never silently."""
+    if problems:
+        shown = ", ".join(str(p.row) for p in problems[:10]) + (" ..." if len(problems) > 10 else "")
+        logger.warning("%s: %d duplicate rows kept (%ss %s)", raw.source, len(problems), raw.row_label, shown)

@@ -65,12 +65,12 @@ def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
 
 
 def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
-                     source: str | None = None) -> dict[str, list[int]]:
+                     source: str | None = None, row_label: str = "row") -> dict[str, list[int]]:
     """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one pair, before truncation."""
     if ex.conversational:
         if not has_chat_template(tokenizer):
             raise DataError("conversational data needs a chat template, and this tokenizer has none.",
-                            source=source, row=row,
+                            source=source, row=row, row_label=row_label,
                             fix="use a chat model's tokenizer, set tokenizer.chat_template, or give plain-text rows")
         # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
         prompt_ids = _template(tokenizer, ex.prompt, add_generation_prompt=True)
@@ -86,12 +86,13 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
             at = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b) \
                 if any(a != b for a, b in zip(ids, prompt_ids, strict=False)) else min(len(ids), len(prompt_ids))
             raise DataError(f"the prompt's tokens are not a prefix of prompt + {k} (they differ at token {at}), "
-                            "so the completion cannot be located.", source=source, row=row, field=k,
+                            "so the completion cannot be located.", source=source, row=row, row_label=row_label,
+                            field=k,
                             fix="move trailing spaces from the prompt to the start of the reply, or check the chat "
                                 "template")
         out[f"{k}_ids"] = ids[len(prompt_ids):]
         if not out[f"{k}_ids"]:
-            raise DataError("tokenizes to no completion tokens.", source=source, row=row, field=k,
+            raise DataError("tokenizes to no completion tokens.", source=source, row=row, row_label=row_label, field=k,
                             fix="give a non-empty reply")
     if settings.ensure_bos and tokenizer.bos_token_id is not None and prompt_ids[:1] != [tokenizer.bos_token_id]:
         out["prompt_ids"] = [tokenizer.bos_token_id] + prompt_ids
@@ -103,7 +104,7 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
 
 
 def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int | None = None,
-             source: str | None = None) -> tuple[dict[str, list[int]], set[str]]:
+             source: str | None = None, row_label: str = "row") -> tuple[dict[str, list[int]], set[str]]:
     """Apply max_prompt_length (keep the prompt's end) then max_length (keep replies' starts).
 
     Returns the cut pair and the names of the parts that were cut. A prompt that leaves no room for any reply
@@ -121,7 +122,8 @@ def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int
             room = settings.max_length - len(prompt)
             if room < 1:
                 raise DataError(f"the prompt alone is {len(prompt)} tokens, leaving no room for a reply under "
-                                f"max_length={settings.max_length}.", source=source, row=row, field="prompt",
+                                f"max_length={settings.max_length}.", source=source, row=row, row_label=row_label,
+                                field="prompt",
                                 fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
             if len(ids) > room:
                 ids = ids[:room]
@@ -131,16 +133,19 @@ def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int
 
 
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: TokenizeSettings, *,
-                  source: str | None = None) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
-    """Tokenize and truncate every row; rows are numbered from 1 in errors and reports."""
+                  source: str | None = None, row_numbers: Sequence[int] | None = None,
+                  row_label: str = "row") -> tuple[list[dict[str, list[int]]], TokenizeReport]:
+    """Tokenize and truncate every row. Errors and reports use ``row_numbers`` (the loader's: the source line),
+    or 1, 2, ... when not given."""
     chat = settings.chat and has_chat_template(tokenizer)
     report = TokenizeReport(rows=len(rows))
+    numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(rows) + 1))
     out = []
-    for i, r in enumerate(rows, start=1):
-        ex = to_example(r, chat=chat, row_number=i, source=source)
-        pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=i, source=source), settings, row=i,
-                             source=source)
+    for r, n in zip(rows, numbers, strict=True):
+        where = {"source": source, "row_label": row_label}
+        ex = to_example(r, chat=chat, row_number=n, **where)
+        pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, **where), settings, row=n, **where)
         for name in cut:
-            getattr(report, f"{name}_truncated").append(i)
+            getattr(report, f"{name}_truncated").append(n)
         out.append(pair)
     return out, report

@@ -1,55 +1,29 @@
-"""Per-token log-probabilities of the tokens a loss needs, without a ``[batch, seq, vocab]`` logits tensor.
+"""The LM head on target positions only: log-probs without a ``[batch, seq, vocab]`` logits tensor.
 
-For known decoder-only architectures the model runs with ``logits_to_keep=1`` and a hook captures the final hidden
-states; the LM head then runs only on the positions that predict a target token, in row chunks, each chunk under
-activation checkpointing so its logits are recomputed in backward instead of kept. Other architectures take the
-plain path (full logits), which gives the same numbers at a higher cost.
+A plain linear head is fused with the log-softmax (``_LinearHeadLogps``: row chunks, the softmax gradient built in
+place); any other head runs as a module, chunk by chunk under activation checkpointing. A tied input embedding adds
+its gradient rows into the head's weight gradient in place (``TiedGrad``). Same numbers as full logits
+(tests/test_logprobs.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling or soft-capping.
-CHUNKED_MODEL_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3", "olmo", "olmo2",
-    "gemma", "starcoder2", "gpt_neox", "gpt2",
-})
 CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
 
 
-def unwrap(model: Any) -> Any:
-    """The model inside DDP-style wrappers (which keep it as ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
-        model = model.module
-    return model
-
-
-def _base_config(model: Any) -> Any:
-    return getattr(unwrap(model), "config", None)
-
-
-def can_chunk(model: Any) -> bool:
-    cfg = _base_config(model)
-    inner = unwrap(model)
-    return (cfg is not None and getattr(cfg, "model_type", None) in CHUNKED_MODEL_TYPES
-            and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None)
-
-
-def _gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
+def gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # fp32 at least
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return _gather_logps(head(hidden), targets)
+    return gather_logps(head(hidden), targets)
 
 
 class _LinearHeadLogps(torch.autograd.Function):
@@ -142,7 +116,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buf: Tensor | N
     return torch.nn.functional.linear(hidden, weight, bias).float()  # half precision: upcast for the softmax
 
 
-def _plain_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
+def materialised_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
     """A plain ``nn.Linear`` whose weight is materialised here (not a PEFT/quantised wrapper, not an FSDP/ZeRO-3
     shard): only then may its weight be used outside its own forward."""
     w = getattr(head, "weight", None)
@@ -163,7 +137,7 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
         weight = getattr(head, "weight", None)
         vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
         chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
-    if _plain_linear(head, hidden):
+    if materialised_linear(head, hidden):
         return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
@@ -210,7 +184,7 @@ class _SparseGradEmbedding(torch.autograd.Function):
         return None, sparse, None, None
 
 
-def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool, tied: TiedGrad) -> Tensor | None:
+def tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool, tied: TiedGrad) -> Tensor | None:
     """Input embeddings through _SparseGradEmbedding when that gives the same result; else None (model embeds)."""
     weight = getattr(embed, "weight", None)
     if not (type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and weight is head.weight
@@ -219,119 +193,3 @@ def _tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool, ti
             and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse):
         return None
     return _SparseGradEmbedding.apply(input_ids, weight, embed.padding_idx, tied)
-
-
-def token_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, *,
-                position_ids: Tensor | None = None, predictor: Tensor | None = None,
-                chunk_rows: int | None = None, force_full_logits: bool = False) -> Tensor:
-    """``out[i, t] = log p(input_ids[i, t] | context)`` where ``target_mask[i, t]``, else 0; float32 (float64 for a
-    float64 model), shape of ``input_ids``.
-
-    The context of token ``t`` is read from the hidden state at ``predictor[i, t]`` (default ``t - 1``): with prefix
-    sharing the first rejected token follows the prompt, not the chosen reply, so its predictor is the last prompt
-    position. ``attention_mask`` may be 2-D (padding) or a 4-D mask the model accepts.
-    """
-    mask = target_mask.bool().clone()
-    if predictor is None:
-        mask[:, 0] = False  # nothing predicts the first token
-    rows, cols = mask.nonzero(as_tuple=True)
-    src = cols - 1 if predictor is None else predictor[rows, cols]
-    targets = input_ids[rows, cols]
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if not force_full_logits and can_chunk(model):
-        inner = unwrap(model)
-        captured: dict[str, Tensor] = {}
-
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        head = inner.get_output_embeddings()
-        tied = TiedGrad()
-        embeds = _tied_embeds(inner.get_input_embeddings(), head, input_ids, has_targets=rows.numel() > 0,
-                              tied=tied)
-        if embeds is not None:
-            kwargs["inputs_embeds"] = embeds
-            del kwargs["input_ids"]
-        handle = inner.get_decoder().register_forward_hook(hook)
-        try:
-            with _lean_forward(inner, attention_mask):
-                model(**kwargs, logits_to_keep=1)
-        finally:
-            handle.remove()
-        picked = chunked_head_logps(head, captured["h"][rows, src], targets, chunk_rows,
-                                    tied=tied if embeds is not None else None)
-    else:
-        with _lean_forward(unwrap(model), attention_mask):
-            logits = model(**kwargs).logits
-        picked = _gather_logps(logits[rows, src], targets)
-    out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=input_ids.device)
-    return out.index_put((rows, cols), picked)
-
-
-@contextlib.contextmanager
-def _lean_forward(model: Any, attention_mask: Tensor) -> Iterator[None]:
-    """Memory savings for one forward that change no number.
-
-    - RMSNorm outputs saved by the projections they feed are rebuilt in backward (layers.recompute_norm_outputs),
-      when lean activations are applied and autograd is recording.
-    - On CPU with a custom 4-D mask, SDPA gets grouped-query key/value heads as they are (``enable_gqa``) instead of
-      copies repeated to every query head: the CPU flash kernel supports it and then keeps 3 heads, not 9, of keys
-      and values per layer for backward (and runs faster). transformers only does this without a mask, so it is
-      asked to through its TRANSFORMERS_SDPA_FORCE_GQA switch, for this forward only.
-    """
-    from .layers import recompute_norm_outputs
-
-    with contextlib.ExitStack() as stack:
-        if torch.is_grad_enabled() and getattr(model, "_prefalign_lean", 0):
-            stack.enter_context(recompute_norm_outputs())
-        cfg = getattr(model, "config", None)
-        # Not under activation checkpointing: its recompute in backward runs outside this block and must see the
-        # same key/value shapes as the forward did.
-        if (isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and attention_mask.device.type == "cpu"
-                and getattr(cfg, "_attn_implementation", None) == "sdpa"
-                and not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-                and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ):
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
-            stack.callback(os.environ.pop, "TRANSFORMERS_SDPA_FORCE_GQA", None)
-        yield
-
-
-def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
-    """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
-
-    "float": additive, 0 or the dtype's minimum, built once per batch (eager; SDPA too: given a boolean mask, SDPA
-    converts it to this form in every layer and its kernels keep each copy for backward, 30 extra copies for
-    SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so fully
-    masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
-    """
-    if kind == "float":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    if kind == "block":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        dense = mask[:, 0]
-
-        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-            return dense[b, q, k]
-
-        rows, length = dense.shape[0], dense.shape[-1]
-        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
-    return mask
-
-
-def pair_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, *, attention_mask: Tensor | None = None,
-                     chunk_rows: int | None = None) -> Tensor:
-    """token_logps for a PrefixSharedCollator batch: ``wanted`` and the result are in pair layout ``[B, P]``.
-
-    The model runs on the (maybe packed) rows; ``pair_index`` carries the targets there and the log-probs back.
-    """
-    index, ids = batch["pair_index"], batch["input_ids"]
-    wanted = wanted.bool()
-    target = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
-    target[index[wanted]] = True
-    mask = batch["attention_mask"] if attention_mask is None else attention_mask
-    tok = token_logps(model, ids, mask, target.view(ids.shape), position_ids=batch["position_ids"],
-                      predictor=batch["predictor"], chunk_rows=chunk_rows)
-    return tok.flatten()[index] * wanted

@@ -13,7 +13,8 @@ tensor is stored as a recipe over the norm's own saved input and reciprocal RMS,
 That is two more ``[tokens, hidden]`` tensors per layer (0.14 GB for the same batch), for one elementwise pass each.
 
 Only modules whose forward is known to be exactly the Llama one are patched (by class name and structure); any other
-module is left alone. Patching sets an instance attribute ``forward``; ``restore`` removes it.
+module is left alone. Patching sets an instance attribute ``forward``; ``restore`` removes it. Only the speed
+boundary (``prefalign.speed.enable``) patches, and its ``undo`` restores.
 """
 
 from __future__ import annotations
@@ -166,14 +167,14 @@ def _mlp_forward(self: Any, x: Tensor) -> Tensor:
     return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
-def _plain_linear(m: Any) -> bool:
+def _bias_free_linear(m: Any) -> bool:
     return type(m) is torch.nn.Linear and m.bias is None
 
 
 def _is_llama_mlp(m: torch.nn.Module) -> bool:
     # gate and up are called as modules (LoRA-wrapped is fine); down's weight is used directly, so it must be plain
     return (type(m).__name__ in MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-            and "forward" not in vars(m.act_fn) and _plain_linear(getattr(m, "down_proj", None))
+            and "forward" not in vars(m.act_fn) and _bias_free_linear(getattr(m, "down_proj", None))
             and all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj")))
 
 
@@ -182,11 +183,12 @@ def _is_llama_rmsnorm(m: torch.nn.Module) -> bool:
             and isinstance(getattr(m, "weight", None), torch.nn.Parameter))
 
 
-def apply(model: torch.nn.Module) -> int:
-    """Patch every known Llama-family MLP and RMSNorm in ``model``; returns how many modules were patched."""
-    count = 0
+def apply(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Patch every known Llama-family MLP and RMSNorm in ``model``; returns the modules patched (``restore`` undoes
+    it). A module that already has an instance ``forward`` (patched before, or by someone else) is left alone."""
+    patched = []
     for m in model.modules():
-        if "forward" in vars(m):  # already patched (or patched by someone else): leave it
+        if "forward" in vars(m):
             continue
         if _is_llama_mlp(m):
             m.forward = types.MethodType(_mlp_forward, m)
@@ -194,15 +196,13 @@ def apply(model: torch.nn.Module) -> int:
             m.forward = types.MethodType(_rmsnorm_forward, m)
         else:
             continue
-        count += 1
-    model._prefalign_lean = getattr(model, "_prefalign_lean", 0) + count  # tells logprobs to rebuild norm outputs
-    return count
+        patched.append(m)
+    return patched
 
 
 def restore(model: torch.nn.Module) -> None:
-    """Undo ``apply``."""
+    """Undo ``apply``: every module patched by it gets its class's forward back."""
     for m in model.modules():
         fwd = vars(m).get("forward")
         if getattr(fwd, "__func__", None) in (_mlp_forward, _rmsnorm_forward):
             del m.forward
-    vars(model).pop("_prefalign_lean", None)

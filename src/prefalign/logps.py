@@ -1,0 +1,149 @@
+"""A batch becomes numbers: one function from (model, batch) to per-pair log-probs, token counts and NLL terms.
+
+Every collator (data/collate.py) describes its batch in the same two views, so nothing downstream asks how the batch
+was laid out:
+
+- **row layout**, what the model runs on: ``input_ids``, ``attention_mask`` (2-D padding or a boolean 4-D mask),
+  ``position_ids`` ``[R, L]``, and ``predictor`` ``[R, L]``: the position whose hidden state predicts each token;
+- **pair layout**, what the loss reads: each pair's tokens as ``[prompt | chosen | rejected]``, right-padded to
+  ``P``, with ``prompt_mask`` / ``chosen_mask`` / ``rejected_mask`` ``[B, P]`` and ``pair_index`` ``[B, P]``, the
+  flat row position of each pair token.
+
+``pair_logps(model, batch, path)`` takes the fast path when given the speed boundary's ``FastPath`` and the plain
+path (``path=None``) otherwise. The plain path is the oracle: each pair rebuilt as two ordinary sequences, prompt +
+chosen and prompt + rejected, full logits, log-softmax, gather, mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .models import unwrap
+from .speed.forward import FastPath, target_logps
+from .speed.head import gather_logps
+
+# attention implementations that take a custom mask, and in which form (see model_attention_mask)
+_MASK_KINDS = {"sdpa": "float", "eager": "float", "prefalign_grouped_sdpa": "float", "flex_attention": "block"}
+
+
+@dataclass
+class PairLogps:
+    """Per-pair sums of token log-probs and their token counts, all ``[B]``.
+
+    ``nll`` / ``nll_tokens`` cover the tokens an NLL term is taken over: the chosen reply, plus the prompt after its
+    first token when asked (TRL's ORPO).
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    nll: Tensor
+    nll_tokens: Tensor
+
+
+def mask_kind(model: Any) -> str | None:
+    """How a model takes a custom attention mask: "float" (SDPA and eager: additive), "block" (flex attention's
+    BlockMask), or None (flash-attention kernels take no mask)."""
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    return _MASK_KINDS.get(impl or "")
+
+
+def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
+    """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
+
+    "float": additive, 0 or the dtype's minimum, built once per batch (eager; SDPA too: given a boolean mask, SDPA
+    converts it to this form in every layer and its kernels keep each copy for backward, 30 extra copies for
+    SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so fully
+    masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
+    """
+    if kind == "float":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if kind == "block":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dense = mask[:, 0]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return dense[b, q, k]
+
+        rows, length = dense.shape[0], dense.shape[-1]
+        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
+    return mask
+
+
+def nll_mask(batch: dict[str, Tensor], nll_on_prompt: bool) -> Tensor:
+    """Pair-layout tokens an NLL term covers: the chosen reply, plus the prompt after its first token if asked."""
+    chosen = batch["chosen_mask"].bool()
+    if not nll_on_prompt:
+        return chosen
+    covered = chosen | batch["prompt_mask"].bool()
+    covered[:, 0] = False  # nothing predicts a sequence's first token
+    return covered
+
+
+def pair_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None, *,
+               nll_on_prompt: bool = False) -> PairLogps:
+    """The contract: per-pair log-probs of a collated batch under ``model`` (fast path, or plain with None)."""
+    nll = nll_mask(batch, nll_on_prompt)
+    wanted = nll | batch["rejected_mask"].bool()
+    if path is None:
+        tok = plain_token_logps(model, batch, wanted)
+    else:
+        mask = batch["attention_mask"]
+        if mask.dim() == 4 and mask.dtype == torch.bool:  # the collators' boolean mask, in the kernel's form
+            batch = {**batch, "attention_mask": model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)}
+        tok = fast_token_logps(model, batch, wanted, path)
+    chosen, rejected = batch["chosen_mask"].bool(), batch["rejected_mask"].bool()
+    return PairLogps(chosen=(tok * chosen).sum(-1), rejected=(tok * rejected).sum(-1),
+                     chosen_tokens=chosen.sum(-1), rejected_tokens=rejected.sum(-1),
+                     nll=(tok * nll).sum(-1), nll_tokens=nll.sum(-1))
+
+
+def fast_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, path: FastPath) -> Tensor:
+    """Pair-layout ``[B, P]`` log-probs of the ``wanted`` tokens (0 elsewhere), computed on the batch's rows with
+    its ``attention_mask`` as given (pair_logps has turned a boolean 4-D mask into the kernel's form)."""
+    ids = batch["input_ids"]
+    flat = batch["pair_index"][wanted]
+    rows, cols = flat // ids.shape[1], flat % ids.shape[1]
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+    picked = target_logps(model, inputs, rows, batch["predictor"][rows, cols], ids[rows, cols], path)
+    out = torch.zeros(wanted.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=ids.device)
+    return out.masked_scatter(wanted, picked)
+
+
+def pair_token_ids(batch: dict[str, Tensor]) -> Tensor:
+    """The batch's tokens in pair layout ``[B, P]`` (padding positions read row position 0: mask them)."""
+    return batch["input_ids"].flatten()[batch["pair_index"]]
+
+
+def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor) -> Tensor:
+    """The obvious computation, for tests and debugging (``fast_path=False``): every pair as two right-padded
+    sequences, prompt + chosen and prompt + rejected, one forward with a padding mask, full logits, log-softmax,
+    gather of each next token, mask. Returns pair-layout ``[B, P]`` log-probs of the ``wanted`` tokens."""
+    ids = pair_token_ids(batch)
+    p, c, r = (batch[k].sum(-1).tolist() for k in ("prompt_mask", "chosen_mask", "rejected_mask"))
+    seqs = []  # pair i: rows 2i (prompt + chosen) and 2i + 1 (prompt + rejected)
+    for i in range(ids.shape[0]):
+        seqs.append(ids[i, :p[i] + c[i]])
+        seqs.append(torch.cat([ids[i, :p[i]], ids[i, p[i] + c[i]:p[i] + c[i] + r[i]]]))
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long, device=ids.device)
+    attention = torch.zeros(len(seqs), length, dtype=torch.long, device=ids.device)
+    for j, s in enumerate(seqs):
+        input_ids[j, :len(s)], attention[j, :len(s)] = s, 1
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+    seq_logps = torch.zeros(input_ids.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
+                            device=ids.device)
+    seq_logps[:, 1:] = gather_logps(logits[:, :-1], input_ids[:, 1:])
+    out = torch.zeros(wanted.shape, dtype=seq_logps.dtype, device=ids.device)
+    for i in range(ids.shape[0]):
+        chosen_seq, rejected_seq = seq_logps[2 * i], seq_logps[2 * i + 1]
+        n = p[i] + c[i]
+        out[i, :n] = chosen_seq[:n]  # prompt and chosen positions, as in pair layout
+        out[i, n:n + r[i]] = rejected_seq[p[i]:p[i] + r[i]]
+    return out * wanted

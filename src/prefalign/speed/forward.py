@@ -1,0 +1,79 @@
+"""The fast forward: log-probs of chosen positions, with the LM head run on those positions only.
+
+For known decoder-only architectures the model runs with ``logits_to_keep=1`` (through its own forward, so DDP and
+PEFT wrappers see the call) while a hook on the decoder captures the final hidden states; the head then runs on the
+rows that predict a target (speed/head.py). Other architectures compute full logits and gather, with the same
+numbers at a higher cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models import unwrap
+from .head import TiedGrad, chunked_head_logps, gather_logps, tied_embeds
+from .layers import recompute_norm_outputs
+
+# Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling or soft-capping.
+CHUNKED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3", "olmo", "olmo2",
+    "gemma", "starcoder2", "gpt_neox", "gpt2",
+})
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What the fast forward needs, handed to it as an argument by the speed boundary (``speed.enable``).
+
+    ``chunk_rows``: LM-head rows per chunk (None: as many as fit in 256 MiB). ``rebuild_norm_outputs``: lean
+    RMSNorms are in place, so their outputs saved by the projections they feed are rebuilt in backward.
+    """
+
+    chunk_rows: int | None = None
+    rebuild_norm_outputs: bool = False
+
+
+def can_chunk(model: Any) -> bool:
+    inner = unwrap(model)
+    cfg = getattr(inner, "config", None)
+    return (cfg is not None and getattr(cfg, "model_type", None) in CHUNKED_MODEL_TYPES
+            and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None)
+
+
+def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Tensor, targets: Tensor,
+                 path: FastPath) -> Tensor:
+    """``log p(targets[k] | hidden state at (rows[k], src[k]))`` for every k: a float32 (float64) vector.
+
+    ``model_inputs`` are the model's keyword arguments (``input_ids``, ``attention_mask``, ``position_ids``).
+    """
+    kwargs = {**model_inputs, "use_cache": False}
+    rebuild = path.rebuild_norm_outputs and torch.is_grad_enabled()
+    with recompute_norm_outputs() if rebuild else contextlib.nullcontext():
+        if not can_chunk(model):
+            logits = model(**kwargs).logits
+            return gather_logps(logits[rows, src], targets)
+        inner = unwrap(model)
+        captured: dict[str, Tensor] = {}
+
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        head = inner.get_output_embeddings()
+        tied = TiedGrad()
+        embeds = tied_embeds(inner.get_input_embeddings(), head, kwargs["input_ids"], has_targets=rows.numel() > 0,
+                             tied=tied)
+        if embeds is not None:
+            kwargs["inputs_embeds"] = embeds
+            del kwargs["input_ids"]
+        handle = inner.get_decoder().register_forward_hook(hook)
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return chunked_head_logps(head, captured["h"][rows, src], targets, path.chunk_rows,
+                                  tied=tied if embeds is not None else None)
