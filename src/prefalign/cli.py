@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 
 from . import runs
-from .errors import ConfigError, PrefalignError
+from .errors import ConfigError, PrefalignError, one_line
 
 if TYPE_CHECKING:
     from .config import PreferenceConfig
@@ -41,10 +41,6 @@ FLAG_KEYS = {"model": "model", "ref_model": "ref_model", "dataset": "dataset", "
 
 
 # ----- errors and parsing ----------------------------------------------------------------------------------------
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def print_error(message: object) -> None:
     print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
 
