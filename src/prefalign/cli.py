@@ -648,9 +648,8 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Load policy and reference, evaluate, write eval.json and eval.md, print the Markdown."""
     from .data.load import load_preference_dataset
-    from .demo.task import EDGE_CASE_PROMPTS
     from .evaluate import evaluate_models
-    from .generate import read_prompt_rows
+    from .generate import EDGE_CASE_PROMPTS, read_prompt_rows
     from .judges import load_judge
     from .models import DEFAULT_MODEL, load_model, load_tokenizer
 
