@@ -177,8 +177,9 @@ def _add_data_parser(sub: Any) -> None:
     g.set_defaults(func=cmd_data_generate)
 
 
-JUDGE_HELP = ("'demo' (the bundled task's judge), 'module:function' (f(prompt, reply) -> float or None), or "
-              "'reward-model:PATH' (a sequence-classification model)")
+JUDGE_HELP = ("a judge name ('demo': the bundled task's judge; packages add more under the prefalign.judges entry "
+              "points), 'module:function' (f(prompt, reply) -> float or None), or 'reward-model:PATH' (a "
+              "sequence-classification model)")
 
 
 def _add_eval_parser(sub: Any) -> None:
