@@ -38,7 +38,6 @@ FLAG_KEYS = {"model": "model", "ref_model": "ref_model", "dataset": "dataset", "
              "max_length": "max_length", "seed": "seed"}
 
 
-
 def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None:
     """``"prompt=question,chosen=good"`` (or a mapping) → ``{"prompt": "question", "chosen": "good"}``."""
     if spec is None or isinstance(spec, Mapping):
@@ -54,14 +53,15 @@ def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None
     return mapping or None
 
 
-
 def config_class(method: str) -> type[PreferenceConfig]:
+    """The config dataclass of a method; imported here, so resolving options is the first thing to load it."""
     from .config import DPOConfig, ORPOConfig
 
     return {"dpo": DPOConfig, "orpo": ORPOConfig}[method]
 
 
 def config_fields(cls: type) -> dict[str, Any]:
+    """The fields a user may set: init fields, without private ones."""
     return {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_")}
 
 
@@ -88,6 +88,7 @@ class TrainPlan:
         return Path(self.options["output_dir"])
 
     def local_inputs(self) -> list[str]:
+        """Inputs that may be local paths, which --overwrite must never delete."""
         return [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
 
     def resolved_config(self) -> dict[str, Any]:
@@ -207,8 +208,8 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def _accepted_types(annotation: Any) -> frozenset[Any]:
     """What a field takes besides None: ``int | None`` → {int}; ``list[str] | str`` → {list[str], str}."""
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if is_union else (annotation,)
     return frozenset(t for t in members if t is not type(None))
 
 
@@ -234,6 +235,7 @@ def coerce_option(cls: type, key: str, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not {'an integer' if integer else 'a number'}.") from None
     return value
+
 
 def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges."""
