@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefalign.cli import build_parser, main, resolve_plan
+from prefalign.cli import build_parser, main
+from prefalign.config import DPOConfig, ORPOConfig
+from prefalign.errors import ConfigError
+from prefalign.options import coerce_option, field_types, resolve_plan
 from tiny import conversational_rows, save_tiny, text_rows
 
 
@@ -142,6 +147,52 @@ def test_precedence_is_config_file_then_set_then_flags(tmp_path):
                                                                                                "chosen": "y"})
     assert plan.options["orpo_alpha"] == 0.6 and "beta" not in plan.options  # the flag wins over `beta: 0.3`
     assert _plan(["train", str(cfg), "--max-length", "none"]).options["max_length"] is None
+
+
+@dataclass
+class _Options:
+    """Annotations of every kind coercion handles, written as strings (this file has postponed annotations)."""
+
+    rate: float = 0.1
+    steps: int = 1
+    limit: int | None = None
+    old_style: Optional[int] = None  # noqa: UP045 -- the typing spelling resolves to the same type
+    either: Union[int, float] = 1  # noqa: UP007
+    flag: bool = True
+    names: list[str] | str = "a"
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("rate", "1e-5", 1e-5), ("rate", 3, 3), ("steps", "7", 7), ("limit", "12", 12), ("limit", None, None),
+    ("old_style", "4", 4), ("either", "3", 3.0), ("flag", False, False), ("names", "x", "x"),
+    ("names", ["x", "y"], ["x", "y"]), ("names", 5, 5), ("unknown", "1e-5", "1e-5")])
+def test_yaml_values_are_coerced_by_the_declared_type(key, value, expected):
+    result = coerce_option(_Options, key, value)
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("rate", "fast", "rate='fast' is not a number."), ("steps", "7.5", "steps='7.5' is not an integer."),
+    ("limit", True, "limit=True must be a number."), ("either", False, "either=False must be a number."),
+    ("flag", 1, "flag=1 must be true or false."), ("flag", "yes please", "flag='yes please' must be true or false.")])
+def test_values_of_the_wrong_type_are_config_errors(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        coerce_option(_Options, key, value)
+    assert str(e.value) == message
+
+
+def test_config_field_types_come_from_the_dataclasses():
+    dpo, orpo = field_types(DPOConfig), field_types(ORPOConfig)
+    assert dpo["max_length"] == int | None and dpo["learning_rate"] is float and dpo["prefix_sharing"] is bool
+    assert dpo["loss_type"] == list[str] | str and orpo["beta"] == float | None and "beta" in dpo
+    assert coerce_option(DPOConfig, "logging_steps", "5") == 5.0 and coerce_option(DPOConfig, "max_steps", "3") == 3
+    assert coerce_option(ORPOConfig, "beta", "2e-1") == 0.2 and coerce_option(DPOConfig, "loss_type", "ipo") == "ipo"
+
+
+def test_a_non_bool_for_a_bool_option_is_one_line(pairs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", str(pairs), "--output-dir", str(out), "--set", "prefix_sharing=1"]) == 2
+    assert "prefix_sharing=1 must be true or false" in _one_error(capsys) and not out.exists()
 
 
 @pytest.mark.parametrize(("where", "key", "suggestion"), [("set", "bta", "beta"),

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """Collapse a message onto one line: every user error is printed as a single ``prefalign: error:`` line."""
+    return " ".join(str(text).split())
+
+
 class PrefalignError(Exception):
     """An error caused by the user's input or configuration, not by a bug.
 

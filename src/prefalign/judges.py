@@ -1,25 +1,30 @@
 """Pluggable judges: something that scores a reply to a prompt.
 
 A judge spec is one of
-- ``demo``: the bundled task's deterministic judge (`prefalign.demo.task.judge`);
+- a judge name: one given to `register_judge`, or else an entry point of the ``prefalign.judges`` group, so an
+  installed package can add judges without this module knowing about it (prefalign's own: ``demo``, the bundled
+  task's deterministic judge);
 - ``module:function``: any importable callable ``f(prompt: str, response: str) -> float | None``
   (None: the judge has no opinion on this prompt, and it is left out of pass rates);
 - ``reward-model:PATH`` (or a local model directory whose config is a sequence classifier): a reward model loaded
   with ``AutoModelForSequenceClassification``; the score is its logit for the chat-formatted (prompt, reply).
-A reply passes when its score is at least ``pass_threshold`` (1.0 for the demo judge, 0.0 for reward models).
+A reply passes when its score is at least ``pass_threshold`` (default 1.0, 0.0 for reward models; a named judge
+whose factory returns a `Judge` brings its own).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, PrefalignError, one_line
 
 ScoreFn = Callable[[str, str], float | None]
+ENTRY_POINT_GROUP = "prefalign.judges"
 
 
 @dataclass
@@ -75,6 +80,53 @@ class RewardModelJudge:
         return self.score_batch([prompt], [response])[0]
 
 
+JudgeFactory = Callable[[], ScoreFn | Judge]
+_REGISTRY: dict[str, JudgeFactory] = {}
+
+
+def register_judge(name: str, factory: JudgeFactory) -> None:
+    """Make ``load_judge(name)`` call ``factory()`` for its score function (or a whole `Judge`).
+
+    A factory rather than the function itself, so a costly judge (a model to load) costs nothing until it is used.
+    A registered name wins over an entry point of the same name.
+    """
+    if not name or ":" in name:
+        raise ValueError(f"judge name {name!r} must be non-empty and contain no ':' (that would read as a spec)")
+    _REGISTRY[name] = factory
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def judge_names() -> list[str]:
+    """Every judge name `load_judge` knows: registered ones and the ``prefalign.judges`` entry points."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def _named_judge(spec: str, pass_threshold: float | None) -> Judge | None:
+    """The judge registered or installed (entry point) under ``spec``, or None if there is none."""
+    factory = _REGISTRY.get(spec)
+    if factory is None:
+        ep = _entry_points().get(spec)
+        if ep is None:
+            return None
+        factory = ep.load  # an entry point names the score function itself
+    try:
+        made = factory()
+    except PrefalignError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"judge '{spec}' could not be loaded ({type(err).__name__}: {one_line(err)}). Fix: "
+                          "check the package that provides it.") from None
+    if isinstance(made, Judge):
+        threshold = made.pass_threshold if pass_threshold is None else pass_threshold
+        return Judge(spec, made.score, threshold)
+    if not callable(made):
+        raise ConfigError(f"judge '{spec}' is not callable. Fix: register a function f(prompt, response) -> float.")
+    return Judge(spec, made, 1.0 if pass_threshold is None else pass_threshold)
+
+
 def _is_classifier_dir(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_text())
@@ -85,10 +137,9 @@ def _is_classifier_dir(path: Path) -> bool:
 
 def load_judge(spec: str, pass_threshold: float | None = None) -> Judge:
     """Resolve a judge spec (see module docstring) into a `Judge`; a bad spec is a one-line `ConfigError`."""
-    if spec == "demo":
-        from .demo.task import judge
-
-        return Judge("demo", judge, 1.0 if pass_threshold is None else pass_threshold)
+    named = _named_judge(spec, pass_threshold)
+    if named is not None:
+        return named
     rm_path = spec.removeprefix("reward-model:")
     if spec.startswith("reward-model:") or _is_classifier_dir(Path(rm_path)):
         rm = RewardModelJudge(rm_path)
@@ -97,8 +148,9 @@ def load_judge(spec: str, pass_threshold: float | None = None) -> Judge:
         return judge
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"judge '{spec}' is not a judge spec. Fix: use 'demo', 'module:function' or "
-                          "'reward-model:PATH'.")
+        names = ", ".join(judge_names()) or "none"
+        raise ConfigError(f"judge '{spec}' is not a judge name (available: {names}) or spec. Fix: use one of those "
+                          "names, 'module:function' or 'reward-model:PATH'.")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -127,5 +179,5 @@ def as_score_fn(judge: Judge) -> ScoreFn:
     return fn
 
 
-__all__ = ["Judge", "RewardModelJudge", "as_score_fn", "call_score", "load_judge"]
+__all__ = ["Judge", "RewardModelJudge", "as_score_fn", "call_score", "judge_names", "load_judge", "register_judge"]
 

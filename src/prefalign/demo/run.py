@@ -18,11 +18,11 @@ from typing import Any
 
 from ..config import DPOConfig, ORPOConfig
 from ..evaluate import GenerationRun, build_report, pair_metrics, run_generations, sequence_logps
+from ..generate import EDGE_CASE_PROMPTS
 from ..judges import load_judge
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 from ..progress import counter
 from ..trainer import DPOTrainer, ORPOTrainer
-from .task import EDGE_CASE_PROMPTS
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""``prefalign data``: ``check`` reports on a preference dataset, ``generate`` builds on-policy pairs with a judge."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..options import parse_columns
+from . import PROG, progress_bar
+
+
+def check(args: argparse.Namespace) -> int:
+    """Print `prefalign.data.check.check_dataset`'s report; exit code 2 if training would refuse the data."""
+    from ..data.check import check_dataset, check_settings
+    from ..models import DEFAULT_MODEL, load_tokenizer
+
+    # --max-length not given: check_dataset's default, which is the config default.
+    limits = {"max_length": args.max_length} if "max_length" in args.explicit else {}
+    limits["max_prompt_length"] = args.max_prompt_length
+    check_settings(**limits)  # bad options fail before the tokenizer loads
+    columns = parse_columns(args.columns)
+    model = args.model or DEFAULT_MODEL
+    report = check_dataset(args.source, tokenizer=load_tokenizer(model), tokenizer_name=model, split=args.split,
+                           columns=columns, **limits)
+    print(report.to_json() if args.json else report.render_text())
+    return 0 if report.ok else 2
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Sample, judge and write pairs; refuses to replace an existing file without --overwrite."""
+    from ..generate import generate_pairs, read_prompt_rows, write_jsonl_atomic
+    from ..judges import as_score_fn, load_judge
+    from ..models import load_model, load_tokenizer
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples} is out of range: must be >= 1.")
+    if Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"{args.output} already exists. Fix: choose another --output or pass --overwrite.")
+    rows = read_prompt_rows(args.prompts)
+    judge = load_judge(args.judge)
+    tok, model = load_tokenizer(args.model), load_model(args.model)
+    progress = progress_bar("generating", len(rows))
+    pairs, stats = generate_pairs(model, tok, rows, as_score_fn(judge), samples=args.samples,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  batch_size=args.batch_size, seed=args.seed, progress=progress)
+    write_jsonl_atomic(args.output, pairs)
+    print(f"{PROG}: wrote {args.output}: {stats.line()}")
+    return 0

@@ -1,0 +1,131 @@
+"""``prefalign train``: resolve the options (`prefalign.options`), train with DPO or ORPO, write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import runs
+from ..errors import ConfigError, PrefalignError
+from ..options import TrainPlan, build_config, resolve_plan
+from . import PROG, print_error
+
+if TYPE_CHECKING:
+    from ..config import PreferenceConfig
+
+
+def load_train_data(plan: TrainPlan) -> tuple[Any, Any]:
+    """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
+    from ..data.load import load_preference_dataset
+
+    columns = plan.run["columns"]
+    train = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns)
+    evaluation = None
+    if plan.run.get("eval_dataset"):
+        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns)
+    return train, evaluation
+
+
+def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluation: Any) -> Any:
+    """Load the model(s) and tokenize the data; remove the output directory again if this fails after creating it."""
+    from ..trainer import DPOTrainer, ORPOTrainer
+
+    out = plan.output_dir
+    existed = out.exists()
+    common = {"model": plan.run["model"], "args": config, "train_dataset": train, "eval_dataset": evaluation}
+    try:
+        if plan.method == "dpo":
+            return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
+        return ORPOTrainer(**common)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) -> int:
+    """Run training; on failure keep what the Trainer wrote, log the traceback there and print one line."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+    except PrefalignError:
+        raise
+    except KeyboardInterrupt:
+        print_error(f"interrupted at step {trainer.state.global_step}; partial output left in {out}")
+        return 130
+    except Exception as e:
+        log = out / runs.ERROR_LOG_FILE
+        with contextlib.suppress(OSError):
+            out.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+        detail = type(e).__name__ + (f": {str(e).strip().splitlines()[0]}" if str(e).strip() else "")
+        print_error(f"training failed at step {trainer.state.global_step}: {detail} (partial output left in {out}; "
+                    f"traceback in {log})")
+        return 1
+    return 0
+
+
+def save_run(trainer: Any, plan: TrainPlan, out: Path) -> None:
+    """Model, tokenizer, resolved config and data report: everything a finished run directory holds."""
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    runs.write_config(out, plan.resolved_config())
+    runs.write_data_report(out, trainer.data_reports)
+
+
+def summary_line(trainer: Any, out: Path) -> str:
+    """The one line a successful run prints: where it went and how it ended."""
+    m = runs.final_metrics(trainer.state.log_history)
+    parts = [f"{trainer.state.global_step} steps"]
+    for key, label in (("loss", "final loss"), ("rewards/accuracies", "reward accuracy"),
+                       ("eval_loss", "eval loss"), ("eval_rewards/accuracies", "eval reward accuracy")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4f}")
+    return f"{PROG}: run saved to {out} ({', '.join(parts)})"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the options, load everything, train, and write the run directory (see `prefalign.runs`)."""
+    plan = resolve_plan(args)
+    config = build_config(plan)
+    out = plan.output_dir
+    from ..checkpoints import latest_checkpoint
+
+    resume_from = latest_checkpoint(out) if plan.resume else None
+    if plan.resume and resume_from is None:
+        raise ConfigError(f"--resume: '{out}' holds no complete checkpoint. Fix: set save_steps (--set save_steps=N "
+                          "--set save_strategy=steps) when training, or drop --resume.")
+    if not plan.resume:
+        runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
+    train, evaluation = load_train_data(plan)
+    trainer = make_trainer(plan, config, train, evaluation)
+    from ..progress import use_progress_bar
+
+    progress = use_progress_bar(trainer)
+    if plan.overwrite and trainer.is_world_process_zero():
+        runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
+    try:
+        code = train_or_report(trainer, out, resume_from)
+    finally:
+        progress.close()  # so an error line never lands on the bar's line
+    if code:
+        return code
+    if trainer.graceful_stop.signal is not None:
+        if trainer.is_world_process_zero():
+            runs.write_config(out, plan.resolved_config())
+        name = signal.Signals(trainer.graceful_stop.signal).name
+        print_error(f"stopped by {name} at step {trainer.state.global_step}; checkpoint saved in "
+                    f"{latest_checkpoint(out)}. Continue with: prefalign train {out / runs.CONFIG_FILE} --resume")
+        return 128 + trainer.graceful_stop.signal
+    save_run(trainer, plan, out)
+    if trainer.is_world_process_zero():
+        print(summary_line(trainer, out))
+    return 0

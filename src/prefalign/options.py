@@ -1,0 +1,280 @@
+"""Option resolution for ``prefalign train``: config file < --set < flags, over the CLI's defaults.
+
+Each source becomes a `Layer`; `resolve_plan` merges them (unknown keys are errors with a suggestion), splits run
+keys (model, dataset, ...) from config-class options, and coerces YAML values to the types the config dataclasses
+declare, so a mistyped value fails here, on one line, before anything is loaded. `build_config` then builds the
+`DPOConfig` / `ORPOConfig`, whose own checks catch out-of-range values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from . import runs
+from .errors import ConfigError, PrefalignError, one_line
+
+if TYPE_CHECKING:
+    from .config import PreferenceConfig
+
+METHODS = ("dpo", "orpo")
+RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns")
+RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
+# Config defaults of a CLI run that differ from the library's (the library stays TRL-like).
+CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no"}
+# --flag → config key (flags that are not plain config keys are handled in _flag_layer).
+FLAG_KEYS = {"model": "model", "ref_model": "ref_model", "dataset": "dataset", "eval_dataset": "eval_dataset",
+             "split": "split", "output_dir": "output_dir", "max_steps": "max_steps",
+             "learning_rate": "learning_rate", "batch_size": "per_device_train_batch_size",
+             "max_length": "max_length", "seed": "seed"}
+
+
+def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``"prompt=question,chosen=good"`` (or a mapping) → ``{"prompt": "question", "chosen": "good"}``."""
+    if spec is None or isinstance(spec, Mapping):
+        return {str(k): str(v) for k, v in spec.items()} if spec else None
+    if not isinstance(spec, str):
+        raise ConfigError(f"columns={spec!r} is not a mapping. Fix: write it as prompt=q,chosen=a,rejected=b")
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, column = part.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise ConfigError(f"columns: cannot read {part!r}. Fix: write it as prompt=q,chosen=a,rejected=b")
+        mapping[name.strip()] = column.strip()
+    return mapping or None
+
+
+def config_class(method: str) -> type[PreferenceConfig]:
+    """The config dataclass of a method; imported here, so resolving options is the first thing to load it."""
+    from .config import DPOConfig, ORPOConfig
+
+    return {"dpo": DPOConfig, "orpo": ORPOConfig}[method]
+
+
+def config_fields(cls: type) -> dict[str, Any]:
+    """The fields a user may set: init fields, without private ones."""
+    return {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_")}
+
+
+@dataclass
+class Layer:
+    """Options from one source (config file, --set, flags), lowest precedence first."""
+
+    origin: str
+    values: dict[str, Any]
+
+
+@dataclass
+class TrainPlan:
+    """A training run resolved from all sources, before anything is loaded."""
+
+    method: str
+    run: dict[str, Any]  # RUN_KEYS
+    options: dict[str, Any]  # config-class keyword arguments, as resolved (what config.yaml records)
+    overwrite: bool = False
+    resume: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.options["output_dir"])
+
+    def local_inputs(self) -> list[str]:
+        """Inputs that may be local paths, which --overwrite must never delete."""
+        return [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
+
+    def resolved_config(self) -> dict[str, Any]:
+        """Run keys (local paths made absolute, so the file works from anywhere) and the config options."""
+        out: dict[str, Any] = {"method": self.method}
+        for key in RUN_KEYS[1:]:
+            value = self.run.get(key)
+            if value is None or (key == "eval_split" and not self.run.get("eval_dataset")):
+                continue
+            if key in ("model", "ref_model", "dataset", "eval_dataset") and _is_local_path(str(value)):
+                value = str(Path(str(value)).expanduser().resolve())
+            out[key] = value
+        out.update(sorted(self.options.items()))
+        out["output_dir"] = str(self.output_dir.expanduser().resolve())  # a re-run must not write somewhere else
+        return out
+
+
+def _is_local_path(value: str) -> bool:
+    """A path on disk, as opposed to an embedded model name or a hub id (embedded names win, as in models.py)."""
+    from .models import EMBEDDED_MODELS
+
+    return value.lower() not in EMBEDDED_MODELS and Path(value).expanduser().exists()
+
+
+def _config_file_layer(path: str | None) -> Layer:
+    if path is None:
+        return Layer("", {})
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file '{path}': {e.strerror or e}. Fix: check the path") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file '{path}': invalid YAML{where}: {problem}.") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' is a YAML {type(values).__name__}, not a mapping. Fix: write one "
+                          "'key: value' per line")
+    return Layer(f"in {path}", {str(k): v for k, v in values.items()})
+
+
+def _set_layer(pairs: Sequence[str]) -> Layer:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set beta=0.2")
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: VALUE is not valid YAML ({getattr(e, 'problem', e)}).") from None
+    return Layer("in --set", values)
+
+
+def _flag_layer(args: argparse.Namespace, method: str) -> Layer:
+    values = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.max_length is None and "max_length" in getattr(args, "explicit", ()):  # --max-length none
+        values["max_length"] = None
+    if args.method is not None:
+        values["method"] = args.method
+    if args.columns is not None:
+        values["columns"] = args.columns
+    if args.beta is not None:
+        values["orpo_alpha" if method == "orpo" else "beta"] = args.beta
+    return Layer("from the flags", values)
+
+
+def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace) -> str:
+    method = args.method
+    if method is None:
+        for layer in layers:
+            method = layer.values.get("method", method)
+    method = RUN_DEFAULTS["method"] if method is None else str(method).lower()
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not supported. Fix: use one of {', '.join(METHODS)}")
+    return str(method)
+
+
+def _unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
+    valid = list(config_fields(config_class(method))) + list(RUN_KEYS)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"Did you mean '{close[0]}'?" if close else (
+        f"Fix: use a run key ({', '.join(RUN_KEYS)}) or a field of {config_class(method).__name__}")
+    other = [m for m in METHODS if m != method and key in config_fields(config_class(m))]
+    if other:
+        hint = f"It is an option of method {other[0]}; set method: {other[0]}."
+    return ConfigError(f"unknown option '{key}' {origin} for method {method}. {hint}")
+
+
+def _merge(layers: Sequence[Layer], method: str) -> dict[str, Any]:
+    """Later layers win; unknown keys are errors with a suggestion."""
+    known = set(config_fields(config_class(method))) | set(RUN_KEYS)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.values.items():
+            if key not in known:
+                raise _unknown_key_error(key, layer.origin, method)
+            merged[key] = value
+    flags = layers[-1].values
+    if method == "orpo" and "orpo_alpha" in flags and "beta" not in flags:
+        merged.pop("beta", None)  # --beta set orpo_alpha; a TRL-style `beta` from the config file would disagree
+    return merged
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each init field's annotation, resolved to real types (``int | None``, ``list[str] | str``) from the class."""
+    hints = typing.get_type_hints(cls)
+    return {name: hints[name] for name in config_fields(cls)}
+
+
+def _accepted_types(annotation: Any) -> frozenset[Any]:
+    """What a field takes besides None: ``int | None`` → {int}; ``list[str] | str`` → {list[str], str}."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if is_union else (annotation,)
+    return frozenset(t for t in members if t is not type(None))
+
+
+def coerce_option(cls: type, key: str, value: Any) -> Any:
+    """Make a YAML value fit a bool or numeric field: YAML 1.1 reads ``1e-5`` as a string, for instance.
+
+    Only bool and int/float fields are checked; other values go to the config class as they are.
+    """
+    annotation = field_types(cls).get(key)
+    if annotation is None or value is None:
+        return value
+    accepted = _accepted_types(annotation)
+    if accepted == {bool} and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    if not accepted or not accepted <= {int, float}:
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    if isinstance(value, str):
+        integer = float not in accepted
+        try:
+            return int(value) if integer else float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not {'an integer' if integer else 'a number'}.") from None
+    return value
+
+
+def resolve_plan(args: argparse.Namespace) -> TrainPlan:
+    """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges."""
+    lower = [_config_file_layer(args.config), _set_layer(args.set_pairs)]
+    method = _resolve_method(lower, args)
+    merged = _merge([*lower, _flag_layer(args, method)], method)
+    run = {key: merged.pop(key, None) for key in RUN_KEYS}
+    run = {key: RUN_DEFAULTS.get(key) if value is None else value for key, value in run.items()}
+    run["method"] = method
+    run["columns"] = parse_columns(run["columns"])
+    if not run.get("dataset"):
+        raise ConfigError("no dataset given. Fix: pass --dataset SRC or put 'dataset: SRC' in the config file")
+    if run.get("model") is None:
+        from .models import DEFAULT_MODEL
+
+        run["model"] = DEFAULT_MODEL
+    run.update({k: str(run[k]) for k in ("model", "ref_model", "split", "eval_split") if run[k] is not None})
+    if method != "dpo" and run.get("ref_model") is not None:
+        raise ConfigError(f"ref_model is a DPO option; method {method} uses no reference model. Fix: remove it")
+    options = {**CLI_DEFAULTS, **merged}
+    options.setdefault("output_dir", str(runs.default_run_dir(method)))
+    cls = config_class(method)
+    options = {k: coerce_option(cls, k, v) for k, v in options.items()}
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other. Fix: pass one of them.")
+    return TrainPlan(method, run, options, overwrite=args.overwrite, resume=args.resume)
+
+
+def build_config(plan: TrainPlan) -> PreferenceConfig:
+    """The config object; range errors from the config class and TrainingArguments become one-line errors."""
+    import torch
+
+    kwargs = dict(plan.options)
+    if "use_cpu" not in kwargs and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # a runtime default, not recorded in config.yaml
+    try:
+        return config_class(plan.method)(**kwargs)
+    except PrefalignError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid options: {one_line(str(e).strip().splitlines()[0] if str(e) else e)}") from None
+
