@@ -18,7 +18,8 @@ def main() -> None:
     ds = datasets.Dataset.from_list(conversational_rows(16))
     cls = ORPOConfig if method == "orpo" else DPOConfig
     extra = {"loss_type": ["sigmoid", "sft"]} if method == "dpo-rpo" else {}  # RPO: a token-mean NLL term too
-    args = cls(**extra, output_dir=out, per_device_train_batch_size=batch, max_steps=4, learning_rate=1e-3, report_to=[],
+    args = cls(**extra, output_dir=out, per_device_train_batch_size=batch, max_steps=4, learning_rate=1e-3,
+               report_to=[],
                use_cpu=True, max_length=96, seed=0, logging_steps=1, save_strategy="no", disable_tqdm=True,
                lr_scheduler_type="constant")
     if method != "orpo":

@@ -19,6 +19,7 @@ import torch
 from . import speed
 from .data.collate import PairCollator, PrefixSharedCollator
 from .data.tokenize import TokenizeSettings, tokenize_rows
+from .errors import one_line
 from .generate import generate, prompt_text
 from .judges import Judge, call_score
 from .logps import mask_kind, pair_logps
@@ -202,7 +203,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _cell(text: str, limit: int = 90) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    text = one_line(text).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -90,11 +90,6 @@ def prefalign_home() -> Path:
 
 def _embedded(name: str) -> EmbeddedModel | None:
     return EMBEDDED_MODELS.get(name.lower())
-
-
-def _one_line(text: str) -> str:
-    """Collapse a message onto one line: the CLI prints errors as a single line."""
-    return " ".join(str(text).split())
 
 
 def _gguf_path(model: EmbeddedModel) -> Path:
@@ -185,7 +180,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
         tmp.mkdir()  # mkdir (unlike mkdtemp) honours the umask, so the renamed directory gets normal permissions
     except OSError as err:
         raise ConfigError(
-            _one_line(f"cannot create the model cache for '{model.name}' under {final.parent}: {err}. "
+            one_line(f"cannot create the model cache for '{model.name}' under {final.parent}: {err}. "
                       "Fix: set PREFALIGN_HOME to a writable directory")
         ) from err
     try:
@@ -215,7 +210,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
             # A concurrent converter won the race; its result is equivalent, ours is discarded below.
     except OSError as err:
         raise ConfigError(
-            _one_line(f"converting embedded model '{model.name}' into {final} failed: {err}. "
+            one_line(f"converting embedded model '{model.name}' into {final} failed: {err}. "
                       "Fix: free ~600 MB of disk space there or set PREFALIGN_HOME to a writable directory")
         ) from err
     finally:
@@ -278,17 +273,17 @@ def _load_error(name: str, path: str, what: str, err: Exception) -> ConfigError:
     """Turn a transformers loading failure into a one-line ConfigError naming the model and the fix."""
     fix = (f"Fix: use an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}), a directory written by "
            "save_pretrained, or a hub id already in the local Hugging Face cache")
-    detail = _one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    detail = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     if Path(path).expanduser().is_dir():
-        return ConfigError(_one_line(f"{what} in directory '{path}' could not be loaded: {detail}. {fix}"))
+        return ConfigError(one_line(f"{what} in directory '{path}' could not be loaded: {detail}. {fix}"))
     if _looks_like_path(name):
-        return ConfigError(_one_line(f"model '{name}': no such local directory. {fix}"))
+        return ConfigError(one_line(f"model '{name}': no such local directory. {fix}"))
     text = str(err).lower()
     if _hub_offline() or "connect" in text or "offline" in text:
-        return ConfigError(_one_line(
+        return ConfigError(one_line(
             f"model '{name}' is not an embedded model or a local directory, and as a hub id it was not found "
             f"locally and the hub is unreachable. {fix}"))
-    return ConfigError(_one_line(
+    return ConfigError(one_line(
         f"model '{name}' is not an embedded model, a local directory, or a {what} on the Hugging Face hub "
         f"({detail}). {fix}"))
 
@@ -296,7 +291,7 @@ def _load_error(name: str, path: str, what: str, err: Exception) -> ConfigError:
 def _check_local_dir(path: str, needed: tuple[str, ...], what: str) -> None:
     local = Path(path).expanduser()
     if local.is_dir() and not any((local / f).is_file() for f in needed):
-        raise ConfigError(_one_line(
+        raise ConfigError(one_line(
             f"model directory '{path}' has no {' or '.join(needed[:2])}, so it holds no saved {what}. "
             "Fix: pass a directory written by save_pretrained, an embedded model name "
             f"({', '.join(sorted(EMBEDDED_MODELS))}) or a hub id"))

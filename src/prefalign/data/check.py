@@ -20,17 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError, DataError, PrefalignError
+from ..errors import ConfigError, DataError, PrefalignError, one_line
 from .format import detect_format, to_example
 from .load import Problem, RawData, map_columns, read_rows, validate_rows
 from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
 PERCENTILES = (50, 90, 99)
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 @dataclass
@@ -85,13 +81,13 @@ class CheckReport:
 
     def add_error(self, err: DataError, row: int | None = None) -> None:
         """Record a DataError; ``row`` locates one raised without a row (as tokenisation errors are here)."""
-        text = _one_line(err)
+        text = one_line(err)
         if row is not None:
             text = f"{self.row_label} {row}, {text}" if err.field else f"{self.row_label} {row}: {text}"
         self.findings.append(Finding(row, text))
 
     def add_problem(self, problem: Problem) -> None:
-        text = _one_line(problem.as_error("", self.row_label))
+        text = one_line(problem.as_error("", self.row_label))
         self.findings.append(Finding(problem.row, text, problem.fatal))
 
     def length_stats(self) -> dict[str, dict[str, int] | None]:
@@ -169,7 +165,7 @@ def check_settings(max_length: int | None = 1024, max_prompt_length: int | None 
     except PrefalignError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid options: {_one_line(e)}") from None
+        raise ConfigError(f"invalid options: {one_line(e)}") from None
     chat = next(f.default for f in fields(PreferenceConfig) if f.name == "chat_template_for_text")
     return TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length, chat=chat)
 
