@@ -44,8 +44,10 @@ CASES = {
                                             "rejected": [B]}]), [], ["role.jsonl", "prompt[0]", "wizard"]),
     "chosen identical to rejected": ("same.jsonl", _jsonl([{"prompt": [U], "chosen": [A], "rejected": [A]}]), [],
                                      ["same.jsonl", "line 1", "identical"]),
-    "empty completion": ("emptyreply.jsonl", _jsonl([{"prompt": "q", "chosen": "", "rejected": "b"}]), [],
-                         ["emptyreply.jsonl", "line 1", "chosen", "empty"]),
+    # (an empty reply is valid: a warning, trained on as its end-of-turn token; an empty message list is not)
+    "empty completion": ("emptyreply.jsonl", _jsonl([{"prompt": [{"role": "user", "content": "q"}], "chosen": [],
+                                                      "rejected": [A]}]), [],
+                         ["emptyreply.jsonl", "line 1", "chosen", "empty list of messages"]),
     "prompt longer than max_length": (
         "long.jsonl", _jsonl([GOOD, {"prompt": [{"role": "user", "content": "word " * 200}], "chosen": [A],
                                      "rejected": [B]}]),

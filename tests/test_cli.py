@@ -246,10 +246,12 @@ def test_data_check_lists_every_problem_with_its_line(tiny_model, tmp_path, caps
     ])
     assert main(["data", "check", str(data), "--model", tiny_model]) == 2
     out = capsys.readouterr().out
-    for line, what in [(2, "empty"), (3, "identical to chosen"), (4, "'rejected': is missing"), (5, "a number"),
+    for line, what in [(3, "identical to chosen"), (4, "'rejected': is missing"), (5, "a number"),
                        (6, "invalid JSON")]:
         assert any(f"error: line {line}" in row and what in row for row in out.splitlines()), (line, out)
     assert "warning: line 8: duplicates line 1" in out
+    assert "warning: line 2, field 'chosen': is empty; trained on as an empty reply" in out  # valid, but said
+    assert "on_invalid_row: skip, which would skip 4 row(s) (lines 3, 4, 5, 6)" in out
     assert "format: standard (plain text), explicit prompt" in out and "p50" in out
 
 

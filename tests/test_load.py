@@ -321,8 +321,9 @@ def test_missing_field_under_a_column_mapping_and_in_a_short_csv_row(tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("prompt,chosen,rejected\np,a,b\np,a\nq,c,\n")
     problems = validate_rows(map_columns(read_rows(path), None))
-    assert [(p.row, p.field, p.message) for p in problems] == [(2, "rejected", "is missing."), (3, "rejected",
-                                                                                               "is empty.")]
+    assert [(p.row, p.field, p.message, p.fatal) for p in problems] == [
+        (2, "rejected", "is missing.", True),
+        (3, "rejected", "is empty; trained on as an empty reply (its end-of-turn token).", False)]
 
 
 def test_rows_missing_an_optional_field_keep_the_column(tmp_path):
@@ -367,15 +368,22 @@ def test_chosen_identical_to_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("chosen", ["", "   \n"])
-def test_empty_completion(tmp_path, chosen):
-    path, msg = _jsonl_with_bad_row(tmp_path, {"prompt": "p", "chosen": chosen, "rejected": "r"})
-    assert msg.startswith(f"{path}, line 3, field 'chosen': is empty."), msg
+def test_empty_completion(tmp_path, chosen, caplog):
+    """An empty reply is valid (its templated form still has the end-of-turn token): kept, counted, warned about."""
+    path = write_jsonl(tmp_path / "e.jsonl", [TEXT_ROWS[0], TEXT_ROWS[1], {"prompt": "p", "chosen": chosen,
+                                                                         "rejected": "r"}])
+    problems = validate_rows(map_columns(read_rows(path), None))
+    assert [(p.row, p.field, p.fatal) for p in problems] == [(3, "chosen", False)]
+    assert problems[0].message.startswith("is empty; trained on as an empty reply")
+    assert load_preference_dataset(path)["source_row"] == [1, 2, 3]
+    assert "1 rows with an empty reply kept (lines 3)" in caplog.text
 
 
 def test_empty_final_message_and_empty_message_list(tmp_path):
     bad = dict(CHAT_ROWS[0], rejected=[{"role": "assistant", "content": " "}])
-    msg = load_error(write_jsonl(tmp_path / "c.jsonl", [bad]))
-    assert "line 1, field 'rejected': final message is empty" in msg
+    problems = validate_rows(map_columns(read_rows(write_jsonl(tmp_path / "c.jsonl", [bad])), None))
+    assert [(p.row, p.field, p.fatal) for p in problems] == [(1, "rejected", False)]  # a warning: trained on
+    assert problems[0].message.startswith("final message is empty")
     bad = dict(CHAT_ROWS[0], chosen=[])
     msg = load_error(write_jsonl(tmp_path / "c2.jsonl", [bad]))
     assert "line 1, field 'chosen': is an empty list of messages" in msg
@@ -392,7 +400,7 @@ def test_first_problem_is_raised_and_the_rest_counted(tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", rows)
     msg = load_error(path)
     assert msg.startswith(f"{path}, line 1, field 'chosen'")
-    assert "(2 more problem(s); run `prefalign data check " in msg  # line 3 has two: chosen and rejected empty
+    assert "(1 more problem(s); run `prefalign data check " in msg  # line 3: both empty, so identical
 
 
 def test_validate_rows_lists_every_problem(tmp_path):

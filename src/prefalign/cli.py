@@ -85,7 +85,8 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--method", choices=METHODS, help="training method (default: dpo)")
     p.add_argument("--model", help="embedded model name, local directory or hub id (default: smollm2-135m-instruct)")
     p.add_argument("--ref-model", help="DPO reference model (default: a frozen copy of --model)")
-    p.add_argument("--dataset", metavar="SRC", help=".jsonl/.json/.csv/.parquet file, saved dataset dir or hub id")
+    p.add_argument("--dataset", metavar="SRC", help=".jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz/.zst), "
+                                                    "saved dataset dir or hub id")
     p.add_argument("--eval-dataset", metavar="SRC", help="evaluation pairs, evaluated once after training "
                                                          "(split: eval_split, default test)")
     p.add_argument("--columns", metavar="prompt=q,chosen=a,...", help="map your column names onto prompt, chosen, "
@@ -122,6 +123,8 @@ def _add_data_parser(sub: Any) -> None:
     p.add_argument("--max-length", type=_int_or_none, metavar="N", help="count rows this would cut or reject "
                                                                         "(default: the config default)")
     p.add_argument("--max-prompt-length", type=_int_or_none, metavar="N", help="count prompts this would cut")
+    p.add_argument("--text-format", choices=("auto", "raw"), default="auto",
+                   help="auto: HH-RLHF dialogue text becomes conversations, as training reads it; raw: text as is")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=data_command.check)
 

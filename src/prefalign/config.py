@@ -44,6 +44,19 @@ class PreferenceConfig(TrainingArguments):
         metadata={"help": "Plain-text rows are wrapped as a user turn and assistant replies and rendered with the "
                           "tokenizer's chat template, when it has one. False: tokenize the text as is and append EOS "
                           "to replies (TRL's behaviour for text rows)."})
+    on_invalid_row: str = field(
+        default="error",
+        metadata={"help": "A row that cannot be trained on (unreadable, a missing or wrongly typed field, chosen == "
+                          "rejected, HH-RLHF transcripts that differ before their last reply, a prompt leaving no "
+                          "room under max_length): 'error' stops with one line naming it; 'skip' leaves it out, "
+                          "counts it and lists it (row, field, reason) in the run's data_report.json.",
+                  "choices": ["error", "skip"]})
+    text_format: str = field(
+        default="auto",
+        metadata={"help": "'auto': text in Anthropic HH-RLHF's dialogue form (\\n\\nHuman: ... \\n\\nAssistant: "
+                          "...) becomes a conversation: the turns before the last assistant reply are the prompt "
+                          "messages, each reply one assistant message. 'raw': keep such text as it is (base models, "
+                          "the DPO paper's setup).", "choices": ["auto", "raw"]})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the policy and reference."})
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -119,6 +132,9 @@ class PreferenceConfig(TrainingArguments):
         _check(self.release_cpu_memory_every >= 0, "release_cpu_memory_every", self.release_cpu_memory_every,
                "must be >= 0 (0 = never)")
         _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite, "must be 'stop' or 'skip'")
+        _check(self.on_invalid_row in ("error", "skip"), "on_invalid_row", self.on_invalid_row,
+               "must be 'error' or 'skip'")
+        _check(self.text_format in ("auto", "raw"), "text_format", self.text_format, "must be 'auto' or 'raw'")
         super().__post_init__()
 
 

@@ -36,7 +36,7 @@ class DataError(PrefalignError, ValueError):
         if fix:
             parts.append(f" Fix: {fix}")
         super().__init__("".join(parts))
-        self.source, self.row, self.field, self.fix = source, row, field, fix
+        self.source, self.row, self.field, self.fix, self.message = source, row, field, fix, message
 
 
 class ConfigError(PrefalignError, ValueError):

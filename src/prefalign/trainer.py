@@ -27,9 +27,9 @@ from . import speed
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
-from .data.load import ROW_COLUMN, validated_rows
+from .data.load import ROW_COLUMN, skipped_entries, validated_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, mask_kind, pair_logps
 from .losses import dpo_loss, nll_loss, orpo_loss, pair_metrics
 from .models import load_model, load_tokenizer
@@ -164,14 +164,24 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             return None
         if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
-        raw = validated_rows(dataset, name=f"{name} dataset")
+        skip = args.on_invalid_row == "skip"
+        raw = validated_rows(dataset, name=f"{name} dataset", text_format=args.text_format,
+                             on_invalid_row=args.on_invalid_row)
         pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
-                                      row_numbers=raw.row_numbers, row_label=raw.row_label)
+                                      row_numbers=raw.row_numbers, row_label=raw.row_label, skip_invalid=skip)
+        dropped = {s["row"] for s in report.skipped}
+        numbers = [n for n in raw.row_numbers if n not in dropped]
+        if not pairs:
+            raise DataError(f"every row is invalid ({len(report.skipped) + len(raw.skipped)} skipped under "
+                            "on_invalid_row=skip); nothing is left to train on.", source=raw.source,
+                            fix="run `prefalign data check` on the data to list the problems")
+        report.skipped = sorted(skipped_entries(raw) + report.skipped, key=lambda s: s["row"])
+        report.rows += len(raw.skipped)
+        report.converted_from = raw.converted_from
         self.data_reports[name] = report
         for line in report.lines():
             logger.warning("%s: %s", raw.source, line)
-        return datasets.Dataset.from_list([{**p, ROW_COLUMN: n} for p, n in zip(pairs, raw.row_numbers,
-                                                                                 strict=True)])
+        return datasets.Dataset.from_list([{**p, ROW_COLUMN: n} for p, n in zip(pairs, numbers, strict=True)])
 
     def _finish_eval_dataset(self, dataset: Any, name: str) -> Any:
         return dataset

@@ -22,7 +22,7 @@ def check(args: argparse.Namespace) -> int:
     columns = parse_columns(args.columns)
     model = args.model or DEFAULT_MODEL
     report = check_dataset(args.source, tokenizer=load_tokenizer(model), tokenizer_name=model, split=args.split,
-                           columns=columns, **limits)
+                           columns=columns, text_format=args.text_format, **limits)
     print(report.to_json() if args.json else report.render_text())
     return 0 if report.ok else 2
 

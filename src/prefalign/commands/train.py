@@ -18,15 +18,16 @@ if TYPE_CHECKING:
     from ..config import PreferenceConfig
 
 
-def load_train_data(plan: TrainPlan) -> tuple[Any, Any]:
+def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any]:
     """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
 
-    columns = plan.run["columns"]
-    train = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns)
+    options = {"columns": plan.run["columns"], "text_format": config.text_format,
+               "on_invalid_row": config.on_invalid_row}
+    train = load_preference_dataset(plan.run["dataset"], plan.run["split"], **options)
     evaluation = None
     if plan.run.get("eval_dataset"):
-        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns)
+        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], **options)
     return train, evaluation
 
 
@@ -85,6 +86,9 @@ def summary_line(trainer: Any, out: Path) -> str:
     """The one line a successful run prints: where it went and how it ended."""
     m = runs.final_metrics(trainer.state.log_history)
     parts = [f"{trainer.state.global_step} steps"]
+    for name, report in trainer.data_reports.items():
+        if report.skipped:
+            parts.append(f"{len(report.skipped)} invalid {name} rows skipped, listed in {runs.DATA_REPORT_FILE}")
     for key, label in (("loss", "final loss"), ("rewards/accuracies", "reward accuracy"),
                        ("eval_loss", "eval loss"), ("eval_rewards/accuracies", "eval reward accuracy")):
         if key in m:
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                           "--set save_strategy=steps) when training, or drop --resume.")
     if not plan.resume:
         runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
-    train, evaluation = load_train_data(plan)
+    train, evaluation = load_train_data(plan, config)
     if config.cpu_allocator_cache and config.device.type == "cpu":
         from ..speed import retain_freed_memory
 

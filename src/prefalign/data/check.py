@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, PrefalignError, one_line
 from .format import detect_format, to_example
-from .load import Problem, RawData, map_columns, read_rows, validate_rows
+from .load import Problem, RawData, convert_published_formats, map_columns, read_rows, validate_rows
 from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
@@ -56,6 +56,8 @@ class CheckReport:
     rows: int = 0  # rows read, unreadable ones included
     format: str | None = None
     chat_template: bool | None = None
+    text_format: str = "auto"
+    converted_from: str | None = None  # a published format the rows were converted from
     findings: list[Finding] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
     # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
@@ -70,6 +72,11 @@ class CheckReport:
     def ok(self) -> bool:
         """True if training would accept the data (warnings such as duplicates do not count)."""
         return not any(f.fatal for f in self.findings)
+
+    @property
+    def skipped_rows(self) -> list[int]:
+        """The rows a run with on_invalid_row=skip would leave out (those with an error)."""
+        return sorted({f.row for f in self.findings if f.fatal and f.row is not None})
 
     @property
     def errors(self) -> list[Finding]:
@@ -122,8 +129,11 @@ class CheckReport:
         if self.findings:
             lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
             lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in self.findings]
+        skip = self.skipped_rows
         lines.append("result: OK, training would accept this data" if self.ok else
-                     f"result: {len(fatal)} error(s); training would stop at the first. Fix or drop those rows.")
+                     f"result: {len(fatal)} error(s); training would stop at the first. Fix or drop those rows"
+                     + (f", or train with on_invalid_row: skip, which would skip {len(skip)} row(s)"
+                        f"{_shown_rows(skip, label)}." if skip else "."))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +148,7 @@ class CheckReport:
                 "no_room_rows": self.cut["no_room"] if measured else None,
                 "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
                              for f in self.findings],
+                "skip_would_leave_out_rows": self.skipped_rows,
                 "ok": self.ok}
 
     def to_json(self) -> str:
@@ -195,11 +206,12 @@ def _validate(raw: RawData, columns: Mapping[str, str] | None,
               report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
     """Rows without fatal problems, as (row number, row); every problem goes into the report."""
     try:
-        raw = map_columns(raw, columns)
+        raw, problems = convert_published_formats(map_columns(raw, columns), report.text_format)
     except DataError as err:
         report.add_error(err)
         return []
-    problems = validate_rows(raw)
+    report.converted_from = raw.converted_from
+    problems = problems + validate_rows(raw)
     for problem in problems:
         report.add_problem(problem)
     bad = {p.row for p in problems if p.fatal}
@@ -240,6 +252,7 @@ def check_dataset(
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
     tokenizer_name: str | None = None,
+    text_format: str = "auto",
 ) -> CheckReport:
     """Check a preference dataset as training would read it, listing every problem instead of the first.
 
@@ -253,7 +266,7 @@ def check_dataset(
     accept the data). Invalid ``max_length`` / ``max_prompt_length`` raise `ConfigError`.
     """
     settings = check_settings(max_length, max_prompt_length)
-    report = CheckReport(_source_name(source), settings)
+    report = CheckReport(_source_name(source), settings, text_format=text_format)
     if tokenizer is not None:
         report.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         report.chat_template = has_chat_template(tokenizer)
@@ -262,6 +275,8 @@ def check_dataset(
         rows = _validate(raw, columns, report)
         if rows:
             report.format = detect_format(rows[0][1]).describe()
+            if report.converted_from:
+                report.format = f"{report.converted_from}, converted to {report.format}"
         if tokenizer is not None:
             _measure(rows, tokenizer, report)
     report.findings.sort(key=lambda f: (f.row is not None, f.row or 0))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .format import is_messages
 
 logger = logging.getLogger("prefalign")
@@ -28,6 +28,9 @@ logger = logging.getLogger("prefalign")
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")
 REQUIRED_COLUMNS = ("chosen", "rejected")
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # any file format, compressed
+ON_INVALID_ROW = ("error", "skip")
+TEXT_FORMATS = ("auto", "raw")
 FILE_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                    ".pq": "parquet"}
 # Common alternative column names, used to suggest a mapping when `chosen`/`rejected` are missing.
@@ -63,6 +66,8 @@ class RawData:
     columns: list[str]
     row_label: str = "row"  # "line" for JSON Lines, where the row number is the line number
     row_numbers: list[int] = field(default_factory=list)
+    converted_from: str | None = None  # a published format the rows were converted from ("HH-RLHF dialogue text")
+    skipped: list[Problem] = field(default_factory=list)  # rows left out under on_invalid_row="skip", with why
 
 
 def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
@@ -76,7 +81,7 @@ def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -
 
     # Split the bytes on "\n" (not splitlines(): U+2028 is valid inside JSON strings) and decode line by line, so a
     # bad byte is located on its line; "\n" never occurs inside a multi-byte UTF-8 sequence.
-    for lineno, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for lineno, raw_line in enumerate(_file_bytes(path, source).split(b"\n"), start=1):
         try:
             line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
@@ -165,7 +170,9 @@ def _read_parquet(path: Path, source: str, collect: list[Problem] | None = None)
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        import pyarrow as pa
+
+        table = pq.read_table(pa.BufferReader(_file_bytes(path, source)) if _compression(path) else path)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"unreadable Parquet file: {str(e).splitlines()[0]}", source=source,
                         fix="re-export the file, or convert it to JSONL") from None
@@ -173,8 +180,39 @@ def _read_parquet(path: Path, source: str, collect: list[Problem] | None = None)
     return RawData(source, "parquet", rows, list(table.column_names), "row", list(range(1, len(rows) + 1)))
 
 
+def _compression(path: Path) -> str | None:
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
+def _format_suffix(path: Path) -> str:
+    """The data format's extension, under a compression suffix: ``pairs.jsonl.gz`` → ``.jsonl``."""
+    return Path(path.stem).suffix.lower() if _compression(path) else path.suffix.lower()
+
+
+def _file_bytes(path: Path, source: str) -> bytes:
+    """A file's bytes, decompressed by its suffix (gzip, bz2, xz; zstd through pyarrow)."""
+    codec = _compression(path)
+    if codec is None:
+        return path.read_bytes()
+    try:
+        if codec == "zstd":
+            import pyarrow as pa
+
+            with pa.CompressedInputStream(pa.OSFile(str(path)), "zstd") as stream:
+                return stream.read()
+        import bz2
+        import gzip
+        import lzma
+
+        return {"gzip": gzip, "bz2": bz2, "xz": lzma}[codec].decompress(path.read_bytes())
+    except Exception as e:  # each codec raises its own types for a damaged file
+        detail = str(e).splitlines()[0] if str(e) else "damaged"
+        raise DataError(f"cannot decompress this {codec} file ({type(e).__name__}: {detail}).", source=source,
+                        fix="check the file is complete, or decompress it yourself") from None
+
+
 def _read_text(path: Path, source: str) -> str:
-    data = path.read_bytes()
+    data = _file_bytes(path, source)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -234,21 +272,22 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
                 raise DataError(f"cannot load saved dataset: {str(e).splitlines()[0]}", source=text,
                                 fix="point at a directory written by Dataset.save_to_disk") from None
             return _from_hf_dataset(ds, text, "datasets", split)
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_EXTENSIONS)
-        wanted = [p for p in files if p.stem.split("-")[0].split(".")[0] == split] or files
+        files = sorted(p for p in path.iterdir() if _format_suffix(p) in FILE_EXTENSIONS)
+        wanted = [p for p in files if p.name.split("-")[0].split(".")[0] == split] or files
         if len(wanted) != 1:
             found = ", ".join(p.name for p in files) or "no data files"
             raise DataError(f"directory holds {found}; cannot tell which file is the '{split}' split.", source=text,
                             fix="pass the file itself, or name it <split>.jsonl")
         return read_rows(wanted[0], split, collect_errors)
     if path.exists():
-        ext = path.suffix.lower()
+        ext = _format_suffix(path)
         readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
         if ext not in FILE_EXTENSIONS:
             raise DataError(f"unknown file extension '{ext or '(none)'}'.", source=text,
-                            fix="use .jsonl, .json, .csv or .parquet, or a directory saved by datasets")
+                            fix="use .jsonl, .json, .csv or .parquet (optionally compressed: .gz, .bz2, .xz, .zst), "
+                                "or a directory saved by datasets")
         return readers[FILE_EXTENSIONS[ext]](path, text, collect_errors)
-    looks_local = text.startswith((".", "/", "~")) or Path(text).suffix.lower() in FILE_EXTENSIONS
+    looks_local = text.startswith((".", "/", "~")) or _format_suffix(Path(text)) in FILE_EXTENSIONS
     if looks_local or text.count("/") > 1 or not text:
         raise DataError("no such file or directory.", source=text or "''",
                         fix="check the path (relative paths are taken from the current directory)")
@@ -312,6 +351,10 @@ def _type_name(v: Any) -> str:
                                                                                               type(v).__name__)
 
 
+_EMPTY = "is empty; trained on as an empty reply (its end-of-turn token)."
+_EMPTY_FIX = "write the response, or drop the row if an empty reply is not what you mean"
+
+
 def validate_rows(raw: RawData) -> list[Problem]:
     """Every problem in every row: type errors, empty responses, chosen == rejected, duplicates (not fatal)."""
     problems: list[Problem] = []
@@ -330,26 +373,26 @@ def validate_rows(raw: RawData) -> list[Problem]:
                 continue
             if isinstance(v, str):
                 if name in ("chosen", "rejected") and not v.strip():
-                    row_problems.append(Problem(n, name, "is empty.", "drop the row or write the response"))
+                    row_problems.append(Problem(n, name, _EMPTY, _EMPTY_FIX, fatal=False))
             elif is_messages(v) and name != "system":
                 row_problems.extend(_check_messages(v, n, name))
             else:
                 want = "text" if name == "system" else "text or a list of {role, content} messages"
                 row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
                                             f"store {name} as {want}"))
-        if not row_problems:
+        if not any(p.fatal for p in row_problems):
             kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
             if len(set(kinds.values())) > 1:
                 row_problems.append(Problem(n, None, "mixes plain text and message lists across prompt/chosen/"
                                             "rejected.", "use text everywhere or messages everywhere in a row"))
-            elif _completion_text(r["chosen"]).strip() == "" and is_messages(r["chosen"]):
-                row_problems.append(Problem(n, "chosen", "final message is empty.", "write the response"))
-            elif is_messages(r["rejected"]) and _completion_text(r["rejected"]).strip() == "":
-                row_problems.append(Problem(n, "rejected", "final message is empty.", "write the response"))
             elif r["chosen"] == r["rejected"]:
                 row_problems.append(Problem(n, "rejected", "is identical to chosen, so the pair carries no "
                                             "preference.", "drop the row or fix the responses"))
-        if not row_problems:
+            else:
+                row_problems.extend(Problem(n, name, "final message " + _EMPTY, _EMPTY_FIX, fatal=False)
+                                    for name in ("chosen", "rejected")
+                                    if is_messages(r[name]) and _completion_text(r[name]).strip() == "")
+        if not any(p.fatal for p in row_problems):
             is_msgs = is_messages(r["chosen"])
             if first_kind is None:
                 first_kind = (n, is_msgs)
@@ -358,7 +401,7 @@ def validate_rows(raw: RawData) -> list[Problem]:
                 row_problems.append(Problem(n, "chosen", f"is {kinds[0]} but {raw.row_label} {first_kind[0]} is "
                                             f"{kinds[1]}; a dataset must use one format.",
                                             "convert all rows to text or all rows to messages"))
-        if not row_problems:
+        if not any(p.fatal for p in row_problems):
             key = json.dumps([r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]], sort_keys=True)
             if key in seen:
                 row_problems.append(Problem(n, None, f"duplicates {raw.row_label} {seen[key]}.", "deduplicate",
@@ -375,23 +418,82 @@ def _completion_text(value: Any) -> str:
     return value[-1].get("content") or "" if value else ""
 
 
-def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
-                    name: str | None = None) -> tuple[RawData, list[Problem]]:
-    """Read, map and validate rows; raise on the first fatal problem, return the rows and the non-fatal ones.
+def convert_published_formats(raw: RawData, text_format: str = "auto") -> tuple[RawData, list[Problem]]:
+    """Rows of a published format converted to prefalign's: HH-RLHF dialogue text becomes conversations
+    (data/dialogue.py) unless ``text_format="raw"``. Rows that look like the format but cannot be converted are
+    returned as fatal problems (and left out of the rows)."""
+    if text_format not in TEXT_FORMATS:
+        raise DataError(f"text_format={text_format!r} is not one of {', '.join(TEXT_FORMATS)}.", source=raw.source,
+                        fix="use 'auto' (HH-RLHF dialogue text becomes conversations) or 'raw' (text as is)")
+    from .dialogue import DialogueError, dialogue_to_conversation, is_dialogue_row
 
-    ``name`` replaces the source in messages (the trainer says "train dataset" for in-memory data).
+    if text_format == "raw" or not any(is_dialogue_row(r) for r in raw.rows):
+        return raw, []
+    rows, numbers, problems = [], [], []
+    for r, n in zip(raw.rows, raw.row_numbers, strict=True):
+        if is_dialogue_row(r):
+            try:
+                r = dialogue_to_conversation(r)
+            except DialogueError as e:
+                problems.append(Problem(n, e.field, str(e), e.fix))
+                continue
+        rows.append(r)
+        numbers.append(n)
+    columns = list(dict.fromkeys([*raw.columns, "prompt"]))
+    return RawData(raw.source, raw.kind, rows, columns, raw.row_label, numbers, "HH-RLHF dialogue text",
+                   list(raw.skipped)), problems
+
+
+def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
+                    name: str | None = None, *, text_format: str = "auto",
+                    on_invalid_row: str = "error") -> tuple[RawData, list[Problem]]:
+    """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
+
+    ``on_invalid_row="error"``: raise on the first row that cannot be trained on. ``"skip"``: leave such rows out
+    (unreadable lines too) and list each with its reason in ``raw.skipped``. ``name`` replaces the source in
+    messages (the trainer says "train dataset" for in-memory data).
     """
-    raw = map_columns(read_rows(source, split), columns)
+    if on_invalid_row not in ON_INVALID_ROW:
+        raise DataError(f"on_invalid_row={on_invalid_row!r} is not one of {', '.join(ON_INVALID_ROW)}.",
+                        source=name or _source_label(source), fix="use 'error' (stop at the first bad row) or 'skip'")
+    unreadable: list[Problem] | None = [] if on_invalid_row == "skip" else None
+    raw = map_columns(read_rows(source, split, collect_errors=unreadable), columns)
     if name:
         raw.source = name
-    problems = validate_rows(raw)
+    raw, conversion = convert_published_formats(raw, text_format)
+    problems = conversion + validate_rows(raw)
     fatal = [p for p in problems if p.fatal]
+    if on_invalid_row == "skip":
+        first: dict[int, Problem] = {}
+        for p in [*(unreadable or []), *fatal]:
+            first.setdefault(p.row, p)
+        raw.skipped = sorted(first.values(), key=lambda p: p.row)
+        keep = [i for i, n in enumerate(raw.row_numbers) if n not in first]
+        raw.rows = [raw.rows[i] for i in keep]
+        raw.row_numbers = [raw.row_numbers[i] for i in keep]
+        if not raw.rows:
+            raise DataError(f"every row is invalid ({len(first)} skipped under on_invalid_row=skip); nothing is "
+                            "left to train on.", source=raw.source,
+                            fix=f"run `prefalign data check {'on the data' if name else raw.source}` to list them")
+        return raw, [p for p in problems if not p.fatal and p.row in set(raw.row_numbers)]
     if fatal:
         target = "on the data" if name else raw.source
         more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {target}` to list them all)" \
             if len(fatal) > 1 else ""
-        raise fatal[0].as_error(raw.source, raw.row_label, more)
+        raise fatal[0].as_error(raw.source, raw.row_label, more + _SKIP_HINT)
     return raw, problems
+
+
+_SKIP_HINT = " To leave such rows out instead (counted and listed): on_invalid_row: skip (--set on_invalid_row=skip)."
+
+
+def _source_label(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<in-memory {type(source).__name__}>"
+
+
+def skipped_entries(raw: RawData) -> list[dict[str, Any]]:
+    """``raw.skipped`` as plain data for reports: row, field and reason of each row left out."""
+    return [{"row": p.row, "field": p.field, "reason": one_line(p.message)} for p in raw.skipped]
 
 
 ROW_COLUMN = "source_row"  # the loader's row number (the source line) of each row, carried to every later stage
@@ -402,17 +504,22 @@ def load_preference_dataset(
     source: str | os.PathLike | Any,
     split: str = "train",
     columns: Mapping[str, str] | None = None,
+    *,
+    text_format: str = "auto",
+    on_invalid_row: str = "error",
 ) -> Any:
     """Load preference pairs as a `datasets.Dataset` with columns prompt/chosen/rejected (and system if present).
 
-    ``source`` is a .jsonl/.json/.csv/.parquet file, a directory saved by `datasets`, a hub dataset id, or an
-    in-memory `datasets.Dataset`. ``columns`` maps prefalign's names to yours: ``{"chosen": "good"}``.
-    Raises `DataError` on the first fatal problem (``prefalign data check`` lists all of them). Suspicious rows
-    (duplicates) are kept, counted and logged. The rows are validated here, once: the dataset also carries each
-    row's number in the source (column ``source_row``) and the source's name, so the trainers take it as it is and
-    report rows by the same numbers.
+    ``source`` is a .jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz/.zst), a directory saved by
+    `datasets`, a hub dataset id, or an in-memory `datasets.Dataset`. ``columns`` maps prefalign's names to yours:
+    ``{"chosen": "good"}``. HH-RLHF dialogue text becomes conversations (``text_format="raw"`` keeps the text).
+    Raises `DataError` on the first invalid row (``prefalign data check`` lists all of them), or with
+    ``on_invalid_row="skip"`` leaves such rows out, logs how many and remembers which (``dataset.info``, read by the
+    trainers' data reports). Suspicious rows (duplicates, empty replies) are kept, counted and logged. The rows
+    are validated here, once: the dataset also carries each row's number in the source (column ``source_row``) and
+    the source's name, so the trainers take it as it is and report rows by the same numbers.
     """
-    raw, problems = read_valid_rows(source, split, columns)
+    raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row)
     _log_kept(raw, problems)
     return as_dataset(raw)
 
@@ -423,13 +530,14 @@ def as_dataset(raw: RawData) -> Any:
 
     # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
-    info = datasets.DatasetInfo(description=json.dumps({_INFO_KEY: {"source": raw.source, "kind": raw.kind,
-                                                                    "row_label": raw.row_label}}))
+    info = datasets.DatasetInfo(description=json.dumps({_INFO_KEY: {
+        "source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
+        "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}}))
     return datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
                                        for r, n in zip(raw.rows, raw.row_numbers, strict=True)], info=info)
 
 
-def _loader_info(dataset: Any) -> dict[str, str] | None:
+def _loader_info(dataset: Any) -> dict[str, Any] | None:
     """What as_dataset recorded, if ``dataset`` came from it (and still has its row numbers)."""
     ds_module = sys.modules.get("datasets")
     if ds_module is None or not isinstance(dataset, ds_module.Dataset) or ROW_COLUMN not in dataset.column_names:
@@ -440,28 +548,37 @@ def _loader_info(dataset: Any) -> dict[str, str] | None:
         return None
 
 
-def validated_rows(data: Any, name: str) -> RawData:
+def validated_rows(data: Any, name: str, *, text_format: str = "auto", on_invalid_row: str = "error") -> RawData:
     """The rows of ``data`` for tokenisation, validated exactly once.
 
-    A dataset from `load_preference_dataset` was validated by it: its rows, source and row numbers are taken as
-    they are. Anything else (raw rows, a `datasets.Dataset`, a path) is read and validated here, named ``name``
-    in messages, with its duplicates logged.
+    A dataset from `load_preference_dataset` was validated by it: its rows, source, row numbers and skipped rows
+    are taken as they are. Anything else (raw rows, a `datasets.Dataset`, a path) is read, converted and validated
+    here, named ``name`` in messages, with its warnings logged.
     """
     info = _loader_info(data)
     if info is not None:
         rows = data.to_list()
         numbers = [int(r.pop(ROW_COLUMN)) for r in rows]
-        return RawData(info["source"], info.get("kind", "dataset"), rows, [c for c in data.column_names
-                                                                             if c != ROW_COLUMN],
-                       info.get("row_label", "row"), numbers)
+        skipped = [Problem(p["row"], p.get("field"), p["message"], p.get("fix")) for p in info.get("skipped", [])]
+        return RawData(info["source"], info.get("kind", "dataset"), rows,
+                       [c for c in data.column_names if c != ROW_COLUMN], info.get("row_label", "row"), numbers,
+                       info.get("converted_from"), skipped)
     in_memory = not isinstance(data, (str, os.PathLike))
-    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None)
+    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, text_format=text_format,
+                                    on_invalid_row=on_invalid_row)
     _log_kept(raw, problems)
     return raw
 
 
 def _log_kept(raw: RawData, problems: list[Problem]) -> None:
-    """Non-fatal problems (duplicates) are kept, but never silently."""
-    if problems:
-        shown = ", ".join(str(p.row) for p in problems[:10]) + (" ..." if len(problems) > 10 else "")
-        logger.warning("%s: %d duplicate rows kept (%ss %s)", raw.source, len(problems), raw.row_label, shown)
+    """Rows kept despite a warning (duplicates, empty replies), and rows skipped, are never silent."""
+    groups: dict[str, list[int]] = {}
+    for p in problems:
+        kind = "duplicate rows kept" if p.message.startswith("duplicates") else "rows with an empty reply kept"
+        groups.setdefault(kind, []).append(p.row)
+    if raw.skipped:
+        groups["invalid rows skipped (on_invalid_row=skip; listed in data_report.json)"] = [p.row for p in
+                                                                                            raw.skipped]
+    for kind, rows in groups.items():
+        shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+        logger.warning("%s: %d %s (%ss %s)", raw.source, len(rows), kind, raw.row_label, shown)

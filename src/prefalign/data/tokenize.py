@@ -37,9 +37,17 @@ class TokenizeReport:
     prompt_truncated: list[int] = field(default_factory=list)
     chosen_truncated: list[int] = field(default_factory=list)
     rejected_truncated: list[int] = field(default_factory=list)
+    # rows left out under on_invalid_row="skip", by the loader or here: {"row", "field", "reason"}
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    converted_from: str | None = None  # a published format the rows were converted from
 
     def lines(self) -> list[str]:
         out = []
+        if self.skipped:
+            shown = "; ".join(f"{s['row']}: {s['reason']}" for s in self.skipped[:3]) + (
+                " ..." if len(self.skipped) > 3 else "")
+            out.append(f"{len(self.skipped)} invalid rows skipped (on_invalid_row=skip; all listed in "
+                       f"data_report.json): {shown}")
         for name, rows in (("prompts cut to max_prompt_length", self.prompt_truncated),
                            ("chosen replies cut to max_length", self.chosen_truncated),
                            ("rejected replies cut to max_length", self.rejected_truncated)):
@@ -133,18 +141,27 @@ def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int
 
 
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: TokenizeSettings, *,
-                  source: str | None = None, row_numbers: Sequence[int] | None = None,
-                  row_label: str = "row") -> tuple[list[dict[str, list[int]]], TokenizeReport]:
+                  source: str | None = None, row_numbers: Sequence[int] | None = None, row_label: str = "row",
+                  skip_invalid: bool = False) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
     """Tokenize and truncate every row. Errors and reports use ``row_numbers`` (the loader's: the source line),
-    or 1, 2, ... when not given."""
+    or 1, 2, ... when not given. With ``skip_invalid`` (on_invalid_row="skip") a row that cannot be trained on (a
+    prompt leaving no room under max_length, a reply with no tokens, ...) is left out and listed in
+    ``report.skipped`` (the pairs returned are then those of the other rows, in order)."""
     chat = settings.chat and has_chat_template(tokenizer)
     report = TokenizeReport(rows=len(rows))
     numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(rows) + 1))
     out = []
     for r, n in zip(rows, numbers, strict=True):
         where = {"source": source, "row_label": row_label}
-        ex = to_example(r, chat=chat, row_number=n, **where)
-        pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, **where), settings, row=n, **where)
+        try:
+            ex = to_example(r, chat=chat, row_number=n, **where)
+            pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, **where), settings, row=n,
+                                 **where)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.skipped.append({"row": n, "field": e.field, "reason": e.message})
+            continue
         for name in cut:
             getattr(report, f"{name}_truncated").append(n)
         out.append(pair)

@@ -1,0 +1,159 @@
+"""Published preference formats: Anthropic HH-RLHF dialogue text (as .jsonl.gz, as it is published), compressed
+sources, and the invalid-row policy (refuse by default, or skip, count and list)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pytest
+
+from prefalign.cli import main
+from prefalign.data.check import check_dataset
+from prefalign.data.dialogue import dialogue_to_conversation, is_dialogue_row, split_turns
+from prefalign.data.load import load_preference_dataset
+from prefalign.errors import DataError
+from tiny import save_tiny, smollm2_tokenizer
+
+
+def hh(*turns: str) -> str:
+    """An HH-RLHF transcript from alternating Human / Assistant turns."""
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+# Rows as HH-RLHF publishes them: two whole transcripts per pair. Lines 3 and 5 are broken as a handful of the real
+# split's rows are: the transcripts differ before the last reply, or the chosen reply is empty.
+HH_ROWS = [
+    {"chosen": hh("What is the capital of France?", "Paris.", "And of Italy?", "Rome."),
+     "rejected": hh("What is the capital of France?", "Paris.", "And of Italy?", "I would rather not say.")},
+    {"chosen": hh("Thanks!", "You're welcome."),
+     "rejected": hh("Thanks!", "You're welcome. I'd be happy to help with anything else, just ask.")},
+    {"chosen": hh("Tell me a joke.", "Why did the chicken cross the road?"),
+     "rejected": hh("Tell me a story.", "Once upon a time.")},
+    {"chosen": hh("How do I boil an egg?", "Put it in boiling water for nine minutes."),
+     "rejected": hh("How do I boil an egg?", "Eggs are overrated.")},
+    {"chosen": "\n\nHuman: Say nothing.\n\nAssistant:",
+     "rejected": hh("Say nothing.", "I will say a great deal about many things.")},
+]
+
+
+def write_jsonl(path, rows, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_hh_transcripts_become_conversations_by_their_turns():
+    assert is_dialogue_row(HH_ROWS[0]) and not is_dialogue_row({"chosen": "Paris.", "rejected": "Rome."})
+    row = dialogue_to_conversation(HH_ROWS[0])
+    assert row["prompt"] == [{"role": "user", "content": "What is the capital of France?"},
+                             {"role": "assistant", "content": "Paris."},
+                             {"role": "user", "content": "And of Italy?"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Rome."}]
+    assert row["rejected"] == [{"role": "assistant", "content": "I would rather not say."}]
+    # one reply a prefix of the other: valid, split at the last Assistant tag (not at a character prefix)
+    row = dialogue_to_conversation(HH_ROWS[1])
+    assert row["prompt"] == [{"role": "user", "content": "Thanks!"}]
+    assert row["chosen"][0]["content"] == "You're welcome."
+    assert row["rejected"][0]["content"].startswith("You're welcome. I'd be happy")
+    # an explicit prompt column in the same form, replies after the open Assistant tag
+    row = dialogue_to_conversation({"prompt": hh("Hi", "Hello!", "Bye") + "\n\nAssistant:", "chosen": " Goodbye!",
+                                    "rejected": " No."})
+    assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "user"]
+    assert row["chosen"] == [{"role": "assistant", "content": "Goodbye!"}]
+    assert split_turns("\n\nHuman: a\n\nAssistant: b\n\nHuman: c") == [("user", "a"), ("assistant", "b"),
+                                                                       ("user", "c")]
+
+
+@pytest.mark.parametrize(("suffix", "opener"), [(".jsonl.gz", gzip.open), (".jsonl.bz2", bz2.open),
+                                                (".jsonl.xz", lzma.open), (".jsonl", open)])
+def test_compressed_hh_file_loads_and_refuses_the_broken_pair_by_default(tmp_path, suffix, opener):
+    path = write_jsonl(tmp_path / f"train{suffix}", HH_ROWS, opener)
+    with pytest.raises(DataError) as err:
+        load_preference_dataset(path)
+    msg = str(err.value)
+    assert f"train{suffix}, line 3, field 'rejected'" in msg and "differ before their last reply" in msg
+    assert "on_invalid_row: skip" in msg  # the error says how to go on
+
+
+def test_zstd_file_loads(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    path = tmp_path / "train.jsonl.zst"
+    with pa.CompressedOutputStream(str(path), "zstd") as out:
+        out.write("".join(json.dumps(r) + "\n" for r in HH_ROWS[:2]).encode())
+    ds = load_preference_dataset(path)
+    assert ds["source_row"] == [1, 2] and ds[0]["chosen"] == [{"role": "assistant", "content": "Rome."}]
+
+
+def test_skip_leaves_invalid_rows_out_counts_and_lists_them(tmp_path, caplog):
+    lines = [json.dumps(r) for r in HH_ROWS]
+    lines.insert(3, "{not json")  # line 4: unreadable
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    ds = load_preference_dataset(path, on_invalid_row="skip")
+    assert ds["source_row"] == [1, 2, 5, 6]  # source lines; line 6 has an empty chosen reply, kept
+    assert ds[3]["chosen"] == [{"role": "assistant", "content": ""}]
+    info = json.loads(ds.info.description)["prefalign"]
+    assert info["converted_from"] == "HH-RLHF dialogue text"
+    assert [(s["row"], s["field"]) for s in info["skipped"]] == [(3, "rejected"), (4, None)]
+    assert "invalid JSON" in info["skipped"][1]["message"]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 invalid rows skipped" in logged and "1 rows with an empty reply kept (lines 6)" in logged
+
+
+def test_text_format_raw_keeps_the_transcript_text(tmp_path):
+    ds = load_preference_dataset(write_jsonl(tmp_path / "p.jsonl", HH_ROWS[:2]), text_format="raw")
+    assert ds.column_names == ["chosen", "rejected", "source_row"]  # implicit prompt, plain text
+    assert ds[0]["chosen"] == HH_ROWS[0]["chosen"]
+
+
+def test_data_check_names_the_format_and_what_skip_would_leave_out(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", HH_ROWS)
+    report = check_dataset(path, tokenizer=smollm2_tokenizer())
+    assert report.format.startswith("HH-RLHF dialogue text, converted to conversational")
+    assert report.skipped_rows == [3] and not report.ok
+    text = report.render_text()
+    assert "on_invalid_row: skip, which would skip 1 row(s) (lines 3)" in text
+    assert "warning: line 5, field 'chosen': final message is empty" in text
+    assert report.to_dict()["skip_would_leave_out_rows"] == [3]
+
+
+def test_train_on_hh_with_skip_reports_the_skipped_rows(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl.gz", HH_ROWS * 2, gzip.open)  # lines 3 and 8 differ; 5, 10 empty
+    out = tmp_path / "run"
+    argv = ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 3, field 'rejected'" in err and "on_invalid_row" in err and not out.exists()
+    assert main([*argv, "--set", "on_invalid_row=skip"]) == 0
+    summary = capsys.readouterr().out
+    assert "2 invalid train rows skipped, listed in data_report.json" in summary
+    report = json.loads((out / "data_report.json").read_text())["train"]
+    assert report["rows"] == 10 and report["skipped"] == 2
+    assert [s["row"] for s in report["skipped_rows"]] == [3, 8]
+    assert all("differ before their last reply" in s["reason"] for s in report["skipped_rows"])
+    assert report["converted_from"] == "HH-RLHF dialogue text"
+
+
+def test_skip_also_covers_rows_the_length_limit_cannot_train(tmp_path):
+    """Under skip, a prompt that leaves no room for a reply is skipped and listed like any invalid row."""
+    from prefalign import DPOConfig, DPOTrainer
+    from tiny import tiny_llama
+
+    tok = smollm2_tokenizer()
+    rows = [dict(r) for r in HH_ROWS[:2]]
+    rows.append({"chosen": hh("word " * 80, "ok"), "rejected": hh("word " * 80, "no")})  # row 3: prompt > 80
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=80, on_invalid_row="skip")
+    tr = DPOTrainer(tiny_llama(tok), args=args, train_dataset=rows, processing_class=tok)
+    report = tr.data_reports["train"]
+    assert [s["row"] for s in report.skipped] == [3] and "leaving no room" in report.skipped[0]["reason"]
+    assert tr.train_dataset["source_row"] == [1, 2]
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=80)
+    with pytest.raises(DataError, match="train dataset, row 3, field 'prompt'"):
+        DPOTrainer(tiny_llama(tok), args=args, train_dataset=rows, processing_class=tok)
