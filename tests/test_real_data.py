@@ -157,3 +157,82 @@ def test_skip_also_covers_rows_the_length_limit_cannot_train(tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=80)
     with pytest.raises(DataError, match="train dataset, row 3, field 'prompt'"):
         DPOTrainer(tiny_llama(tok), args=args, train_dataset=rows, processing_class=tok)
+
+
+# ---------------------------------------------------------------- scored completions
+
+def _uf(instruction, *scores):
+    """An UltraFeedback row as published (openbmb/UltraFeedback): instruction, completions with overall_score."""
+    return {"source": "evol_instruct", "instruction": instruction, "models": [f"m{i}" for i in range(len(scores))],
+            "completions": [{"model": f"m{i}", "response": f"{instruction} answer {i}", "overall_score": s,
+                             "fine-grained_score": s / 2, "annotations": {}, "critique": "ok",
+                             "custom_system_prompt": "", "principle": "helpfulness"}
+                            for i, s in enumerate(scores)]}
+
+
+UF_ROWS = [_uf("Name a colour.", 7.0, 3.5, 9.0, 3.5),  # best 2 (9.0) vs worst 1 (3.5, first of the lowest)
+           _uf("Name a fruit.", 6.0, 6.0),  # tie: skipped
+           _uf("Name a city.", 8.0, 7.5),  # margin 0.5
+           _uf("Name a planet.", 5.0)]  # one completion: nothing to pair
+
+
+def test_ultrafeedback_best_worst_pairs_skip_ties_and_count_them(tmp_path):
+    ds = load_preference_dataset(write_jsonl(tmp_path / "uf.jsonl", UF_ROWS))
+    assert ds["source_row"] == [1, 3]
+    assert ds[0]["prompt"] == "Name a colour." and ds[0]["chosen"] == "Name a colour. answer 2"
+    assert ds[0]["rejected"] == "Name a colour. answer 1"
+    pairing = json.loads(ds.info.description)["prefalign"]["pairing"]
+    assert pairing | {} == {"format": "UltraFeedback", "rows": 4, "pairs": 2, "ties": 1, "ties_rows": [2],
+                            "below_margin": 0, "below_margin_rows": [], "too_few": 1, "too_few_rows": [4],
+                            "unscored_completions": 0}
+    ds = load_preference_dataset(write_jsonl(tmp_path / "uf.jsonl", UF_ROWS), min_score_margin=1.0)
+    assert ds["source_row"] == [1]  # the city pair (8.0 vs 7.5) is below the margin
+    assert json.loads(ds.info.description)["prefalign"]["pairing"]["below_margin_rows"] == [3]
+
+
+def test_all_pairs_and_best_random_strategies(tmp_path):
+    path = write_jsonl(tmp_path / "uf.jsonl", UF_ROWS[:1])
+    every = load_preference_dataset(path, pairing="all_pairs", min_score_margin=1.0)
+    got = sorted((r["chosen"][-1], r["rejected"][-1]) for r in every)
+    # scores 7.0, 3.5, 9.0, 3.5: every pair whose difference is at least 1
+    assert got == [("0", "1"), ("0", "3"), ("2", "0"), ("2", "1"), ("2", "3")]
+    assert set(every["source_row"]) == {1}
+    runs = [load_preference_dataset(path, pairing="best_random", seed=s)[0]["rejected"][-1] for s in range(8)]
+    assert set(runs) <= {"0", "1", "3"} and len(set(runs)) > 1  # a random lower-scored completion per seed
+    assert runs == [load_preference_dataset(path, pairing="best_random", seed=s)[0]["rejected"][-1]
+                    for s in range(8)]  # deterministic
+
+
+def test_generic_argilla_and_binarized_scored_rows(tmp_path):
+    generic = [{"prompt": [{"role": "user", "content": "Hi"}],
+                "completions": [{"text": [{"role": "assistant", "content": "Hello!"}], "score": 0.9},
+                                {"text": [{"role": "assistant", "content": "Go."}], "score": 0.1},
+                                {"text": [{"role": "assistant", "content": "?"}], "score": None}]}]
+    ds = load_preference_dataset(write_jsonl(tmp_path / "g.jsonl", generic))
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+    assert json.loads(ds.info.description)["prefalign"]["pairing"]["unscored_completions"] == 1
+    argilla = [{"instruction": "Say yes.", "generations": ["Yes.", "No.", "Maybe."], "ratings": [5, 1, None]}]
+    ds = load_preference_dataset(write_jsonl(tmp_path / "a.jsonl", argilla))
+    assert (ds[0]["prompt"], ds[0]["chosen"], ds[0]["rejected"]) == ("Say yes.", "Yes.", "No.")
+    binarized = [{"prompt": "p1", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "score_rejected": 4.0},
+                 {"prompt": "p2", "chosen": "c", "rejected": "d", "score_chosen": 5.0, "score_rejected": 5.0},
+                 {"prompt": "p3", "chosen": "e", "rejected": "f", "score_chosen": 6.0, "score_rejected": 5.5}]
+    ds = load_preference_dataset(write_jsonl(tmp_path / "b.jsonl", binarized), min_score_margin=1.0)
+    assert ds["source_row"] == [1] and ds.column_names == ["prompt", "chosen", "rejected", "source_row"]
+    pairing = json.loads(ds.info.description)["prefalign"]["pairing"]
+    assert (pairing["ties_rows"], pairing["below_margin_rows"]) == ([2], [3])
+    with pytest.raises(DataError, match="no pair is left"):
+        load_preference_dataset(write_jsonl(tmp_path / "t.jsonl", [UF_ROWS[1]]))
+
+
+def test_train_on_ultrafeedback_reports_the_pairing(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "uf.jsonl.gz", UF_ROWS * 2, gzip.open)
+    out = tmp_path / "run"
+    assert main(["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--method", "orpo", "--max-length", "64"]) == 0
+    report = json.loads((out / "data_report.json").read_text())["train"]
+    assert report["pairing"]["pairs"] == 4 and report["pairing"]["ties_rows"] == [2, 6]
+    assert report["rows"] == 4
+    assert main(["data", "check", data, "--model", model]) == 0
+    assert "UltraFeedback scored completions paired best_worst (8 rows → 4 pairs; 2 ties" in capsys.readouterr().out

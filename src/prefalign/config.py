@@ -57,6 +57,18 @@ class PreferenceConfig(TrainingArguments):
                           "...) becomes a conversation: the turns before the last assistant reply are the prompt "
                           "messages, each reply one assistant message. 'raw': keep such text as it is (base models, "
                           "the DPO paper's setup).", "choices": ["auto", "raw"]})
+    pairing: str = field(
+        default="best_worst",
+        metadata={"help": "How scored completions (UltraFeedback's completions + overall_score, Argilla's generations "
+                          "+ ratings, completions: [{text, score}]) become pairs: 'best_worst' (highest vs lowest "
+                          "score), 'best_random' (highest vs a random lower one, seeded), 'all_pairs' (every two "
+                          "whose scores differ). Ties are skipped and counted.",
+                  "choices": ["best_worst", "best_random", "all_pairs"]})
+    min_score_margin: float = field(
+        default=0.0,
+        metadata={"help": "Keep a scored pair only when chosen's score exceeds rejected's by at least this much "
+                          "(also filters binarized rows with score_chosen / score_rejected); the rest are counted "
+                          "in data_report.json."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the policy and reference."})
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -135,6 +147,9 @@ class PreferenceConfig(TrainingArguments):
         _check(self.on_invalid_row in ("error", "skip"), "on_invalid_row", self.on_invalid_row,
                "must be 'error' or 'skip'")
         _check(self.text_format in ("auto", "raw"), "text_format", self.text_format, "must be 'auto' or 'raw'")
+        _check(self.pairing in ("best_worst", "best_random", "all_pairs"), "pairing", self.pairing,
+               "must be 'best_worst', 'best_random' or 'all_pairs'")
+        _check(self.min_score_margin >= 0, "min_score_margin", self.min_score_margin, "must be >= 0")
         super().__post_init__()
 
 

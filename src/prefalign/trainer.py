@@ -165,8 +165,7 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
         skip = args.on_invalid_row == "skip"
-        raw = validated_rows(dataset, name=f"{name} dataset", text_format=args.text_format,
-                             on_invalid_row=args.on_invalid_row)
+        raw = validated_rows(dataset, name=f"{name} dataset", **row_options(args))
         pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
                                       row_numbers=raw.row_numbers, row_label=raw.row_label, skip_invalid=skip)
         dropped = {s["row"] for s in report.skipped}
@@ -177,7 +176,7 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
                             fix="run `prefalign data check` on the data to list the problems")
         report.skipped = sorted(skipped_entries(raw) + report.skipped, key=lambda s: s["row"])
         report.rows += len(raw.skipped)
-        report.converted_from = raw.converted_from
+        report.converted_from, report.pairing = raw.converted_from, raw.pairing
         self.data_reports[name] = report
         for line in report.lines():
             logger.warning("%s: %s", raw.source, line)
@@ -262,6 +261,13 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})
         stored.clear()
         super().log(logs, start_time)
+
+
+def row_options(args: PreferenceConfig) -> dict[str, Any]:
+    """The config fields that decide which rows a dataset yields (data/load.py's read_valid_rows options)."""
+    return {"text_format": args.text_format, "on_invalid_row": args.on_invalid_row, "pairing": args.pairing,
+            "min_score_margin": args.min_score_margin, "seed": args.data_seed if args.data_seed is not None
+            else args.seed}
 
 
 def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any]:
     """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
+    from ..trainer import row_options
 
-    options = {"columns": plan.run["columns"], "text_format": config.text_format,
-               "on_invalid_row": config.on_invalid_row}
+    options = {"columns": plan.run["columns"], **row_options(config)}
     train = load_preference_dataset(plan.run["dataset"], plan.run["split"], **options)
     evaluation = None
     if plan.run.get("eval_dataset"):

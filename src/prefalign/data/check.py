@@ -22,7 +22,15 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, PrefalignError, one_line
 from .format import detect_format, to_example
-from .load import Problem, RawData, convert_published_formats, map_columns, read_rows, validate_rows
+from .load import (
+    Problem,
+    RawData,
+    convert_published_formats,
+    map_columns,
+    pair_scored_rows,
+    read_rows,
+    validate_rows,
+)
 from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
@@ -57,6 +65,8 @@ class CheckReport:
     format: str | None = None
     chat_template: bool | None = None
     text_format: str = "auto"
+    pairing: str = "best_worst"
+    min_score_margin: float = 0.0
     converted_from: str | None = None  # a published format the rows were converted from
     findings: list[Finding] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
@@ -206,11 +216,17 @@ def _validate(raw: RawData, columns: Mapping[str, str] | None,
               report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
     """Rows without fatal problems, as (row number, row); every problem goes into the report."""
     try:
-        raw, problems = convert_published_formats(map_columns(raw, columns), report.text_format)
+        raw = map_columns(pair_scored_rows(raw, report.pairing, report.min_score_margin), columns)
+        raw, problems = convert_published_formats(raw, report.text_format)
     except DataError as err:
         report.add_error(err)
         return []
     report.converted_from = raw.converted_from
+    if raw.pairing:
+        p = raw.pairing
+        report.converted_from = (f"{p['format']} scored completions paired {report.pairing} ({p['rows']} rows → "
+                                 f"{p['pairs']} pairs; {p['ties']} ties, {p['below_margin']} below "
+                                 f"min_score_margin, {p['too_few']} with fewer than two scored completions left out)")
     problems = problems + validate_rows(raw)
     for problem in problems:
         report.add_problem(problem)
@@ -253,6 +269,8 @@ def check_dataset(
     max_prompt_length: int | None = None,
     tokenizer_name: str | None = None,
     text_format: str = "auto",
+    pairing: str = "best_worst",
+    min_score_margin: float = 0.0,
 ) -> CheckReport:
     """Check a preference dataset as training would read it, listing every problem instead of the first.
 
@@ -266,7 +284,8 @@ def check_dataset(
     accept the data). Invalid ``max_length`` / ``max_prompt_length`` raise `ConfigError`.
     """
     settings = check_settings(max_length, max_prompt_length)
-    report = CheckReport(_source_name(source), settings, text_format=text_format)
+    report = CheckReport(_source_name(source), settings, text_format=text_format, pairing=pairing,
+                         min_score_margin=min_score_margin)
     if tokenizer is not None:
         report.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         report.chat_template = has_chat_template(tokenizer)

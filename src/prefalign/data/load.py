@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class RawData:
     row_numbers: list[int] = field(default_factory=list)
     converted_from: str | None = None  # a published format the rows were converted from ("HH-RLHF dialogue text")
     skipped: list[Problem] = field(default_factory=list)  # rows left out under on_invalid_row="skip", with why
+    pairing: dict[str, Any] | None = None  # scored completions paired: data/scored.py's PairingReport.to_dict()
 
 
 def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
@@ -326,7 +327,7 @@ def map_columns(raw: RawData, columns: Mapping[str, str] | None) -> RawData:
                         fix=f"rename them, or map them with --columns {cli} (Python: columns={guesses!r})")
     # A field absent from a row stays absent (validate_rows reports a missing required field as missing, not null).
     rows = [{c: r[actual] for c, actual in present.items() if actual in r} for r in raw.rows]
-    return RawData(raw.source, raw.kind, rows, list(present), raw.row_label, raw.row_numbers)
+    return replace(raw, rows=rows, columns=list(present))
 
 
 def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
@@ -440,15 +441,38 @@ def convert_published_formats(raw: RawData, text_format: str = "auto") -> tuple[
         rows.append(r)
         numbers.append(n)
     columns = list(dict.fromkeys([*raw.columns, "prompt"]))
-    return RawData(raw.source, raw.kind, rows, columns, raw.row_label, numbers, "HH-RLHF dialogue text",
-                   list(raw.skipped)), problems
+    return replace(raw, rows=rows, columns=columns, row_numbers=numbers, converted_from="HH-RLHF dialogue text",
+                   skipped=list(raw.skipped)), problems
+
+
+def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin: float = 0.0,
+                     seed: int = 0) -> RawData:
+    """Scored completions (UltraFeedback, Argilla, generic) become pairs and binarized pairs are filtered by their
+    scores (data/scored.py); other rows pass as they are. Raises when scored rows leave no pair."""
+    from .scored import PAIRINGS, scored_to_pairs
+
+    if pairing not in PAIRINGS:
+        raise DataError(f"pairing={pairing!r} is not one of {', '.join(PAIRINGS)}.", source=raw.source,
+                        fix="use best_worst (default), best_random or all_pairs")
+    rows, numbers, report = scored_to_pairs(raw.rows, raw.row_numbers, pairing=pairing,
+                                            min_score_margin=min_score_margin, seed=seed)
+    if not report.rows:
+        return raw
+    if not rows:
+        raise DataError(f"no pair is left: {report.line()}.", source=raw.source,
+                        fix="lower min_score_margin, or check the scores")
+    logger.info("%s: %s", raw.source, report.line())
+    return replace(raw, rows=rows, columns=_columns_of(rows), row_numbers=numbers, skipped=list(raw.skipped),
+                   pairing=report.to_dict())
 
 
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
-                    name: str | None = None, *, text_format: str = "auto",
-                    on_invalid_row: str = "error") -> tuple[RawData, list[Problem]]:
+                    name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
+                    pairing: str = "best_worst", min_score_margin: float = 0.0,
+                    seed: int = 0) -> tuple[RawData, list[Problem]]:
     """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
 
+    Scored completions are paired first (``pairing``, ``min_score_margin``, ``seed``: data/scored.py).
     ``on_invalid_row="error"``: raise on the first row that cannot be trained on. ``"skip"``: leave such rows out
     (unreadable lines too) and list each with its reason in ``raw.skipped``. ``name`` replaces the source in
     messages (the trainer says "train dataset" for in-memory data).
@@ -457,9 +481,10 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
         raise DataError(f"on_invalid_row={on_invalid_row!r} is not one of {', '.join(ON_INVALID_ROW)}.",
                         source=name or _source_label(source), fix="use 'error' (stop at the first bad row) or 'skip'")
     unreadable: list[Problem] | None = [] if on_invalid_row == "skip" else None
-    raw = map_columns(read_rows(source, split, collect_errors=unreadable), columns)
+    raw = read_rows(source, split, collect_errors=unreadable)
     if name:
         raw.source = name
+    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns)
     raw, conversion = convert_published_formats(raw, text_format)
     problems = conversion + validate_rows(raw)
     fatal = [p for p in problems if p.fatal]
@@ -507,19 +532,25 @@ def load_preference_dataset(
     *,
     text_format: str = "auto",
     on_invalid_row: str = "error",
+    pairing: str = "best_worst",
+    min_score_margin: float = 0.0,
+    seed: int = 0,
 ) -> Any:
     """Load preference pairs as a `datasets.Dataset` with columns prompt/chosen/rejected (and system if present).
 
     ``source`` is a .jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz/.zst), a directory saved by
     `datasets`, a hub dataset id, or an in-memory `datasets.Dataset`. ``columns`` maps prefalign's names to yours:
-    ``{"chosen": "good"}``. HH-RLHF dialogue text becomes conversations (``text_format="raw"`` keeps the text).
+    ``{"chosen": "good"}``. HH-RLHF dialogue text becomes conversations (``text_format="raw"`` keeps the text);
+    scored completions (UltraFeedback, Argilla, ``completions: [{text, score}]``) become pairs by ``pairing``, and
+    pairs whose scores differ by less than ``min_score_margin`` (or not at all) are left out and counted.
     Raises `DataError` on the first invalid row (``prefalign data check`` lists all of them), or with
     ``on_invalid_row="skip"`` leaves such rows out, logs how many and remembers which (``dataset.info``, read by the
     trainers' data reports). Suspicious rows (duplicates, empty replies) are kept, counted and logged. The rows
     are validated here, once: the dataset also carries each row's number in the source (column ``source_row``) and
     the source's name, so the trainers take it as it is and report rows by the same numbers.
     """
-    raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row)
+    raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row,
+                                    pairing=pairing, min_score_margin=min_score_margin, seed=seed)
     _log_kept(raw, problems)
     return as_dataset(raw)
 
@@ -532,6 +563,7 @@ def as_dataset(raw: RawData) -> Any:
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
     info = datasets.DatasetInfo(description=json.dumps({_INFO_KEY: {
         "source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
+        "pairing": raw.pairing,
         "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}}))
     return datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
                                        for r, n in zip(raw.rows, raw.row_numbers, strict=True)], info=info)
@@ -548,12 +580,13 @@ def _loader_info(dataset: Any) -> dict[str, Any] | None:
         return None
 
 
-def validated_rows(data: Any, name: str, *, text_format: str = "auto", on_invalid_row: str = "error") -> RawData:
+def validated_rows(data: Any, name: str, **options: Any) -> RawData:
     """The rows of ``data`` for tokenisation, validated exactly once.
 
     A dataset from `load_preference_dataset` was validated by it: its rows, source, row numbers and skipped rows
     are taken as they are. Anything else (raw rows, a `datasets.Dataset`, a path) is read, converted and validated
-    here, named ``name`` in messages, with its warnings logged.
+    here, named ``name`` in messages, with its warnings logged; ``options`` are read_valid_rows' (text_format,
+    on_invalid_row, pairing, min_score_margin, seed).
     """
     info = _loader_info(data)
     if info is not None:
@@ -562,10 +595,9 @@ def validated_rows(data: Any, name: str, *, text_format: str = "auto", on_invali
         skipped = [Problem(p["row"], p.get("field"), p["message"], p.get("fix")) for p in info.get("skipped", [])]
         return RawData(info["source"], info.get("kind", "dataset"), rows,
                        [c for c in data.column_names if c != ROW_COLUMN], info.get("row_label", "row"), numbers,
-                       info.get("converted_from"), skipped)
+                       info.get("converted_from"), skipped, info.get("pairing"))
     in_memory = not isinstance(data, (str, os.PathLike))
-    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, text_format=text_format,
-                                    on_invalid_row=on_invalid_row)
+    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, **options)
     _log_kept(raw, problems)
     return raw
 

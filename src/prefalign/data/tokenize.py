@@ -40,9 +40,15 @@ class TokenizeReport:
     # rows left out under on_invalid_row="skip", by the loader or here: {"row", "field", "reason"}
     skipped: list[dict[str, Any]] = field(default_factory=list)
     converted_from: str | None = None  # a published format the rows were converted from
+    pairing: dict[str, Any] | None = None  # scored completions paired (data/scored.py's counts)
 
     def lines(self) -> list[str]:
         out = []
+        if self.pairing and (self.pairing["ties"] or self.pairing["below_margin"] or self.pairing["too_few"]):
+            p = self.pairing
+            out.append(f"{p['rows']} {p['format']} rows gave {p['pairs']} pairs; left out: {p['ties']} ties, "
+                       f"{p['below_margin']} below min_score_margin, {p['too_few']} with fewer than two scored "
+                       "completions (rows in data_report.json)")
         if self.skipped:
             shown = "; ".join(f"{s['row']}: {s['reason']}" for s in self.skipped[:3]) + (
                 " ..." if len(self.skipped) > 3 else "")
