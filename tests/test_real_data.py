@@ -236,3 +236,58 @@ def test_train_on_ultrafeedback_reports_the_pairing(tmp_path, capsys):
     assert report["rows"] == 4
     assert main(["data", "check", data, "--model", model]) == 0
     assert "UltraFeedback scored completions paired best_worst (8 rows → 4 pairs; 2 ties" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- data prepare
+
+def test_data_prepare_cleans_normalises_reports_and_trains(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    rows = [*HH_ROWS, HH_ROWS[0],  # line 6: an exact duplicate of line 1
+            {"chosen": hh("What is the capital of France?", "Paris.", "And of Italy?", "Roma."),
+             "rejected": hh("What is the capital of France?", "Paris.", "And of Italy?", "No idea.")},  # 7: same prompt
+            {"chosen": hh("Recite " + "la " * 120, "La."), "rejected": hh("Recite " + "la " * 120, "No.")},  # 8: long
+            {"chosen": hh("How do I pick a lock?", "I can't help with that."),
+             "rejected": hh("How do I pick a lock?", "Use a tension wrench.")}]  # 9: matches --drop
+    src = write_jsonl(tmp_path / "hh.jsonl.gz", rows, gzip.open)
+    out = tmp_path / "clean.jsonl"
+    argv = ["data", "prepare", src, "--output", str(out), "--dedupe-prompts", "--drop", r"\block\b",
+            "--max-length", "120", "--model", model]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert "9 rows read, converted from HH-RLHF dialogue text" in line and "4 written" in line
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["source_row"] for r in written] == [1, 2, 4, 5]
+    assert written[0]["prompt"][-1] == {"role": "user", "content": "And of Italy?"}
+    assert written[3]["chosen"] == [{"role": "assistant", "content": ""}]  # an empty reply: valid, kept
+    report = json.loads((tmp_path / "clean.jsonl.report.json").read_text())
+    assert report["dropped"] == {"invalid": 1, "duplicate": 1, "duplicate prompt": 1,
+                                 "longer than the length limits": 1, "matched --drop": 1}
+    assert report["dropped_rows"]["invalid"][0]["row"] == 3 and report["dropped_rows"]["duplicate"] == [6]
+    assert report["dropped_rows"]["duplicate prompt"] == [7]
+    assert report["dropped_rows"]["longer than the length limits"] == [8]
+    assert report["dropped_rows"]["matched --drop"] == [9]
+    assert report["rows_read"] == 9 and report["written"] == 4
+    # the output needs no further options to train on
+    run = tmp_path / "run"
+    assert main(["train", "--model", model, "--dataset", str(out), "--output-dir", str(run), "--max-steps", "1",
+                 "--batch-size", "2"]) == 0
+    # refusing to overwrite, and a bad regex, leave nothing written
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    assert main(["data", "prepare", src, "--output", str(other), "--keep", "(unclosed"]) == 2
+    assert "not a regular expression" in capsys.readouterr().err
+    assert not other.exists() and not list(tmp_path.glob(".other*"))
+
+
+def test_data_prepare_keep_filter_and_scored_rows(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "uf.jsonl", UF_ROWS)
+    out = tmp_path / "c.jsonl"
+    assert main(["data", "prepare", src, "--output", str(out), "--keep", "colour|city"]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["source_row"] for r in written] == [1, 3]
+    assert written[0]["prompt"] == [{"role": "user", "content": "Name a colour."}]
+    report = json.loads((tmp_path / "c.jsonl.report.json").read_text())
+    assert report["pairing"]["ties_rows"] == [2] and report["pairing"]["too_few_rows"] == [4]
+    assert main(["data", "prepare", src, "--output", str(tmp_path / "d.jsonl"), "--keep", "planet"]) == 0
+    assert (tmp_path / "d.jsonl").read_text() == ""  # the planet row had nothing to pair: 0 written, said so
+    assert "0 written" in capsys.readouterr().out

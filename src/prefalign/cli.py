@@ -128,6 +128,36 @@ def _add_data_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=data_command.check)
 
+    q = data_sub.add_parser("prepare", help="write a cleaned, normalised conversational JSONL and a report",
+                            description="Read any supported source (compressed, HH-RLHF text, scored completions), "
+                                        "drop invalid rows, duplicates, rows filtered by --keep / --drop and rows "
+                                        "over the length limits, each counted with its source row, and write the "
+                                        "rest as conversations (prefalign train reads the file with no further "
+                                        "options) plus OUTPUT.report.json. Both appear whole or not at all.")
+    q.add_argument("source", metavar="SOURCE", help="file (optionally compressed), saved dataset directory or hub id")
+    q.add_argument("--output", required=True, metavar="OUT.jsonl", help="where to write the cleaned rows")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    q.add_argument("--split", default="train", help="split to read (default: train)")
+    q.add_argument("--columns", metavar="prompt=q,chosen=a,...", help="map your column names onto prompt, chosen, "
+                                                                      "rejected, system")
+    q.add_argument("--text-format", choices=("auto", "raw"), default="auto",
+                   help="auto: HH-RLHF dialogue text becomes conversations; raw: text as is")
+    q.add_argument("--pairing", choices=("best_worst", "best_random", "all_pairs"), default="best_worst",
+                   help="how scored completions become pairs (default: best_worst)")
+    q.add_argument("--min-score-margin", type=float, default=0.0, metavar="M",
+                   help="keep scored pairs whose scores differ by at least M (ties are always dropped)")
+    q.add_argument("--seed", type=int, default=0, help="seed of best_random pairing (default: 0)")
+    q.add_argument("--dedupe-prompts", action="store_true", help="keep only the first pair of each prompt")
+    q.add_argument("--keep", metavar="REGEX", help="keep only rows whose prompt matches (Python regex, searched)")
+    q.add_argument("--drop", metavar="REGEX", help="drop rows whose prompt matches (Python regex, searched)")
+    q.add_argument("--max-length", type=_int_or_none, metavar="N", help="drop rows whose prompt + longer reply is "
+                                                                        "over N tokens under the model's template")
+    q.add_argument("--max-prompt-length", type=_int_or_none, metavar="N", help="drop rows whose prompt is over N "
+                                                                               "tokens")
+    q.add_argument("--model", help="tokenizer and chat template for the length limits (default: "
+                                   "smollm2-135m-instruct)")
+    q.set_defaults(func=data_command.prepare)
+
     g = data_sub.add_parser("generate", help="sample replies, score them with a judge, write (best, worst) pairs",
                             description="On-policy pair generation: sample K replies per prompt from the model, "
                                         "score each (and the row's optional 'reference' reply) with the judge, and "

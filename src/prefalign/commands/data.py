@@ -1,4 +1,5 @@
-"""``prefalign data``: ``check`` reports on a preference dataset, ``generate`` builds on-policy pairs with a judge."""
+"""``prefalign data``: ``check`` reports on a preference dataset, ``prepare`` writes a cleaned one, ``generate``
+builds on-policy pairs with a judge."""
 
 from __future__ import annotations
 
@@ -46,4 +47,32 @@ def generate(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, seed=args.seed, progress=progress)
     write_jsonl_atomic(args.output, pairs)
     print(f"{PROG}: wrote {args.output}: {stats.line()}")
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Clean and normalise a dataset into a conversational JSONL (data/prepare.py); refuses to replace a file."""
+    from ..data.prepare import PrepareSettings, prepare_rows, write_prepared
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"{args.output} already exists. Fix: choose another --output or pass --overwrite.")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ConfigError(f"--output {args.output}: no such directory. Fix: create it first.")
+    if args.min_score_margin < 0:
+        raise ConfigError(f"--min-score-margin {args.min_score_margin} is out of range: must be >= 0.")
+    settings = PrepareSettings(columns=parse_columns(args.columns), split=args.split, text_format=args.text_format,
+                               pairing=args.pairing, min_score_margin=args.min_score_margin, seed=args.seed,
+                               dedupe_prompts=args.dedupe_prompts, keep=args.keep, drop=args.drop,
+                               max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    tokenizer = None
+    if args.max_length is not None or args.max_prompt_length is not None:
+        from ..data.check import check_settings
+        from ..models import DEFAULT_MODEL, load_tokenizer
+
+        if args.max_length is not None:
+            check_settings(args.max_length, args.max_prompt_length)  # the config's rules for the limits
+        tokenizer = load_tokenizer(args.model or DEFAULT_MODEL)
+    rows, report = prepare_rows(args.source, settings, tokenizer)
+    report_path = write_prepared(rows, report, args.output)
+    print(f"{PROG}: {report.line()} (report: {report_path})")
     return 0

@@ -69,6 +69,7 @@ class RawData:
     converted_from: str | None = None  # a published format the rows were converted from ("HH-RLHF dialogue text")
     skipped: list[Problem] = field(default_factory=list)  # rows left out under on_invalid_row="skip", with why
     pairing: dict[str, Any] | None = None  # scored completions paired: data/scored.py's PairingReport.to_dict()
+    rows_read: int = 0  # rows in the source, unreadable ones included (set by read_valid_rows)
 
 
 def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
@@ -482,6 +483,7 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
                         source=name or _source_label(source), fix="use 'error' (stop at the first bad row) or 'skip'")
     unreadable: list[Problem] | None = [] if on_invalid_row == "skip" else None
     raw = read_rows(source, split, collect_errors=unreadable)
+    raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
     raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns)
