@@ -291,3 +291,67 @@ def test_data_prepare_keep_filter_and_scored_rows(tmp_path, capsys):
     assert main(["data", "prepare", src, "--output", str(tmp_path / "d.jsonl"), "--keep", "planet"]) == 0
     assert (tmp_path / "d.jsonl").read_text() == ""  # the planet row had nothing to pair: 0 written, said so
     assert "0 written" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- mixtures and splits
+
+def _pairs(tag, n):
+    return [{"prompt": f"{tag} question {i}?", "chosen": f"{tag} yes {i}.", "rejected": f"{tag} no {i}."}
+            for i in range(n)]
+
+
+def test_mixture_draws_by_weight_shuffles_with_the_seed_and_holds_out_a_test_split(tmp_path):
+    from prefalign.data.mixture import load_mixture
+
+    a = write_jsonl(tmp_path / "a.jsonl.gz", _pairs("A", 20), gzip.open)
+    b = write_jsonl(tmp_path / "b.jsonl", _pairs("B", 10))
+    spec = {"datasets": [{"path": a, "weight": 0.5, "columns": ["prompt", "chosen", "rejected"]},
+                         {"path": b, "split": "train"}], "seed": 3, "test_split_size": 0.2}
+    train, test = load_mixture(spec)
+    assert len(train) == 16 and len(test) == 4  # 10 of A + 10 of B, 20% held out
+    rows = train.to_list() + test.to_list()
+    assert sum(r["prompt"].startswith("A") for r in rows) == 10 and sum(r["prompt"].startswith("B") for r in rows) == 10
+    # source lines survive: each row's number is its line in its own file
+    assert all(int(r["prompt"].split()[2][:-1]) + 1 == r["source_row"] for r in rows)
+    again_train, again_test = load_mixture(spec)
+    assert again_train.to_list() == train.to_list() and again_test.to_list() == test.to_list()  # deterministic
+    other, _ = load_mixture({**spec, "seed": 4})
+    assert other.to_list() != train.to_list()
+    assert load_mixture({**spec, "test_split_size": None})[1] is None
+    with pytest.raises(Exception, match="weight=1.5 is out of range"):
+        load_mixture({"datasets": [{"path": a, "weight": 1.5}]})
+    with pytest.raises(Exception, match="unknown key"):
+        load_mixture({**spec, "shuffle": True})
+
+
+def test_train_with_a_mixture_recipe_and_with_eval_split_size(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    a = write_jsonl(tmp_path / "a.jsonl", _pairs("A", 8))
+    hh_file = write_jsonl(tmp_path / "hh.jsonl.gz", HH_ROWS[:2] * 2, gzip.open)
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(f"""
+model: {model}
+dataset_mixture:
+  datasets:
+    - path: {a}
+      weight: 0.5
+    - path: {hh_file}
+  seed: 1
+  test_split_size: 2
+max_steps: 1
+per_device_train_batch_size: 2
+output_dir: {tmp_path / "run"}
+""")
+    assert main(["train", str(recipe)]) == 0
+    assert "eval loss" in capsys.readouterr().out  # the test split was evaluated
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["train"]["rows"] == 6 and report["eval"]["rows"] == 2
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "dataset_mixture" in saved and str(tmp_path / "a.jsonl") in saved
+    assert main(["train", "--model", model, "--dataset", a, "--set", "eval_split_size=0.25", "--output-dir",
+                 str(tmp_path / "run2"), "--max-steps", "1", "--batch-size", "2"]) == 0
+    report = json.loads((tmp_path / "run2" / "data_report.json").read_text())
+    assert (report["train"]["rows"], report["eval"]["rows"]) == (6, 2)
+    assert main(["train", "--model", model, "--dataset", a, "--set", f"dataset_mixture={{datasets: [{{path: {a}}}]}}",
+                 "--output-dir", str(tmp_path / "run3")]) == 2
+    assert "both dataset and dataset_mixture" in capsys.readouterr().err

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAIN_EPILOG = """\
 CONFIG.yaml is a flat mapping of run keys (method, model, ref_model, dataset, split, eval_dataset, eval_split,
-columns) and any field of DPOConfig / ORPOConfig (which extend transformers.TrainingArguments), e.g.
+columns, dataset_mixture, eval_split_size) and any field of DPOConfig / ORPOConfig (which extend
+transformers.TrainingArguments), e.g.
 
   method: orpo
   model: smollm2-135m-instruct

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from .config import PreferenceConfig
 
 METHODS = ("dpo", "orpo")
-RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns")
+RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns",
+            "dataset_mixture", "eval_split_size")
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
 # Config defaults of a CLI run that differ from the library's (the library stays TRL-like).
 CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no"}
@@ -89,7 +90,10 @@ class TrainPlan:
 
     def local_inputs(self) -> list[str]:
         """Inputs that may be local paths, which --overwrite must never delete."""
-        return [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
+        paths = [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
+        mixture = self.run.get("dataset_mixture")
+        members = mixture.get("datasets") if isinstance(mixture, dict) else None
+        return paths + [str(m["path"]) for m in members or [] if isinstance(m, dict) and m.get("path")]
 
     def resolved_config(self) -> dict[str, Any]:
         """Run keys (local paths made absolute, so the file works from anywhere) and the config options."""
@@ -100,6 +104,11 @@ class TrainPlan:
                 continue
             if key in ("model", "ref_model", "dataset", "eval_dataset") and _is_local_path(str(value)):
                 value = str(Path(str(value)).expanduser().resolve())
+            if key == "dataset_mixture" and isinstance(value, dict) and isinstance(value.get("datasets"), list):
+                value = {**value, "datasets": [
+                    {**m, "path": str(Path(str(m["path"])).expanduser().resolve())}
+                    if isinstance(m, dict) and m.get("path") and _is_local_path(str(m["path"])) else m
+                    for m in value["datasets"]]}
             out[key] = value
         out.update(sorted(self.options.items()))
         out["output_dir"] = str(self.output_dir.expanduser().resolve())  # a re-run must not write somewhere else
@@ -246,8 +255,15 @@ def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     run = {key: RUN_DEFAULTS.get(key) if value is None else value for key, value in run.items()}
     run["method"] = method
     run["columns"] = parse_columns(run["columns"])
-    if not run.get("dataset"):
-        raise ConfigError("no dataset given. Fix: pass --dataset SRC or put 'dataset: SRC' in the config file")
+    if not run.get("dataset") and not run.get("dataset_mixture"):
+        raise ConfigError("no dataset given. Fix: pass --dataset SRC or put 'dataset: SRC' (or a dataset_mixture) in "
+                          "the config file")
+    if run.get("dataset") and run.get("dataset_mixture"):
+        raise ConfigError("both dataset and dataset_mixture are given. Fix: keep one of them")
+    if run.get("eval_split_size") is not None and (run.get("eval_dataset") or run.get("dataset_mixture")):
+        raise ConfigError("eval_split_size holds part of a single dataset out, but "
+                          f"{'eval_dataset' if run.get('eval_dataset') else 'dataset_mixture'} is given. Fix: use "
+                          "eval_dataset, or dataset_mixture's test_split_size, or eval_split_size alone")
     if run.get("model") is None:
         from .models import DEFAULT_MODEL
 

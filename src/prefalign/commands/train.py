@@ -21,13 +21,20 @@ if TYPE_CHECKING:
 def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any]:
     """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
+    from ..data.mixture import load_mixture, load_with_split
     from ..trainer import row_options
 
-    options = {"columns": plan.run["columns"], **row_options(config)}
-    train = load_preference_dataset(plan.run["dataset"], plan.run["split"], **options)
-    evaluation = None
+    rows = row_options(config)
+    columns = plan.run["columns"]
+    if plan.run.get("dataset_mixture") is not None:
+        train, evaluation = load_mixture(plan.run["dataset_mixture"], options=rows)
+    elif plan.run.get("eval_split_size") is not None:
+        train, evaluation = load_with_split(plan.run["dataset"], plan.run["split"], columns,
+                                            plan.run["eval_split_size"], rows["seed"], rows)
+    else:
+        train, evaluation = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns, **rows), None
     if plan.run.get("eval_dataset"):
-        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], **options)
+        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
     return train, evaluation
 
 

@@ -247,7 +247,7 @@ def _from_hf_dataset(ds: Any, source: str, kind: str, split: str) -> RawData:
 
 
 def read_rows(source: str | os.PathLike | Any, split: str = "train",
-              collect_errors: list[Problem] | None = None) -> RawData:
+              collect_errors: list[Problem] | None = None, config: str | None = None) -> RawData:
     """Read rows from any supported source without validating them.
 
     Raises `DataError` on the first unreadable row, unless ``collect_errors`` is a list: then each unreadable row
@@ -296,7 +296,7 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
     import datasets
 
     try:
-        ds = datasets.load_dataset(text, split=split)
+        ds = datasets.load_dataset(text, config, split=split)  # config: the hub dataset's configuration name
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"not a local file and could not be loaded from the hub ({first}).", source=text,
@@ -469,8 +469,8 @@ def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin
 
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
                     name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
-                    pairing: str = "best_worst", min_score_margin: float = 0.0,
-                    seed: int = 0) -> tuple[RawData, list[Problem]]:
+                    pairing: str = "best_worst", min_score_margin: float = 0.0, seed: int = 0,
+                    config: str | None = None) -> tuple[RawData, list[Problem]]:
     """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
 
     Scored completions are paired first (``pairing``, ``min_score_margin``, ``seed``: data/scored.py).
@@ -482,7 +482,7 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
         raise DataError(f"on_invalid_row={on_invalid_row!r} is not one of {', '.join(ON_INVALID_ROW)}.",
                         source=name or _source_label(source), fix="use 'error' (stop at the first bad row) or 'skip'")
     unreadable: list[Problem] | None = [] if on_invalid_row == "skip" else None
-    raw = read_rows(source, split, collect_errors=unreadable)
+    raw = read_rows(source, split, collect_errors=unreadable, config=config)
     raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
@@ -553,7 +553,7 @@ def load_preference_dataset(
     """
     raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row,
                                     pairing=pairing, min_score_margin=min_score_margin, seed=seed)
-    _log_kept(raw, problems)
+    log_kept(raw, problems)
     return as_dataset(raw)
 
 
@@ -600,11 +600,11 @@ def validated_rows(data: Any, name: str, **options: Any) -> RawData:
                        info.get("converted_from"), skipped, info.get("pairing"))
     in_memory = not isinstance(data, (str, os.PathLike))
     raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, **options)
-    _log_kept(raw, problems)
+    log_kept(raw, problems)
     return raw
 
 
-def _log_kept(raw: RawData, problems: list[Problem]) -> None:
+def log_kept(raw: RawData, problems: list[Problem]) -> None:
     """Rows kept despite a warning (duplicates, empty replies), and rows skipped, are never silent."""
     groups: dict[str, list[int]] = {}
     for p in problems:

@@ -1,0 +1,144 @@
+"""Dataset mixtures and held-out splits, in alignment-handbook's recipe shape.
+
+    dataset_mixture:
+      datasets:
+        - id: HuggingFaceH4/ultrafeedback_binarized   # or path: local/file.jsonl.gz
+          split: train_prefs
+          config: null
+          columns: [prompt, chosen, rejected]          # or a mapping {chosen: good, rejected: bad}
+          weight: 0.5                                  # half of that dataset's rows, drawn with the seed
+        - path: my_pairs.jsonl
+      seed: 0
+      test_split_size: 0.1                             # held out as the eval dataset
+
+Each member is read and validated as a single dataset would be (its errors name its own file and line); when
+members differ in format, text pairs become conversations (a user turn and assistant replies, as the chat template
+renders text rows anyway); ``weight``
+draws that fraction of its rows, without replacement, shuffled with the seed; the members are concatenated and
+shuffled with the seed; ``test_split_size`` (a fraction, or a row count) holds that many rows out. Same seed, same
+rows. ``split_rows`` gives the same held-out split for a single dataset (``eval_split_size``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from ..errors import ConfigError
+from .format import is_messages, to_example
+from .load import CANONICAL_COLUMNS, Problem, RawData, as_dataset, read_valid_rows
+
+_MEMBER_KEYS = {"id", "path", "split", "config", "columns", "weight"}
+
+
+def _member_columns(columns: Any, where: str) -> dict[str, str] | None:
+    """alignment-handbook's list of columns to keep, or prefalign's mapping onto canonical names."""
+    if columns is None:
+        return None
+    if isinstance(columns, Mapping):
+        return {str(k): str(v) for k, v in columns.items()}
+    if isinstance(columns, list) and all(isinstance(c, str) for c in columns):
+        return {c: c for c in columns if c in CANONICAL_COLUMNS} or None
+    raise ConfigError(f"{where}: columns={columns!r} is neither a list of column names nor a mapping. Fix: write "
+                      "columns: [prompt, chosen, rejected] or columns: {chosen: good, rejected: bad}")
+
+
+def _fraction_or_count(value: Any, total: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is not a number. Fix: give a fraction in (0, 1) or a row count")
+    if 0 < value < 1:
+        return max(1, math.floor(value * total))
+    if float(value).is_integer() and 1 <= value < total:
+        return int(value)
+    raise ConfigError(f"{name}={value!r} is out of range for {total} rows. Fix: give a fraction in (0, 1) or a "
+                      f"row count from 1 to {total - 1}")
+
+
+def split_rows(raw: RawData, size: Any, seed: int, name: str = "eval_split_size") -> tuple[RawData, RawData]:
+    """(train, test): ``size`` rows (a fraction or a count) held out at random with ``seed``; rows keep their
+    source numbers, and both parts keep the order they had."""
+    n_test = _fraction_or_count(size, len(raw.rows), name)
+    order = list(range(len(raw.rows)))
+    random.Random(seed).shuffle(order)
+    test = set(order[:n_test])
+
+    def part(keep: bool) -> RawData:
+        idx = [i for i in range(len(raw.rows)) if (i in test) == keep]
+        return replace(raw, rows=[raw.rows[i] for i in idx], row_numbers=[raw.row_numbers[i] for i in idx],
+                       skipped=list(raw.skipped) if not keep else [])
+
+    return part(False), part(True)
+
+
+def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(train, test)`` datasets of a ``dataset_mixture`` (see the module docstring); ``test`` is None without
+    ``test_split_size``. ``options`` are read_valid_rows' row options (text_format, on_invalid_row, pairing, ...)."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
+        raise ConfigError("dataset_mixture needs a list under 'datasets'. Fix: dataset_mixture: {datasets: [{path: "
+                          "a.jsonl, weight: 0.5}, {id: org/name}]}")
+    unknown = set(spec) - {"datasets", "seed", "test_split_size"}
+    if unknown:
+        raise ConfigError(f"dataset_mixture: unknown key(s) {', '.join(sorted(unknown))}. Fix: use datasets, seed, "
+                          "test_split_size")
+    seed = spec.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"dataset_mixture: seed={seed!r} is not an integer.")
+    rows: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    skipped: list[Problem] = []
+    sources, labels = [], set()
+    for i, member in enumerate(spec["datasets"], start=1):
+        where = f"dataset_mixture.datasets[{i}]"
+        if not isinstance(member, Mapping) or not (set(member) <= _MEMBER_KEYS) or not (member.get("id") or
+                                                                                        member.get("path")):
+            raise ConfigError(f"{where}: {member!r} must be a mapping with id or path (and optionally split, config, "
+                              "columns, weight).")
+        source = str(member.get("path") or member["id"])
+        weight = member.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+            raise ConfigError(f"{where}: weight={weight!r} is out of range. Fix: a fraction in (0, 1] of that "
+                              "dataset's rows")
+        config = member.get("config")
+        raw, _ = read_valid_rows(source, str(member.get("split", "train")),
+                                 _member_columns(member.get("columns"), where),
+                                 config=None if config is None else str(config), **dict(options or {}))
+        order = list(range(len(raw.rows)))
+        random.Random(seed * 7919 + i).shuffle(order)
+        take = sorted(order[:max(1, math.floor(weight * len(order)))]) if weight < 1 else order
+        rows += [raw.rows[j] for j in take]
+        numbers += [raw.row_numbers[j] for j in take]
+        skipped += raw.skipped
+        sources.append(f"{source} ({len(take)} of {len(raw.rows)} rows)")
+        labels.add(raw.row_label)
+    if len({is_messages(r["chosen"]) for r in rows}) > 1:  # text members beside conversations: all conversations
+        rows = [_as_conversation(r) if not is_messages(r["chosen"]) else r for r in rows]
+    mixed = RawData(" + ".join(sources), "mixture", rows, list(dict.fromkeys(k for r in rows for k in r)),
+                    labels.pop() if len(labels) == 1 else "row", numbers, skipped=skipped)
+    order = list(range(len(mixed.rows)))
+    random.Random(seed).shuffle(order)
+    mixed = replace(mixed, rows=[mixed.rows[j] for j in order], row_numbers=[mixed.row_numbers[j] for j in order])
+    if spec.get("test_split_size") is None:
+        return as_dataset(mixed), None
+    train, test = split_rows(mixed, spec["test_split_size"], seed, "dataset_mixture.test_split_size")
+    return as_dataset(train), as_dataset(test)
+
+
+
+def load_with_split(source: Any, split: str, columns: Mapping[str, str] | None, size: Any, seed: int,
+                    options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(train, test)`` datasets of one source with ``size`` rows held out (``eval_split_size``)."""
+    from .load import log_kept
+
+    raw, problems = read_valid_rows(source, split, columns, **dict(options or {}))
+    log_kept(raw, problems)
+    train, test = split_rows(raw, size, seed)
+    return as_dataset(train), as_dataset(test)
+
+
+def _as_conversation(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A text pair as the conversation a chat template would render it as (a user turn, assistant replies)."""
+    ex = to_example(row, chat=True)
+    return {"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected}
