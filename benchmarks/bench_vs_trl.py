@@ -93,6 +93,7 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
         return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
     import prefalign
 
+    common["cpu_allocator_cache"] = True  # what the prefalign command does (process-wide; the library asks first)
     if lib == "prefalign-nopack":
         common["packing"] = False
     if lib in ("prefalign-release", "prefalign-gc"):  # free heap pages go back to the kernel after every layer

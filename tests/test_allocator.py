@@ -12,16 +12,8 @@ import torch
 
 PROBE = """
 import resource, sys, torch
-from prefalign.speed.allocator import hold_freed_memory, retain_freed_memory
-if sys.argv[1] == "retain":
-    applied = retain_freed_memory()
-elif sys.argv[1] == "held-then-released":  # the speed boundary's hold, ended: the process's own settings again
-    release = hold_freed_memory()
-    applied = release is not None
-    if applied:
-        release()
-else:
-    applied = False
+from prefalign.speed.allocator import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 def faults_of_one_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 * 2**20)  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
@@ -50,31 +42,23 @@ def test_freed_memory_is_reused_instead_of_page_faulted_again():
     # retained: once the heap has settled (a few steps; glibc's aligned allocations need a bigger free block than
     # the one just freed at first), every step reuses freed pages
     assert retained < pages // 20
-    # held by the speed boundary and released again: the process's malloc settings are back (fresh mmap each step)
-    applied, _, released = _probe("held-then-released")
-    assert applied and released > pages // 2
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_cpu_trainer_holds_it_during_train_unless_turned_off(tmp_path, monkeypatch, enabled):
+def test_cpu_trainer_applies_it_only_when_asked(tmp_path, monkeypatch, enabled):
     import prefalign.speed
     from prefalign import ORPOConfig, ORPOTrainer
     from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
     calls = []
-
-    def hold():
-        calls.append("hold")
-        return lambda: calls.append("release")
-
-    monkeypatch.setattr(prefalign.speed, "hold_freed_memory", hold)
+    monkeypatch.setattr(prefalign.speed, "retain_freed_memory", lambda: calls.append("retain") or True)
     tok = smollm2_tokenizer()
     args = ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_allocator_cache=enabled, max_steps=1,
                       save_strategy="no", disable_tqdm=True)
     trainer = ORPOTrainer(tiny_llama(tok), args=args, train_dataset=conversational_rows(2), processing_class=tok)
     assert calls == []  # building a trainer changes nothing in the process
     trainer.train()
-    assert calls == (["hold", "release"] if enabled else [])
+    assert calls == (["retain"] if enabled else [])  # asked for: process-wide, for good (never undone)
 
 
 ADAM_MODES = {"default": {}, "foreach=False": {"foreach": False}, "fused": {"fused": True}}

@@ -355,3 +355,49 @@ output_dir: {tmp_path / "run"}
     assert main(["train", "--model", model, "--dataset", a, "--set", f"dataset_mixture={{datasets: [{{path: {a}}}]}}",
                  "--output-dir", str(tmp_path / "run3")]) == 2
     assert "both dataset and dataset_mixture" in capsys.readouterr().err
+
+
+def test_hh_edge_cases_quoted_dialogue_indentation_and_leading_space():
+    quoted = dialogue_to_conversation({"chosen": hh("Show a chat.", "Like this:\n\nHuman: hi\n\nAssistant: hello"),
+                                       "rejected": hh("Show a chat.", "No.")})
+    assert quoted["prompt"] == [{"role": "user", "content": "Show a chat."}]
+    assert quoted["chosen"][0]["content"] == "Like this:\n\nHuman: hi\n\nAssistant: hello"  # a reply may quote tags
+    code = dialogue_to_conversation({"chosen": " \n\nHuman: code?\n\nAssistant:     x = 1\n", "rejected": hh("code?",
+                                                                                                         "no")})
+    assert code["chosen"][0]["content"] == "    x = 1"  # leading indentation kept, the tag's space removed
+    assert is_dialogue_row({"chosen": "Human: q\n\nAssistant: a", "rejected": " \n\nHuman: q\n\nAssistant: b"})
+    with pytest.raises(ValueError, match="differ before their last reply"):  # parted at an earlier turn
+        dialogue_to_conversation({"chosen": hh("a", "b", "c", "d"), "rejected": hh("a", "b", "x", "y")})
+    with pytest.raises(ValueError, match="no 'Assistant:' turn"):
+        dialogue_to_conversation({"chosen": "\n\nHuman: a", "rejected": hh("a", "b")})
+
+
+def test_a_dataset_derived_from_a_loaded_one_is_validated_again(tmp_path):
+    """Filtering or splitting a loaded dataset keeps its source lines but not the loader's verdict: the trainer
+    validates it again (and does not report the loader's skipped rows twice)."""
+    from prefalign import DPOConfig, DPOTrainer
+    from tiny import tiny_llama
+
+    tok = smollm2_tokenizer()
+    ds = load_preference_dataset(write_jsonl(tmp_path / "hh.jsonl", HH_ROWS), on_invalid_row="skip")
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=96)
+    whole = DPOTrainer(tiny_llama(tok), args=args, train_dataset=ds, processing_class=tok)
+    assert [s["row"] for s in whole.data_reports["train"].skipped] == [3]  # the loader's skip, reported
+    part = ds.select([0, 1])
+    tr = DPOTrainer(tiny_llama(tok), args=args, train_dataset=part, processing_class=tok)
+    assert tr.data_reports["train"].skipped == [] and tr.train_dataset["source_row"] == [1, 2]
+    broken = ds.map(lambda r: {**r, "rejected": r["chosen"]} if r["source_row"] == 2 else r)
+    with pytest.raises(DataError, match=r"hh.jsonl, line 2, field 'rejected': is identical to chosen"):
+        DPOTrainer(tiny_llama(tok), args=args, train_dataset=broken, processing_class=tok)
+
+
+def test_an_empty_prompt_is_an_error_not_a_token_predicted_from_itself(tmp_path):
+    from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
+
+    tok = smollm2_tokenizer()
+    rows = [{"prompt": "", "chosen": "Yes", "rejected": "No"}]
+    with pytest.raises(DataError, match="row 1, field 'prompt': the prompt tokenizes to no tokens"):
+        tokenize_rows(rows, tok, TokenizeSettings(chat=False))
+    pairs, report = tokenize_rows(rows + [{"prompt": "Q:", "chosen": " Yes", "rejected": " No"}], tok,
+                                  TokenizeSettings(chat=False), skip_invalid=True)
+    assert len(pairs) == 1 and [(s["row"], s["index"]) for s in report.skipped] == [(1, 0)]

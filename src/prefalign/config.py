@@ -107,12 +107,12 @@ class PreferenceConfig(TrainingArguments):
                           "with 4 pairs of 260 tokens, same values and gradients (prefalign/speed/layers.py; undone "
                           "when train() / evaluate() return)."})
     cpu_allocator_cache: bool = field(
-        default=True,
-        metadata={"help": "When training on CPU under glibc (Linux), keep freed memory in the process instead of "
-                          "returning it to the kernel, so every step reuses the previous step's buffers rather than "
-                          "page-faulting them again (measured: 5.7-5.9 instead of 5.9-6.4 s per long ORPO step). "
-                          "Process-wide, so it is held only while train() / evaluate() run and the process's malloc "
-                          "settings are set back after (the prefalign command keeps it for its whole life); see "
+        default=False,
+        metadata={"help": "On CPU under glibc (Linux): keep freed memory in the process instead of returning it to "
+                          "the kernel, so every step reuses the previous step's buffers rather than page-faulting "
+                          "them again (measured: 5.7-5.9 instead of 5.9-6.4 s per long ORPO step). Process-wide and "
+                          "for the life of the process (glibc cannot undo it exactly), so the library does it only "
+                          "when asked; the prefalign command asks (its default is true). See "
                           "prefalign/speed/allocator.py."})
     release_cpu_memory_every: int = field(
         default=0,

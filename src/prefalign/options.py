@@ -31,7 +31,8 @@ RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", 
             "dataset_mixture", "eval_split_size")
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
 # Config defaults of a CLI run that differ from the library's (the library stays TRL-like).
-CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no"}
+CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no",
+                                "cpu_allocator_cache": True}  # the command's process is the run: keep the policy
 # --flag → config key (flags that are not plain config keys are handled in _flag_layer).
 FLAG_KEYS = {"model": "model", "ref_model": "ref_model", "dataset": "dataset", "eval_dataset": "eval_dataset",
              "split": "split", "output_dir": "output_dir", "max_steps": "max_steps",

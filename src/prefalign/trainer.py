@@ -168,8 +168,8 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         raw = validated_rows(dataset, name=f"{name} dataset", **row_options(args))
         pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
                                       row_numbers=raw.row_numbers, row_label=raw.row_label, skip_invalid=skip)
-        dropped = {s["row"] for s in report.skipped}
-        numbers = [n for n in raw.row_numbers if n not in dropped]
+        dropped = {s.pop("index") for s in report.skipped}
+        numbers = [n for i, n in enumerate(raw.row_numbers) if i not in dropped]
         if not pairs:
             raise DataError(f"every row is invalid ({len(report.skipped) + len(raw.skipped)} skipped under "
                             "on_invalid_row=skip); nothing is left to train on.", source=raw.source,

@@ -117,10 +117,6 @@ def run(args: argparse.Namespace) -> int:
     if not plan.resume:
         runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
     train, evaluation = load_train_data(plan, config)
-    if config.cpu_allocator_cache and config.device.type == "cpu":
-        from ..speed import retain_freed_memory
-
-        retain_freed_memory()  # this process is the run: keep the policy for its life, not only inside train()
     trainer = make_trainer(plan, config, train, evaluation)
     from ..progress import use_progress_bar
 

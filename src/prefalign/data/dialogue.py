@@ -27,11 +27,16 @@ class DialogueError(ValueError):
         self.field, self.fix = field, fix
 
 
+def _normalised(text: str) -> str:
+    """The transcript with exactly ``"\\n\\n"`` before its first tag (leading whitespace is not part of a turn)."""
+    return "\n\n" + text.lstrip()
+
+
 def is_dialogue_text(value: Any) -> bool:
     """Whether a string is an HH-RLHF transcript: it starts with a ``Human:`` turn and has an ``Assistant:`` tag."""
     if not isinstance(value, str):
         return False
-    text = "\n\n" + value.lstrip("\n") if value.startswith("\n") else value
+    text = _normalised(value)
     return text.startswith("\n\nHuman:") and "\n\nAssistant:" in text
 
 
@@ -43,11 +48,23 @@ def is_dialogue_row(row: Mapping[str, Any]) -> bool:
     return is_dialogue_text(row.get("chosen")) and is_dialogue_text(row.get("rejected"))
 
 
+def _turns(text: str) -> list[tuple[str, str, int]]:
+    """``[(role, text, start of the text in the normalised transcript), ...]``."""
+    text = _normalised(text)
+    tags = list(_TAG.finditer(text))
+    return [(_ROLES[m.group(1)], text[m.end():tags[i + 1].start() if i + 1 < len(tags) else len(text)].strip(),
+             m.end()) for i, m in enumerate(tags)]
+
+
 def split_turns(text: str) -> list[tuple[str, str]]:
     """``[(role, text), ...]`` of a transcript, roles ``user`` / ``assistant``, texts stripped."""
-    text = "\n\n" + text.lstrip("\n")
-    parts = _TAG.split(text)  # ["", "Human", " text", "Assistant", " text", ...]
-    return [(_ROLES[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+    return [(role, content) for role, content, _ in _turns(text)]
+
+
+def _reply(text: str, start: int) -> str:
+    """A reply: everything after its tag (later tags included: a reply may quote a dialogue), blank lines and
+    trailing space removed, leading indentation kept."""
+    return _normalised(text)[start:].strip("\n").rstrip()
 
 
 def _messages(turns: list[tuple[str, str]]) -> Messages:
@@ -60,6 +77,30 @@ def _prompt_and_reply(text: str, field: str) -> tuple[list[tuple[str, str]], str
         raise DialogueError("does not end with an 'Assistant:' turn, so it has no reply.", field,
                             "end the transcript with '\\n\\nAssistant: <reply>'")
     return turns[:-1], turns[-1][1]
+
+
+def _shared_prompt(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str]:
+    """The turns both transcripts share up to the assistant turn where they part, and the two replies from there.
+
+    They must part at the last assistant turn of at least one of them; a reply may itself contain tags (one that
+    quotes a dialogue), so the other's may run on. Anything else means they answer different prompts.
+    """
+    a, b = _turns(chosen), _turns(rejected)
+    for name, turns in (("chosen", a), ("rejected", b)):
+        if not any(t[0] == "assistant" for t in turns):
+            raise DialogueError("has no 'Assistant:' turn, so it has no reply.", name,
+                                "end the transcript with '\\n\\nAssistant: <reply>'")
+    common = 0
+    while common < min(len(a), len(b)) and a[common][:2] == b[common][:2]:
+        common += 1
+    split = min(common, len(a) - 1, len(b) - 1)
+    last = {max(i for i, t in enumerate(turns) if t[0] == "assistant") for turns in (a, b)}
+    if a[split][0] != "assistant" or b[split][0] != "assistant" or split not in last:
+        raise DialogueError(f"chosen and rejected differ before their last reply (at turn {common + 1}), so they "
+                            "do not answer the same prompt.", "rejected",
+                            "pair two replies to the same conversation, or skip such rows (on_invalid_row: skip)")
+    return [(role, content) for role, content, _ in a[:split]], _reply(chosen, a[split][2]), \
+        _reply(rejected, b[split][2])
 
 
 def dialogue_to_conversation(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,18 +118,10 @@ def dialogue_to_conversation(row: Mapping[str, Any]) -> dict[str, Any]:
             value = row[name]
             if is_dialogue_text(value):  # a whole transcript after all: its last reply
                 value = _prompt_and_reply(value, name)[1]
-            replies.append(value.strip() if isinstance(value, str) else value)
+            replies.append(value.strip("\n").rstrip().removeprefix(" ") if isinstance(value, str) else value)
         chosen, rejected = replies
     else:
-        turns, chosen = _prompt_and_reply(row["chosen"], "chosen")
-        rejected_turns, rejected = _prompt_and_reply(row["rejected"], "rejected")
-        if rejected_turns != turns:
-            at = next((i for i, (a, b) in enumerate(zip(turns, rejected_turns, strict=False)) if a != b),
-                      min(len(turns), len(rejected_turns)))
-            raise DialogueError(f"chosen and rejected differ before their last reply (at turn {at + 1}), so they do "
-                                "not answer the same prompt.", "rejected",
-                                "pair two replies to the same conversation, or skip such rows "
-                                "(on_invalid_row: skip)")
+        turns, chosen, rejected = _shared_prompt(row["chosen"], row["rejected"])
     if not turns or turns[0][0] != "user":
         raise DialogueError("has no 'Human:' turn before the reply.", "prompt" if prompt else "chosen",
                             "start the transcript with '\\n\\nHuman: <text>'")

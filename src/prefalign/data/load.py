@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -429,7 +429,10 @@ def convert_published_formats(raw: RawData, text_format: str = "auto") -> tuple[
                         fix="use 'auto' (HH-RLHF dialogue text becomes conversations) or 'raw' (text as is)")
     from .dialogue import DialogueError, dialogue_to_conversation, is_dialogue_row
 
-    if text_format == "raw" or not any(is_dialogue_row(r) for r in raw.rows):
+    # The dataset's format is its first text row's: one reply that happens to start with "Human:" in a dataset of
+    # plain text stays text (and HH rows that do not parse are reported, not silently kept as text).
+    first = next((r for r in raw.rows if isinstance(r.get("chosen"), str)), None)
+    if text_format == "raw" or first is None or not is_dialogue_row(first):
         return raw, []
     rows, numbers, problems = [], [], []
     for r, n in zip(raw.rows, raw.row_numbers, strict=True):
@@ -487,12 +490,18 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     if name:
         raw.source = name
     raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns)
+    return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name))
+
+
+def _apply_policy(raw: RawData, text_format: str, on_invalid_row: str, unreadable: list[Problem],
+                  in_memory: bool = False) -> tuple[RawData, list[Problem]]:
+    """Convert published formats, validate, and raise or skip by ``on_invalid_row`` (see read_valid_rows)."""
     raw, conversion = convert_published_formats(raw, text_format)
     problems = conversion + validate_rows(raw)
     fatal = [p for p in problems if p.fatal]
     if on_invalid_row == "skip":
         first: dict[int, Problem] = {}
-        for p in [*(unreadable or []), *fatal]:
+        for p in [*unreadable, *fatal]:
             first.setdefault(p.row, p)
         raw.skipped = sorted(first.values(), key=lambda p: p.row)
         keep = [i for i, n in enumerate(raw.row_numbers) if n not in first]
@@ -501,10 +510,11 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
         if not raw.rows:
             raise DataError(f"every row is invalid ({len(first)} skipped under on_invalid_row=skip); nothing is "
                             "left to train on.", source=raw.source,
-                            fix=f"run `prefalign data check {'on the data' if name else raw.source}` to list them")
+                            fix=f"run `prefalign data check {'on the data' if in_memory else raw.source}` to list "
+                                "them")
         return raw, [p for p in problems if not p.fatal and p.row in set(raw.row_numbers)]
     if fatal:
-        target = "on the data" if name else raw.source
+        target = "on the data" if in_memory else raw.source
         more = f" ({len(fatal) - 1} more problem(s); run `prefalign data check {target}` to list them all)" \
             if len(fatal) > 1 else ""
         raise fatal[0].as_error(raw.source, raw.row_label, more + _SKIP_HINT)
@@ -563,12 +573,23 @@ def as_dataset(raw: RawData) -> Any:
 
     # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
-    info = datasets.DatasetInfo(description=json.dumps({_INFO_KEY: {
-        "source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
-        "pairing": raw.pairing,
-        "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}}))
-    return datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
-                                       for r, n in zip(raw.rows, raw.row_numbers, strict=True)], info=info)
+    record = {"source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
+              "pairing": raw.pairing, "rows": _rows_key(raw.row_numbers),
+              "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}
+    ds = datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
+                                     for r, n in zip(raw.rows, raw.row_numbers, strict=True)])
+    # the dataset's fingerprint changes with every map / filter / select, while the info is copied: see validated_rows
+    record["fingerprint"] = getattr(ds, "_fingerprint", None)
+    ds.info.description = json.dumps({_INFO_KEY: record})
+    return ds
+
+
+def _rows_key(numbers: Sequence[int]) -> str:
+    """A fingerprint of a dataset's row numbers: a dataset derived from a loaded one (filtered, split, mapped)
+    keeps the loader's info but not these numbers in this order."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(numbers)).encode()).hexdigest()[:16]
 
 
 def _loader_info(dataset: Any) -> dict[str, Any] | None:
@@ -594,10 +615,20 @@ def validated_rows(data: Any, name: str, **options: Any) -> RawData:
     if info is not None:
         rows = data.to_list()
         numbers = [int(r.pop(ROW_COLUMN)) for r in rows]
-        skipped = [Problem(p["row"], p.get("field"), p["message"], p.get("fix")) for p in info.get("skipped", [])]
-        return RawData(info["source"], info.get("kind", "dataset"), rows,
-                       [c for c in data.column_names if c != ROW_COLUMN], info.get("row_label", "row"), numbers,
-                       info.get("converted_from"), skipped, info.get("pairing"))
+        columns = [c for c in data.column_names if c != ROW_COLUMN]
+        raw = RawData(info["source"], info.get("kind", "dataset"), rows, columns, info.get("row_label", "row"),
+                      numbers, info.get("converted_from"), pairing=info.get("pairing"))
+        fingerprint = getattr(data, "_fingerprint", None)
+        # exactly what the loader validated (not filtered, split or mapped since)
+        if info.get("rows") == _rows_key(numbers) and info.get("fingerprint") in (None, fingerprint):
+            raw.skipped = [Problem(p["row"], p.get("field"), p["message"], p.get("fix"))
+                           for p in info.get("skipped", [])]
+            return raw
+        # derived from a loaded dataset (filtered, split, mapped): validated again, by the same source numbers
+        raw, problems = _apply_policy(raw, options.get("text_format", "auto"),
+                                      options.get("on_invalid_row", "error"), [])
+        log_kept(raw, problems)
+        return raw
     in_memory = not isinstance(data, (str, os.PathLike))
     raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, **options)
     log_kept(raw, problems)

@@ -114,6 +114,10 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
         for k in ("chosen_ids", "rejected_ids"):
             if out[k][-1:] != [tokenizer.eos_token_id]:
                 out[k] = out[k] + [tokenizer.eos_token_id]
+    if not out["prompt_ids"]:
+        raise DataError("the prompt tokenizes to no tokens, so nothing predicts the reply's first token.",
+                        source=source, row=row, row_label=row_label, field="prompt",
+                        fix="give a prompt, or use a tokenizer that adds a BOS token or a chat template")
     return out
 
 
@@ -157,7 +161,7 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
     report = TokenizeReport(rows=len(rows))
     numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(rows) + 1))
     out = []
-    for r, n in zip(rows, numbers, strict=True):
+    for i, (r, n) in enumerate(zip(rows, numbers, strict=True)):
         where = {"source": source, "row_label": row_label}
         try:
             ex = to_example(r, chat=chat, row_number=n, **where)
@@ -166,7 +170,8 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
         except DataError as e:
             if not skip_invalid:
                 raise
-            report.skipped.append({"row": n, "field": e.field, "reason": e.message})
+            # "index": which of ``rows`` it was (several pairs can share a source row); callers pop it
+            report.skipped.append({"row": n, "field": e.field, "reason": e.message, "index": i})
             continue
         for name in cut:
             getattr(report, f"{name}_truncated").append(n)

@@ -9,8 +9,9 @@ What ``enable`` may do, each only where it gives the same numbers, and what ``un
 - lean Llama-family MLPs and RMSNorms (``lean_activations``; speed/layers.py): instance ``forward`` patches, removed;
 - grouped key/value heads through SDPA with a mask on CPU (speed/attention.py): the model's attention
   implementation switched by name, switched back;
-- glibc keeps freed memory for reuse (``cpu_allocator_cache``; speed/allocator.py): the process's malloc
-  parameters set back (unless the process asked for the policy for good with ``retain_freed_memory``);
+- glibc keeps freed memory for reuse (``cpu_allocator_cache``, off unless asked for; speed/allocator.py): a
+  process-wide setting that glibc cannot fully undo, so it is applied only when asked and then kept for the life of
+  the process (the ``prefalign`` command asks: its process is the run);
 - the heap's free pages handed back every N decoder layers (``release_cpu_memory_every``): hooks, removed;
 - AdamW state created before the first step (``handle.prepare_optimizer``): exact zeros, nothing to undo.
 
@@ -31,7 +32,6 @@ from . import layers
 from .allocator import (
     can_release_memory,
     decoder_layers,
-    hold_freed_memory,
     preallocate_adam_state,
     release_after_layers,
     retain_freed_memory,
@@ -59,9 +59,9 @@ class Speed:
             preallocate_adam_state(optimizer)
 
     def undo(self) -> None:
-        """Set back everything ``enable`` changed, last change first; safe to call twice."""
-        while self._undo:
-            self._undo.pop()()
+        """Set back everything ``enable`` changed, last change first; safe to call twice. Every step runs even if
+        one fails; the first failure is raised after the others."""
+        _run_all(self._undo)
 
     def __enter__(self) -> Speed:
         return self
@@ -75,6 +75,7 @@ def enable(model: Any, args: Any) -> Speed:
 
     Reads ``fast_path``, ``lean_activations``, ``cpu_allocator_cache``, ``release_cpu_memory_every`` and
     ``logprob_chunk_rows`` (absent fields take the configs' defaults). Undoes what it did if it fails halfway.
+    ``cpu_allocator_cache`` is the one thing ``undo`` leaves: it is a process-wide request, kept by design.
     """
     if not getattr(args, "fast_path", True):
         return Speed(None, [])
@@ -86,20 +87,15 @@ def enable(model: Any, args: Any) -> Speed:
         patched = layers.apply(inner) if getattr(args, "lean_activations", True) else []
         if patched:
             undo.append(lambda: [vars(m).pop("forward", None) for m in patched])
-        allocator = False
-        if on_cpu and getattr(args, "cpu_allocator_cache", True):
-            release = hold_freed_memory()
-            if release is not None:
-                undo.append(release)
-                allocator = True
+        # asked for explicitly: process-wide and for good (see speed/allocator.py for why it is not undone)
+        allocator = bool(on_cpu and getattr(args, "cpu_allocator_cache", False) and retain_freed_memory())
         hooks = _release_hooks(inner, getattr(args, "release_cpu_memory_every", 0)) if on_cpu else []
         undo.extend(h.remove for h in hooks)
         attention_undo = use_grouped_sdpa(inner)
         if attention_undo is not None:
             undo.append(attention_undo)
     except BaseException:
-        while undo:
-            undo.pop()()
+        _run_all(undo)
         raise
     path = FastPath(chunk_rows=getattr(args, "logprob_chunk_rows", None), rebuild_norm_outputs=bool(patched))
     return Speed(path, undo, lean_modules=len(patched), release_hooks=len(hooks),
@@ -120,3 +116,15 @@ def _release_hooks(model: Any, every: int) -> list[Any]:
                    "the model has no decoder-layer list (layers or h)")
         logger.warning("release_cpu_memory_every=%d has no effect: %s", every, why)
     return hooks
+
+
+def _run_all(steps: list[Callable[[], Any]]) -> None:
+    """Pop and run every step, last first; re-raise the first failure once all have run."""
+    error: BaseException | None = None
+    while steps:
+        try:
+            steps.pop()()
+        except BaseException as e:  # noqa: BLE001 - the rest must still be undone
+            error = error or e
+    if error is not None:
+        raise error

@@ -6,9 +6,9 @@ gradient buffers every step, so on CPU each step page-faults them in again: on S
 long shape), 121k-162k minor faults and up to 0.9 s of system time per steady-state step. With ``mmap`` off for
 allocations and no heap trimming, freed blocks are reused: once the heap has settled (a few steps) a step has almost
 no faults (3 by the fifth step). The cost is heap slack: the heap keeps what it once held (peak RSS of the
-benchmark's runs moved by less than 0.15 GB either way). The setting is process-wide, so the speed boundary holds it
-only while training or evaluation runs (``hold_freed_memory``) and then sets the process's values back; a process
-that wants it for its whole life asks with ``retain_freed_memory``.
+benchmark's runs moved by less than 0.15 GB either way). The setting is process-wide and cannot be undone exactly,
+so it is applied only when asked for (``retain_freed_memory``; ``cpu_allocator_cache=True``, which the ``prefalign``
+command sets) and then kept for the life of the process.
 
 The heap kept that way is not all in use at the step's high-water mark: temporaries freed between the activations
 that a layer keeps for backward leave holes that later, larger buffers do not fit (measured on the benchmark's long
@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,14 +32,8 @@ logger = logging.getLogger("prefalign")
 
 _M_TRIM_THRESHOLD = -1  # from <malloc.h>
 _M_MMAP_MAX = -4
-# glibc's defaults for the two parameters, and their GLIBC_TUNABLES names
-_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
-_TUNABLES = {"glibc.malloc.mmap_max": _M_MMAP_MAX, "glibc.malloc.trim_threshold": _M_TRIM_THRESHOLD}
 _RETAIN = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
-# This module's own bookkeeping (read nowhere else): whether the process asked for the policy for its whole life,
-# and how many speed boundaries hold it now (the last one out restores the process's values).
-_process_wide = False
-_holders = 0
+_process_wide = False  # this module's own record that the process asked for the policy (read nowhere else)
 
 
 @functools.cache
@@ -59,27 +52,17 @@ def _mallopt(values: dict[int, int]) -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in values.items())
-
-
-def process_malloc_parameters() -> dict[str, int]:
-    """The process's own ``M_MMAP_MAX`` / ``M_TRIM_THRESHOLD``: glibc's defaults, or what GLIBC_TUNABLES set.
-
-    glibc has no call that reads them back, so these are the values the policy restores when it ends. One thing
-    cannot be restored by any glibc call: setting either parameter switches off glibc's dynamic mmap threshold for
-    the rest of the process (large blocks then always go to ``mmap``, as they do before the threshold first grows).
-    """
-    values = dict(_DEFAULTS)
-    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        name, _, value = item.partition("=")
-        if name in _TUNABLES and value.strip().isdigit():
-            values[_TUNABLES[name]] = int(value)
-    return {"mmap_max": values[_M_MMAP_MAX], "trim_threshold": values[_M_TRIM_THRESHOLD]}
+    return all([mallopt(param, value) == 1 for param, value in values.items()])  # every call made, then checked
 
 
 def retain_freed_memory() -> bool:
-    """Keep freed memory for reuse for the rest of the process (a process that wants the policy for its whole life,
-    like the ``prefalign`` command, asks for it here). True if applied (or already), False where not glibc."""
+    """Keep freed memory for reuse for the rest of the process. True if applied (or already), False where not glibc.
+
+    Process-wide and for good, so it is never done behind a caller's back: the ``prefalign`` command asks for it
+    (its process is the run), a library user asks with ``cpu_allocator_cache=True`` or by calling this. It cannot
+    be undone exactly: setting either parameter switches off glibc's dynamic mmap threshold for the rest of the
+    process, and glibc has no call that switches it back on or reads the parameters.
+    """
     global _process_wide
     if _process_wide:
         return True
@@ -88,32 +71,6 @@ def retain_freed_memory() -> bool:
     _process_wide = True
     logger.debug("glibc malloc: mmap off, trim threshold 2 GiB for the life of the process")
     return True
-
-
-def hold_freed_memory() -> Callable[[], None] | None:
-    """Keep freed memory for reuse until the returned function is called; None where not glibc.
-
-    Nested holders share one application; the last release sets the process's values back
-    (``process_malloc_parameters``), unless the process asked for the policy for good (``retain_freed_memory``).
-    """
-    global _holders
-    if not _process_wide and _holders == 0 and not _mallopt(_RETAIN):
-        return None
-    _holders += 1
-    released = False
-
-    def release() -> None:
-        global _holders
-        nonlocal released
-        if released:
-            return
-        released = True
-        _holders -= 1
-        if _holders == 0 and not _process_wide:
-            p = process_malloc_parameters()
-            _mallopt({_M_MMAP_MAX: p["mmap_max"], _M_TRIM_THRESHOLD: p["trim_threshold"]})
-
-    return release
 
 
 def can_release_memory() -> bool:
