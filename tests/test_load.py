@@ -390,9 +390,12 @@ def test_empty_final_message_and_empty_message_list(tmp_path):
 
 
 def test_text_and_messages_mixed_in_one_row(tmp_path):
-    bad = dict(CHAT_ROWS[0], prompt="plain text prompt")
+    bad = dict(TEXT_ROWS[0], prompt=[{"role": "user", "content": "a message prompt before text replies"}])
     msg = load_error(write_jsonl(tmp_path / "c.jsonl", [bad]))
     assert "line 1: mixes plain text and message lists" in msg
+    # a text prompt before message replies is the prompt's user turn (HuggingFaceH4/ultrafeedback_binarized's shape)
+    ok = dict(CHAT_ROWS[0], prompt="plain text prompt")
+    assert _rows(load_preference_dataset(write_jsonl(tmp_path / "ok.jsonl", [ok]))) == [ok]
 
 
 def test_first_problem_is_raised_and_the_rest_counted(tmp_path):

@@ -401,3 +401,24 @@ def test_an_empty_prompt_is_an_error_not_a_token_predicted_from_itself(tmp_path)
     pairs, report = tokenize_rows(rows + [{"prompt": "Q:", "chosen": " Yes", "rejected": " No"}], tok,
                                   TokenizeSettings(chat=False), skip_invalid=True)
     assert len(pairs) == 1 and [(s["row"], s["index"]) for s in report.skipped] == [(1, 0)]
+
+
+@pytest.mark.parametrize("kind", ["argilla", "binarized", "generic"])
+def test_short_train_on_each_scored_format(tmp_path, kind):
+    model = save_tiny(tmp_path / "model")
+    rows = {"argilla": [{"instruction": f"Say {i}.", "generations": [f"{i}.", "No.", "?"], "ratings": [5, 1, 3]}
+                        for i in range(4)],
+            # HuggingFaceH4/ultrafeedback_binarized's shape: a prompt string, full conversations that repeat it
+            "binarized": [{"prompt": f"Say {i}.", "prompt_id": str(i), "score_chosen": 9.0, "score_rejected": 2.0,
+                           "chosen": [{"role": "user", "content": f"Say {i}."},
+                                      {"role": "assistant", "content": f"{i}."}],
+                           "rejected": [{"role": "user", "content": f"Say {i}."},
+                                        {"role": "assistant", "content": "No."}]} for i in range(4)],
+            "generic": [{"prompt": f"Say {i}.", "completions": [{"response": f"{i}.", "score": 1},
+                                                                 {"response": "No.", "score": 0}]} for i in range(4)]}
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", rows[kind])
+    out = tmp_path / "run"
+    assert main(["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "2"]) == 0
+    report = json.loads((out / "data_report.json").read_text())["train"]
+    assert report["rows"] == 4 and report["pairing"]["pairs"] == 4

@@ -67,6 +67,17 @@ def _messages(value: Any) -> Messages:
     return [{"role": str(m["role"]), "content": m["content"]} for m in value]
 
 
+def _without_prompt(reply: Messages, prompt: Messages) -> Messages:
+    """A reply conversation that repeats the prompt's messages (ultrafeedback_binarized: a ``prompt`` column and full
+    ``chosen`` / ``rejected`` conversations) without them; anything else as it is."""
+    for head in (prompt, [m for m in prompt if m["role"] != "system"]):
+        n = len(head)
+        if n and len(reply) > n and [(m["role"], m["content"]) for m in reply[:n]] == [
+                (m["role"], m["content"]) for m in head]:
+            return reply[n:]
+    return reply
+
+
 def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = None,
                source: str | None = None, row_label: str = "row") -> Example:
     """Normal form of one row.
@@ -106,7 +117,8 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
         prompt_msgs = _messages(prompt) if is_messages(prompt) else [{"role": "user", "content": str(prompt)}]
         if system is not None and (not prompt_msgs or prompt_msgs[0]["role"] != "system"):
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
-        return Example(prompt_msgs, _messages(chosen), _messages(rejected), True)
+        chosen, rejected = (_without_prompt(_messages(m), prompt_msgs) for m in (chosen, rejected))
+        return Example(prompt_msgs, chosen, rejected, True)
     if chat:
         prompt_msgs = [{"role": "user", "content": prompt}]
         if system is not None:

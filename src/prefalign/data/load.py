@@ -384,6 +384,9 @@ def validate_rows(raw: RawData) -> list[Problem]:
                                             f"store {name} as {want}"))
         if not any(p.fatal for p in row_problems):
             kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
+            # a text prompt before message replies is a user turn (ultrafeedback_binarized's shape); not the reverse
+            if kinds.get("prompt") is False and kinds["chosen"] and kinds["rejected"]:
+                kinds.pop("prompt")
             if len(set(kinds.values())) > 1:
                 row_problems.append(Problem(n, None, "mixes plain text and message lists across prompt/chosen/"
                                             "rejected.", "use text everywhere or messages everywhere in a row"))
