@@ -71,7 +71,8 @@ transformers.TrainingArguments), e.g.
   max_length: 512
 
 Precedence: CONFIG.yaml < --set < the explicit flags. Defaults that differ from the library: logging_steps 1,
-report_to none, save_strategy no (the final model is saved anyway), use_cpu when there is no CUDA.
+report_to none, save_strategy no (the final model is saved anyway), cpu_allocator_cache true (this process is the
+run), use_cpu when there is no CUDA.
 The run directory gets the model + tokenizer, config.yaml (the resolved config: `prefalign train config.yaml`
 repeats the run), metrics.jsonl and data_report.json."""
 
