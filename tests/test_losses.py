@@ -454,3 +454,75 @@ def test_nll_loss_is_a_token_mean_over_the_batch_written_per_pair():
     half = [nll_loss(sums[i:i + 1], counts.sum() / 2).mean() for i in range(2)]
     assert ((half[0] + half[1]) / 2).item() == pytest.approx(2.0, abs=1e-12)
     assert nll_loss(t64(0.0), 0).item() == 0.0  # no tokens: no NaN
+
+
+# ---------------------------------------------------------------- the other loss types, by hand on the running example
+# u_w = log pi(y_w) - log ref(y_w) = 1.0, u_l = -0.5, h = 1.5; beta = 0.5
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+UW, UL, B = 1.0, -0.5, 0.5
+HAND = {
+    "nca_pair": -log_sigmoid(B * UW) - 0.5 * log_sigmoid(-B * UW) - 0.5 * log_sigmoid(-B * UL),
+    "bco_pair": -log_sigmoid(B * UW) - log_sigmoid(-B * UL),
+    "sppo_hard": (UW - 1 / (2 * B)) ** 2 + (UL + 1 / (2 * B)) ** 2,  # (1 - 1)^2 + (-0.5 + 1)^2 = 0.25
+    "apo_zero": 1 - _sig(B * UW) + _sig(B * UL),
+    "apo_down": _sig(B * UW) + 1 - _sig(B * (UW - UL)),
+    "robust": (-(0.9) * log_sigmoid(B * H) + 0.1 * log_sigmoid(-B * H)) / 0.8,  # label_smoothing 0.1
+    "exo_pair": (_sig(B * H) * (log_sigmoid(B * H) - math.log(1 - 0.1))
+                 + _sig(-B * H) * (log_sigmoid(-B * H) - math.log(0.1))),
+    "discopop": (-log_sigmoid(B * H) * (1 - _sig(B * H / 0.05)) + math.exp(-B * H) * _sig(B * H / 0.05)),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(HAND))
+def test_more_dpo_loss_types_against_hand_values(loss_type):
+    smoothing = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
+    loss, m = dpo_loss(t64(PC), t64(PR), t64(RC), t64(RR), beta=B, loss_type=loss_type, label_smoothing=smoothing)
+    assert loss.item() == pytest.approx(HAND[loss_type], abs=1e-12)
+    assert m["rewards/margins"].item() == pytest.approx(B * H)  # rewards stay beta * log-ratio
+
+
+def test_sppo_hard_value_and_sigmoid_norm_per_token():
+    loss, _ = dpo_loss(t64(PC), t64(PR), t64(RC), t64(RR), beta=B, loss_type="sppo_hard")
+    assert loss.item() == pytest.approx(0.25, abs=1e-12)
+    # sigmoid_norm: scores per completion token, u_w / 2 - u_l / 5 = 0.5 + 0.1 = 0.6
+    loss, _ = dpo_loss(t64(PC), t64(PR), t64(RC), t64(RR), beta=B, loss_type="sigmoid_norm",
+                       chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([5]))
+    assert loss.item() == pytest.approx(-log_sigmoid(B * 0.6), abs=1e-12)
+
+
+def test_aot_sorts_over_the_batch():
+    """AOT compares the batch's sorted policy margins with the sorted reference margins, position by position."""
+    pc, pr, rc, rr = t64(-1.0, -4.0), t64(-3.0, -2.0), t64(-2.0, -2.0), t64(-2.0, -3.0)
+    losses, _ = L.dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="aot")
+    # policy margins [2, -2] sorted [-2, 2]; reference margins [0, 1] sorted [0, 1]: deltas [-2, 1]
+    assert losses.tolist() == pytest.approx([-log_sigmoid(-2.0), -log_sigmoid(1.0)], abs=1e-12)
+    losses, _ = L.dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="aot_unpaired")
+    # u_w = [1, -2] sorted [-2, 1]; u_l = [-1, 1] sorted [-1, 1]: deltas [-1, 0]
+    assert losses.tolist() == pytest.approx([-log_sigmoid(-1.0), -log_sigmoid(0.0)], abs=1e-12)
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("reverse_kl", (UW, UL)), ("forward_kl", (1 - math.exp(-UW), 1 - math.exp(-UL))),
+    ("js_divergence", (math.log(2) + log_sigmoid(UW), math.log(2) + log_sigmoid(UL))),
+    ("alpha_divergence", ((math.exp(-0.5 * UW) - 1) / -0.5, (math.exp(-0.5 * UL) - 1) / -0.5))])
+def test_f_divergence_scores(kind, expected):
+    sw, sl = L.f_divergence_scores(t64(UW), t64(UL), kind, 0.5)
+    # alpha_divergence exponentiates in float32, as TRL (clamped for a representable result)
+    assert (sw.item(), sl.item()) == pytest.approx(expected, abs=1e-6 if kind == "alpha_divergence" else 1e-12)
+
+
+def test_f_divergence_is_refused_where_it_has_no_meaning(tmp_path):
+    from prefalign import DPOConfig
+    from prefalign.errors import ConfigError
+
+    with pytest.raises(ValueError, match="no generalisation"):
+        L.dpo_loss(t64(PC), t64(PR), t64(RC), t64(RR), loss_type="nca_pair", f_divergence_type="forward_kl")
+    with pytest.raises(ConfigError, match="f_divergence_type='js_divergence' is out of range: has no generalisation"):
+        DPOConfig(output_dir=str(tmp_path), loss_type="bco_pair", f_divergence_type="js_divergence")
+    with pytest.raises(ConfigError, match="must be > 0 for loss_type 'exo_pair'"):
+        DPOConfig(output_dir=str(tmp_path), loss_type="exo_pair")

@@ -45,6 +45,36 @@ DPO_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
                "logps/rejected"]
 
 
+# every loss type TRL 1.13 has, and its options; (loss types, extra options)
+LOSS_CASES = {
+    "exo_pair": (["exo_pair"], {"label_smoothing": 1e-3}), "nca_pair": (["nca_pair"], {}),
+    "robust": (["robust"], {"label_smoothing": 0.1}), "bco_pair": (["bco_pair"], {}),
+    "sppo_hard": (["sppo_hard"], {}), "aot": (["aot"], {"label_smoothing": 0.1}),
+    "aot_unpaired": (["aot_unpaired"], {}), "apo_zero": (["apo_zero"], {}), "apo_down": (["apo_down"], {}),
+    "discopop": (["discopop"], {"discopop_tau": 0.2}), "sigmoid_norm": (["sigmoid_norm"], {}),
+    "sft": (["sft"], {}), "forward_kl": (["sigmoid"], {"f_divergence_type": "forward_kl"}),
+    "js_divergence": (["hinge"], {"f_divergence_type": "js_divergence"}),
+    "alpha_divergence": (["ipo", "sft"], {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_every_dpo_loss_type_and_option_matches_trl(tmp_path, case):
+    """evaluate() against TRL 1.13 for every loss type and option, prefalign's speed features on (precomputed
+    reference, prefix sharing, packing, fused head)."""
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(_multi_turn_rows())
+    types, extra = LOSS_CASES[case]
+    cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=types, **extra)
+    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
+                      eval_dataset=ds, processing_class=tok).evaluate()
+    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
+                            eval_dataset=ds, processing_class=tok).evaluate()
+    _shared_metrics(ours, theirs, DPO_METRICS)
+    assert abs(ours["eval_loss"]) > 1e-4
+
+
 @pytest.mark.parametrize("rows_fn", [conversational_rows, _multi_turn_rows, _implicit_rows], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid+sft"])
 def test_dpo_evaluate_matches_trl(tmp_path, rows_fn, loss_type):

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .errors import ConfigError
-from .losses import DPO_LOSS_TYPES
+from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES
 
 
 def _check(cond: bool, name: str, value: Any, rule: str) -> None:
@@ -167,7 +167,20 @@ class DPOConfig(PreferenceConfig):
     loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights for several loss types."})
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."})
+        metadata={"help": "Assumed probability that a preference label is flipped, in [0, 0.5): conservative DPO for "
+                          "'sigmoid' (TRL's sigmoid ignores it), the flip rate of 'robust', EXO's epsilon for "
+                          "'exo_pair' (must be > 0; the paper suggests 1e-3), the smoothing of 'aot' / "
+                          "'aot_unpaired'."})
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-divergence regulariser (f-DPO): 'reverse_kl' (standard DPO), 'forward_kl', "
+                          "'js_divergence', 'alpha_divergence'. Only for loss types built on the chosen - rejected "
+                          "score difference: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+                  "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]})
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "alpha of f_divergence_type 'alpha_divergence'."})
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature of loss_type 'discopop' (the paper's default, 0.05)."})
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={"help": "Compute the reference log-probs of every train/eval pair once before training (cached on "
@@ -188,6 +201,16 @@ class DPOConfig(PreferenceConfig):
             _check(len(self.loss_weights) == len(self.loss_type), "loss_weights", self.loss_weights,
                    "needs one weight per loss_type")
         _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        _check(self.f_divergence_type in F_DIVERGENCES, "f_divergence_type", self.f_divergence_type,
+               f"must be one of {', '.join(F_DIVERGENCES)}")
+        if self.f_divergence_type != "reverse_kl":
+            other = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSS_TYPES]
+            _check(not other, "f_divergence_type", self.f_divergence_type,
+                   f"has no generalisation for loss_type {', '.join(other)}; use it with "
+                   f"{', '.join(sorted(F_DIVERGENCE_LOSS_TYPES))}")
+        _check("exo_pair" not in self.loss_type or self.label_smoothing > 0, "label_smoothing", self.label_smoothing,
+               "must be > 0 for loss_type 'exo_pair' (the EXO paper suggests 1e-3)")
+        _check(self.discopop_tau > 0, "discopop_tau", self.discopop_tau, "must be > 0")
         super().__post_init__()
 
 

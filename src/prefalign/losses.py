@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")  # "sft" is nll_loss, the others dpo_loss
+# "sft" is nll_loss; the others dpo_loss. Names and meanings as TRL 1.13's DPOConfig.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# loss types built on the chosen - rejected score difference: the only ones an f-divergence generalises (as TRL)
+F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                                     "sft"})
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -57,6 +63,34 @@ def nll_loss(logp_sums: Tensor, token_total: Tensor | float) -> Tensor:
     return -logp_sums * logp_sums.shape[0] / total
 
 
+def f_divergence_scores(chosen_logratios: Tensor, rejected_logratios: Tensor, f_divergence_type: str = "reverse_kl",
+                        alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    r"""The scores whose difference the DPO losses compare, under an f-divergence regulariser (f-DPO, Wang et al.
+    2023, arXiv:2309.16240): :math:`f'(\pi_\theta / \pi_{ref})` of each reply, with :math:`u = \log\pi_\theta -
+    \log\pi_{ref}`.
+
+    - ``reverse_kl`` (standard DPO): :math:`u`; ``forward_kl``: :math:`1 - e^{-u}`; ``js_divergence``:
+      :math:`\log 2 + \log\sigma(u)`; ``alpha_divergence``: :math:`(e^{(\alpha-1)u} - 1)/(\alpha-1)`, with the
+      exponent clamped at 80 (TRL's float32 bound) and :math:`u` itself at :math:`\alpha = 1`.
+    """
+    if f_divergence_type == "reverse_kl":
+        return chosen_logratios, rejected_logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-chosen_logratios), 1 - torch.exp(-rejected_logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(chosen_logratios), math.log(2) + F.logsigmoid(rejected_logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return chosen_logratios, rejected_logratios
+        limit = {torch.float16: 11.0}.get(chosen_logratios.dtype, 80.0)
+
+        def score(u: Tensor) -> Tensor:
+            return (torch.exp(((alpha - 1.0) * u).float().clamp(max=limit)) - 1.0).to(u.dtype) / (alpha - 1.0)
+
+        return score(chosen_logratios), score(rejected_logratios)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}")
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -68,40 +102,103 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""Direct Preference Optimization and its pairwise variants: per-pair losses ``[B]`` and metrics.
 
-    With summed completion log-probs and the implicit reward :math:`r(y) = \beta(\log\pi_\theta(y|x) -
-    \log\pi_{ref}(y|x))`, let :math:`h = \log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)} -
-    \log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}`.
+    With summed completion log-probs, log-ratios :math:`u_w = \log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)}`,
+    :math:`u_l` likewise, scores :math:`s_w, s_l` (:func:`f_divergence_scores`; :math:`s = u` for standard DPO),
+    :math:`h = s_w - s_l`, :math:`\varepsilon` = ``label_smoothing``, :math:`\beta` = ``beta``:
 
-    - ``sigmoid`` (Rafailov et al. 2023, arXiv:2305.18290, eq. 7), with conservative DPO label smoothing
-      :math:`\varepsilon` (Mitchell 2023, "A note on DPO with noisy preferences"):
-      :math:`L = -(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h)`.
-    - ``ipo`` (Azar et al. 2023, arXiv:2310.12036, eq. 17), with log-ratios averaged per completion token as
-      TRL does (the IPO authors' normalisation): :math:`L = (h_{avg} - \frac{1}{2\beta})^2`, where :math:`\beta` is
-      the paper's :math:`\tau`. Needs ``chosen_lengths`` and ``rejected_lengths``.
-    - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`L = \max(0, 1 - \beta h)`.
+    - ``sigmoid`` (Rafailov et al. 2023, arXiv:2305.18290, eq. 7), with conservative DPO (cDPO, Mitchell 2023):
+      :math:`-(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h)`. TRL 1.13's ``sigmoid``
+      ignores :math:`\varepsilon`; prefalign keeps cDPO (the two agree at :math:`\varepsilon = 0`).
+    - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`\max(0, 1 - \beta h)`.
+    - ``ipo`` (Azar et al. 2023, arXiv:2310.12036, eq. 17): :math:`(h_{avg} - \frac{1}{2\beta})^2` with scores averaged
+      per completion token, as TRL (the IPO authors' normalisation); :math:`\beta` is the paper's :math:`\tau`.
+    - ``sigmoid_norm``: ``sigmoid`` on the per-token averaged scores, :math:`-\log\sigma(\beta h_{avg})` (TRL).
+    - ``exo_pair`` (EXO, Ji et al. 2024, arXiv:2402.00856, eq. 16): with :math:`q_w = \sigma(\beta h)`,
+      :math:`q_w(\log q_w - \log(1-\varepsilon)) + (1-q_w)(\log(1-q_w) - \log\varepsilon)`; needs
+      :math:`\varepsilon > 0` (the paper suggests 1e-3).
+    - ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369): with rewards :math:`r = \beta u`,
+      :math:`-\log\sigma(r_w) - \frac12\log\sigma(-r_w) - \frac12\log\sigma(-r_l)`.
+    - ``robust`` (rDPO, Chowdhury et al. 2024, arXiv:2403.00409): :math:`\frac{-(1-\varepsilon)\log\sigma(\beta h) +
+      \varepsilon\log\sigma(-\beta h)}{1 - 2\varepsilon}`, unbiased under label flips with probability
+      :math:`\varepsilon < 1/2`.
+    - ``bco_pair`` (BCO, Jung et al. 2024, arXiv:2404.04656, paired, without TRL's BCO running mean):
+      :math:`-\log\sigma(\beta u_w) - \log\sigma(-\beta u_l)`.
+    - ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, hard labels): :math:`(u_w - \frac{1}{2\beta})^2 +
+      (u_l + \frac{1}{2\beta})^2`.
+    - ``aot`` / ``aot_unpaired`` (AOT, Melnyk et al. 2024, arXiv:2406.05882): the cDPO loss on
+      :math:`\Delta = \mathrm{sort}(\log\pi_w - \log\pi_l) - \mathrm{sort}(\log\pi^{ref}_w - \log\pi^{ref}_l)`
+      (paired) or :math:`\mathrm{sort}(u_w) - \mathrm{sort}(u_l)` (unpaired), sorted over the batch: the loss of the
+      i-th pair reads the batch's i-th smallest values, so it is a batch-level loss written per position.
+    - ``apo_zero`` / ``apo_down`` (APO, D'Oosterlinck et al. 2024, arXiv:2408.06266, eqs. 7-8):
+      :math:`1 - \sigma(\beta u_w) + \sigma(\beta u_l)` (the chosen replies are better than the model's own) and
+      :math:`\sigma(\beta u_w) + 1 - \sigma(\beta(u_w - u_l))` (they are worse).
+    - ``discopop`` (DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414, eq. 5): with :math:`z = \beta h` and
+      :math:`m = \sigma(z/\tau)`, :math:`(1 - m)(-\log\sigma(z)) + m\,e^{-z}`; :math:`\tau` = ``discopop_tau``.
 
-    (The ``sft`` loss type of ``DPOConfig`` is :func:`nll_loss`.) Metrics use TRL's names; rewards are
-    :math:`\beta` times the log-ratios.
+    The ``sft`` loss type of ``DPOConfig`` is :func:`nll_loss`. Metrics use TRL's names; rewards are :math:`\beta u`
+    (the log-ratios, whatever the f-divergence).
     """
-    if loss_type not in ("sigmoid", "ipo", "hinge"):
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of sigmoid, ipo, hinge (sft: nll_loss)")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
+    if loss_type not in DPO_LOSS_TYPES or loss_type == "sft":
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of "
+                         f"{', '.join(t for t in DPO_LOSS_TYPES if t != 'sft')} (sft: nll_loss)")
+    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} has no generalisation for loss_type {loss_type!r}")
+    u_w = policy_chosen_logps - ref_chosen_logps
+    u_l = policy_rejected_logps - ref_rejected_logps
+    s_w, s_l = f_divergence_scores(u_w, u_l, f_divergence_type, f_alpha_divergence_coef)
+    h = s_w - s_l
+    eps = label_smoothing
+
+    def per_token(scores: Tensor, lengths: Tensor | None) -> Tensor:
+        if lengths is None:
+            raise ValueError(f"the {loss_type!r} loss needs chosen_lengths and rejected_lengths (token counts)")
+        return scores / lengths.clamp(min=1)
+
+    def conservative(z: Tensor) -> Tensor:
+        return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
     if loss_type == "sigmoid":
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = conservative(beta * h)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
-    else:
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("the 'ipo' loss needs chosen_lengths and rejected_lengths (completion token counts)")
-        h_avg = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
-        losses = (h_avg - 1.0 / (2.0 * beta)) ** 2
-    metrics = pair_metrics(beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps,
-                           policy_rejected_logps)
+    elif loss_type in ("ipo", "sigmoid_norm"):
+        h_avg = per_token(s_w, chosen_lengths) - per_token(s_l, rejected_lengths)
+        losses = (h_avg - 1.0 / (2.0 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * h_avg)
+    elif loss_type == "exo_pair":
+        if eps <= 0:
+            raise ValueError("the 'exo_pair' loss needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        z = beta * h
+        losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                  + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(beta * u_w) - 0.5 * F.logsigmoid(-beta * u_w) - 0.5 * F.logsigmoid(-beta * u_l)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * u_w) - F.logsigmoid(-beta * u_l)
+    elif loss_type == "sppo_hard":
+        losses = (u_w - 0.5 / beta) ** 2 + (u_l + 0.5 / beta) ** 2
+    elif loss_type == "aot":
+        delta = (torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0).values
+                 - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values)
+        losses = conservative(beta * delta)
+    elif loss_type == "aot_unpaired":
+        losses = conservative(beta * (torch.sort(u_w, dim=0).values - torch.sort(u_l, dim=0).values))
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * u_w) + torch.sigmoid(beta * u_l)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * u_w) + 1 - torch.sigmoid(beta * (u_w - u_l))
+    else:  # discopop
+        z = beta * h
+        mix = torch.sigmoid(z / discopop_tau)
+        losses = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+    metrics = pair_metrics(beta * u_w, beta * u_l, policy_chosen_logps, policy_rejected_logps)
     return losses, metrics
 
 

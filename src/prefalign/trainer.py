@@ -402,7 +402,10 @@ class DPOTrainer(_PreferenceTrainer):
             else:
                 part, _ = dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=args.beta,
                                    loss_type=loss_type, label_smoothing=args.label_smoothing,
-                                   chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens)
+                                   chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
+                                   f_divergence_type=args.f_divergence_type,
+                                   f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                                   discopop_tau=args.discopop_tau)
             losses = losses + weight * part
         metrics = pair_metrics(args.beta * (policy.chosen - ref_chosen), args.beta * (policy.rejected - ref_rejected),
                                policy.chosen, policy.rejected)
