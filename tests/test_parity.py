@@ -147,3 +147,21 @@ def test_orpo_default_nll_covers_only_the_reply(tmp_path):
     _, metrics = paper.compute_loss(paper.model, paper.data_collator(examples), return_outputs=True)
     assert "predictor" in paper.data_collator(examples)  # prefix sharing is on by default
     assert metrics["nll_loss"].mean().item() == pytest.approx(expected.item(), abs=1e-5)  # as logged: the mean
+
+
+@pytest.mark.parametrize("case", ["nca_pair", "apo_zero", "forward_kl", "discopop"])
+def test_a_few_training_steps_log_the_same_losses_as_trl(tmp_path, case):
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(_multi_turn_rows() + conversational_rows(3))
+    types, extra = LOSS_CASES[case]
+    cfg = dict(COMMON, beta=0.5, loss_type=types, per_device_train_batch_size=2, max_steps=3, learning_rate=5e-3,
+               logging_steps=1, save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant", **extra)
+    losses = []
+    for name, cls, conf in (("ours", DPOTrainer, DPOConfig), ("trl", trl.DPOTrainer, trl.DPOConfig)):
+        kwargs = {} if name == "ours" else {"gradient_checkpointing": False}
+        tr = cls(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=conf(**cfg, **kwargs,
+                 output_dir=str(tmp_path / name)), train_dataset=ds, processing_class=tok)
+        tr.train()
+        losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
+    assert len(losses[0]) == 3 and losses[0][0] != losses[0][-1]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
