@@ -287,3 +287,22 @@ def test_data_check_user_errors_are_one_line(tiny_model, tmp_path, capsys):
     _one_error(capsys)
     assert main(["data", "check", str(tmp_path / "x.jsonl"), "--max-length", "1"]) == 2
     assert "max_length" in _one_error(capsys)
+
+
+@pytest.mark.parametrize(("method", "loss_type", "beta", "cpo_alpha"), [("cpo", "sigmoid", 0.1, 1.0),
+                                                                         ("simpo", "simpo", 2.0, 0.0)])
+def test_cpo_and_simpo_train_from_the_cli(tiny_model, pairs, tmp_path, capsys, method, loss_type, beta, cpo_alpha):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--model", tiny_model, "--dataset", str(pairs), "--output-dir",
+                 str(out), "--max-steps", "2", "--batch-size", "2"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["method"], saved.get("loss_type", loss_type)) == (method, loss_type)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/margins" in m and "nll_loss" in m for m in metrics)
+    from prefalign.options import config_class
+
+    defaults = config_class(method)(output_dir=str(tmp_path / "x"))
+    assert (defaults.loss_type, defaults.beta, defaults.cpo_alpha) == (loss_type, beta, cpo_alpha)

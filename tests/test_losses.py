@@ -526,3 +526,27 @@ def test_f_divergence_is_refused_where_it_has_no_meaning(tmp_path):
         DPOConfig(output_dir=str(tmp_path), loss_type="bco_pair", f_divergence_type="js_divergence")
     with pytest.raises(ConfigError, match="must be > 0 for loss_type 'exo_pair'"):
         DPOConfig(output_dir=str(tmp_path), loss_type="exo_pair")
+
+
+# ---------------------------------------------------------------- CPO / SimPO / AlphaPO, by hand
+
+
+def test_cpo_simpo_and_alphapo_against_hand_values():
+    cw, cl = t64(-2.0), t64(-3.0)  # (mean) log-probs of the chosen and rejected replies
+    loss, m = L.cpo_loss(cw, cl, beta=0.5)
+    assert loss.item() == pytest.approx(-log_sigmoid(0.5 * 1.0), abs=1e-12)  # CPO: DPO without a reference
+    assert m["rewards/chosen"].item() == pytest.approx(-1.0) and m["rewards/margins"].item() == pytest.approx(0.5)
+    loss, _ = L.cpo_loss(cw, cl, beta=2.0, loss_type="simpo", simpo_gamma=1.0)
+    assert loss.item() == pytest.approx(-log_sigmoid(2.0 * (1.0 - 0.5)), abs=1e-12)  # margin gamma / beta = 0.5
+    loss, _ = L.cpo_loss(cw, cl, beta=0.5, loss_type="ipo")
+    assert loss.item() == pytest.approx((1.0 - 1.0) ** 2, abs=1e-12)
+    loss, _ = L.cpo_loss(cw, cl, beta=0.5, loss_type="hinge")
+    assert loss.item() == pytest.approx(0.5, abs=1e-12)
+    # AlphaPO rewards r = (1 - p^-alpha) / alpha with p = e^logp
+    a = 0.25
+    rw, rl = (1 - math.exp(-2.0) ** -a) / a, (1 - math.exp(-3.0) ** -a) / a
+    loss, m = L.cpo_loss(cw, cl, beta=2.0, loss_type="alphapo", simpo_gamma=1.0, alpha=a)
+    assert loss.item() == pytest.approx(-log_sigmoid(2.0 * (rw - rl - 0.5)), abs=1e-12)
+    assert m["rewards/chosen"].item() == pytest.approx(2.0 * rw)
+    with pytest.raises(ValueError, match="needs alpha != 0"):
+        L.cpo_loss(cw, cl, loss_type="alphapo")

@@ -165,3 +165,29 @@ def test_a_few_training_steps_log_the_same_losses_as_trl(tmp_path, case):
         losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
     assert len(losses[0]) == 3 and losses[0][0] != losses[0][-1]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+CPO_CASES = {"sigmoid": {"label_smoothing": 0.1}, "hinge": {}, "ipo": {}, "simpo": {"simpo_gamma": 0.7},
+             "alpha": {"loss_type": "simpo", "alpha": 0.25}, "no-nll": {"cpo_alpha": 0.0}}
+
+
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_evaluate_matches_trl_in_compat_mode(tmp_path, case):
+    """CPO, SimPO and AlphaPO against TRL 1.13's experimental CPOTrainer (same tokens: trl_compat)."""
+    from trl.experimental.cpo import CPOConfig as TrlCPOConfig
+    from trl.experimental.cpo import CPOTrainer as TrlCPOTrainer
+
+    from prefalign import CPOConfig, CPOTrainer
+
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(_multi_turn_rows())
+    extra = dict(CPO_CASES[case])
+    extra.setdefault("loss_type", case if case in ("sigmoid", "hinge", "ipo", "simpo") else "sigmoid")
+    cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, **extra)
+    ours = CPOTrainer(tiny_llama(tok, 1), args=CPOConfig(**cfg, trl_compat=True), train_dataset=ds, eval_dataset=ds,
+                      processing_class=tok).evaluate()
+    theirs = TrlCPOTrainer(tiny_llama(tok, 1), args=TrlCPOConfig(**cfg, gradient_checkpointing=False),
+                           train_dataset=ds, eval_dataset=ds, processing_class=tok).evaluate()
+    # With cpo_alpha 0, TRL logs nll_loss as 0 (not computed); prefalign logs the chosen replies' NLL anyway
+    _shared_metrics(ours, theirs, DPO_METRICS + (["nll_loss"] if extra.get("cpo_alpha", 1.0) else []))
+    assert abs(ours["eval_rewards/margins"]) > 1e-4 and ours["eval_nll_loss"] > 1

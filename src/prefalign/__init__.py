@@ -1,4 +1,4 @@
-"""prefalign: preference alignment (DPO, ORPO) for causal language models, with TRL's API.
+"""prefalign: preference alignment (DPO, ORPO, CPO / SimPO) for causal language models, with TRL's API.
 
 The public names are imported on first use (PEP 562), so ``import prefalign`` (and ``prefalign --help``) does not
 import torch or transformers; ``from prefalign import DPOTrainer`` works as usual.
@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, DataError, PrefalignError
 
 if TYPE_CHECKING:
-    from .config import DPOConfig, ORPOConfig
+    from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
     from .data.load import load_preference_dataset
-    from .trainer import DPOTrainer, ORPOTrainer
+    from .trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
 __version__ = "0.1.0"
 __all__ = [
+    "CPOConfig",
+    "CPOTrainer",
     "ConfigError",
     "DPOConfig",
     "DPOTrainer",
@@ -25,14 +27,18 @@ __all__ = [
     "ORPOConfig",
     "ORPOTrainer",
     "PrefalignError",
+    "SimPOConfig",
     "load_preference_dataset",
 ]
 
 _LAZY = {
     "DPOConfig": ".config",
     "ORPOConfig": ".config",
+    "CPOConfig": ".config",
+    "SimPOConfig": ".config",
     "DPOTrainer": ".trainer",
     "ORPOTrainer": ".trainer",
+    "CPOTrainer": ".trainer",
     "load_preference_dataset": ".data.load",
 }
 

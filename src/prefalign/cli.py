@@ -78,13 +78,14 @@ repeats the run), metrics.jsonl and data_report.json."""
 
 
 def _add_train_parser(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model on preference pairs (DPO or ORPO)", epilog=TRAIN_EPILOG,
+    p = sub.add_parser("train", help="train a model on preference pairs (DPO, ORPO, CPO, SimPO)", epilog=TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a causal LM on preference pairs and write a run directory.")
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="YAML file of options (see below)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_pairs",
                    help="set any option; VALUE is read as YAML (numbers, true/false, [lists]). Repeatable")
-    p.add_argument("--method", choices=METHODS, help="training method (default: dpo)")
+    p.add_argument("--method", choices=METHODS, help="training method (default: dpo; simpo is cpo with SimPO's "
+                                                      "loss and defaults)")
     p.add_argument("--model", help="embedded model name, local directory or hub id (default: smollm2-135m-instruct)")
     p.add_argument("--ref-model", help="DPO reference model (default: a frozen copy of --model)")
     p.add_argument("--dataset", metavar="SRC", help=".jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz/.zst), "
@@ -97,7 +98,8 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<method>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     p.add_argument("--beta", type=float, metavar="B",
-                   help="DPO: beta (KL strength). ORPO: sets orpo_alpha, the odds-ratio weight (TRL's ORPO beta)")
+                   help="DPO: beta (KL strength). ORPO: sets orpo_alpha, the odds-ratio weight (TRL's ORPO beta). "
+                        "CPO / SimPO: beta (the reward temperature)")
     p.add_argument("--learning-rate", type=float, metavar="LR", help="peak learning rate")
     p.add_argument("--batch-size", type=int, metavar="N", help="pairs per device per step "
                                                                "(per_device_train_batch_size)")

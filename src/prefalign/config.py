@@ -248,3 +248,51 @@ class ORPOConfig(PreferenceConfig):
         _check(self.orpo_alpha > 0, "orpo_alpha", self.orpo_alpha, "must be > 0")
         _check(self.orpo_beta > 0, "orpo_beta", self.orpo_beta, "must be > 0")
         super().__post_init__()
+
+
+@dataclass
+class CPOConfig(PreferenceConfig):
+    """Contrastive Preference Optimization (Xu et al. 2024) and its relatives SimPO and AlphaPO: reference-free.
+
+    ``loss = cpo_loss(loss_type) + cpo_alpha * NLL(chosen)``; see `prefalign.losses.cpo_loss`. Names and defaults
+    as TRL 1.13's (experimental) CPOConfig.
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "Temperature of the reward difference (SimPO: 2.0-2.5)."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid (CPO), hinge, ipo, simpo (SimPO: length-normalised, target margin simpo_gamma), "
+                          "alphapo (SimPO with AlphaPO's rewards, needs alpha != 0).",
+                  "choices": ["sigmoid", "hinge", "ipo", "simpo", "alphapo"]})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Conservative smoothing of the sigmoid / simpo losses, in [0, 0.5)."})
+    cpo_alpha: float = field(
+        default=1.0, metadata={"help": "Weight of the NLL (behaviour-cloning) term on the chosen replies; 0: SimPO."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin gamma."})
+    alpha: float = field(
+        default=0.0, metadata={"help": "AlphaPO's reward shape: r = (1 - p^-alpha) / alpha; 0: log-probs."})
+    trl_compat: bool = field(
+        default=False,
+        metadata={"help": "Reproduce TRL 1.13's CPOTrainer: BOS prepended and EOS appended to each reply at token "
+                          "level when missing (after the chat template's own end-of-turn). For parity tests."})
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", self.beta, "must be > 0")
+        _check(self.loss_type in ("sigmoid", "hinge", "ipo", "simpo", "alphapo"), "loss_type", self.loss_type,
+               "must be one of sigmoid, hinge, ipo, simpo, alphapo")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        _check(self.cpo_alpha >= 0, "cpo_alpha", self.cpo_alpha, "must be >= 0")
+        _check(self.loss_type != "alphapo" or self.alpha != 0, "alpha", self.alpha,
+               "must be != 0 for loss_type 'alphapo'")
+        super().__post_init__()
+
+
+@dataclass
+class SimPOConfig(CPOConfig):
+    """SimPO (Meng et al. 2024): CPOConfig with ``loss_type="simpo"``, no NLL term (``cpo_alpha=0``) and the paper's
+    recommended beta 2.0 with gamma / beta = 0.5 (``simpo_gamma=1.0``)."""
+
+    beta: float = field(default=2.0, metadata={"help": "Temperature of the reward difference (the paper: 2.0-2.5)."})
+    loss_type: str = field(default="simpo", metadata={"help": "simpo, or alphapo (needs alpha != 0)."})
+    cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of an NLL term on the chosen replies."})
+    simpo_gamma: float = field(default=1.0, metadata={"help": "Target reward margin gamma (gamma / beta = 0.5)."})

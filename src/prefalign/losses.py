@@ -238,3 +238,54 @@ def orpo_loss(
     metrics["log_odds_ratio"] = ratio.detach()
     metrics["log_odds_chosen"] = log_odds.detach()
     return losses, metrics
+
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Reference-free preference losses: CPO, SimPO, AlphaPO; per-pair losses ``[B]`` and metrics.
+
+    ``chosen_logps`` / ``rejected_logps`` are the policy's summed reply log-probs (``sigmoid``, ``hinge``) or their
+    per-token means (``ipo``, ``simpo``, ``alphapo``: the caller averages, as TRL). Rewards are
+    :math:`r = \log\pi_\theta(y|x)`, or with ``alpha`` :math:`\ne 0` AlphaPO's :math:`r = (1 - \pi^{-\alpha})/\alpha`
+    (Gupta et al. 2025, arXiv:2501.03884); :math:`z = r_w - r_l`, :math:`\varepsilon` = ``label_smoothing``.
+
+    - ``sigmoid``: CPO (Xu et al. 2024, arXiv:2401.08417, eq. 3: DPO without a reference, as if it were uniform):
+      :math:`-(1-\varepsilon)\log\sigma(\beta z) - \varepsilon\log\sigma(-\beta z)`.
+    - ``hinge``: :math:`\max(0, 1 - \beta z)`; ``ipo``: :math:`(z - \frac{1}{2\beta})^2`.
+    - ``simpo``: SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6), length-normalised rewards with a target margin
+      :math:`\gamma` = ``simpo_gamma``: the ``sigmoid`` loss of :math:`z - \gamma/\beta`.
+    - ``alphapo``: ``simpo`` with AlphaPO's rewards (needs ``alpha`` :math:`\ne 0`).
+
+    The supervised term (CPO's behaviour cloning, weight ``cpo_alpha``) is :func:`nll_loss`, added by the trainer.
+    Metrics use TRL's names: rewards are :math:`\beta r`.
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"unknown CPO loss_type {loss_type!r}; choose one of {', '.join(CPO_LOSS_TYPES)}")
+    if loss_type == "alphapo" and alpha == 0.0:
+        raise ValueError("loss_type 'alphapo' needs alpha != 0 (AlphaPO's reward shape)")
+    if alpha != 0.0:
+        r_w = (1 - torch.exp(chosen_logps).pow(-alpha)) / alpha
+        r_l = (1 - torch.exp(rejected_logps).pow(-alpha)) / alpha
+    else:
+        r_w, r_l = chosen_logps, rejected_logps
+    z = r_w - r_l
+    if loss_type in ("simpo", "alphapo"):
+        z = z - simpo_gamma / beta
+    if loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    elif loss_type == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
+    return losses, pair_metrics(beta * r_w, beta * r_l, chosen_logps, rejected_logps)

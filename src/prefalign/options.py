@@ -26,7 +26,7 @@ from .errors import ConfigError, PrefalignError, one_line
 if TYPE_CHECKING:
     from .config import PreferenceConfig
 
-METHODS = ("dpo", "orpo")
+METHODS = ("dpo", "orpo", "cpo", "simpo")
 RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns",
             "dataset_mixture", "eval_split_size")
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
@@ -57,9 +57,9 @@ def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None
 
 def config_class(method: str) -> type[PreferenceConfig]:
     """The config dataclass of a method; imported here, so resolving options is the first thing to load it."""
-    from .config import DPOConfig, ORPOConfig
+    from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
 
-    return {"dpo": DPOConfig, "orpo": ORPOConfig}[method]
+    return {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": SimPOConfig}[method]
 
 
 def config_fields(cls: type) -> dict[str, Any]:

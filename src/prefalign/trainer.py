@@ -25,13 +25,13 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import speed
 from .checkpoints import CheckpointMixin, GracefulStop
-from .config import DPOConfig, ORPOConfig, PreferenceConfig
+from .config import CPOConfig, DPOConfig, ORPOConfig, PreferenceConfig
 from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import ROW_COLUMN, skipped_entries, validated_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, mask_kind, pair_logps
-from .losses import dpo_loss, nll_loss, orpo_loss, pair_metrics
+from .losses import cpo_loss, dpo_loss, nll_loss, orpo_loss, pair_metrics
 from .models import load_model, load_tokenizer
 
 logger = logging.getLogger("prefalign")
@@ -412,7 +412,26 @@ class DPOTrainer(_PreferenceTrainer):
         return losses, metrics  # type: ignore[return-value]
 
 
-class ORPOTrainer(_PreferenceTrainer):
+class _ReferenceFreeTrainer(_PreferenceTrainer):
+    """What ORPO and CPO share: TRL's signature without ref_model, and TRL's token-level BOS / EOS in trl_compat."""
+
+    def __init__(self, model: str | PreTrainedModel | None = None, args: PreferenceConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, compute_metrics: Any = None,
+                 callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
+                 peft_config: Any = None) -> None:
+        # TRL's ORPOTrainer / CPOTrainer signature: no ref_model, args second.
+        super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         compute_metrics, callbacks, optimizers, peft_config)
+
+    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
+        settings = super()._tokenize_settings(args)
+        if getattr(args, "trl_compat", False):
+            settings.ensure_bos = settings.ensure_eos = True
+        return settings
+
+
+class ORPOTrainer(_ReferenceFreeTrainer):
     """Odds Ratio Preference Optimization: no reference model, one forward pass over chosen and rejected.
 
     The NLL term covers the chosen reply's tokens (the paper's definition), averaged over all chosen reply tokens
@@ -423,23 +442,31 @@ class ORPOTrainer(_PreferenceTrainer):
     method = "orpo"
     args: ORPOConfig
 
-    def __init__(self, model: str | PreTrainedModel | None = None, args: ORPOConfig | None = None,
-                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 processing_class: Any = None, compute_metrics: Any = None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
-                 peft_config: Any = None) -> None:
-        # TRL's ORPOTrainer signature: no ref_model, args second.
-        super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config)
-
-    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
-        settings = super()._tokenize_settings(args)
-        if getattr(args, "trl_compat", False):
-            settings.ensure_bos = settings.ensure_eos = True
-        return settings
-
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.batch_logps(model, inputs, nll_on_prompt=self.args.trl_compat)
         nll = nll_loss(out.nll, self.token_total(out.nll_tokens))  # a token mean over the (global) batch
         return orpo_loss(out.chosen / out.chosen_tokens.clamp(min=1), out.rejected / out.rejected_tokens.clamp(min=1),
                          nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)
+
+
+class CPOTrainer(_ReferenceFreeTrainer):
+    """CPO, SimPO and AlphaPO (`prefalign.losses.cpo_loss`): reference-free, one forward pass over both replies, plus
+    ``cpo_alpha`` times the NLL of the chosen replies (a token mean over the global batch). TRL 1.13 computes the
+    same NLL (its labels mask the prompt); ``trl_compat`` adds its token-level BOS / EOS."""
+
+    config_class = CPOConfig
+    method = "cpo"
+    args: CPOConfig
+
+    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        args = self.args
+        out = self.batch_logps(model, inputs)
+        chosen, rejected = out.chosen, out.rejected
+        if args.loss_type in ("ipo", "simpo", "alphapo"):  # length-normalised rewards
+            chosen, rejected = chosen / out.chosen_tokens.clamp(min=1), rejected / out.rejected_tokens.clamp(min=1)
+        losses, metrics = cpo_loss(chosen, rejected, beta=args.beta, loss_type=args.loss_type,
+                                   label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
+                                   alpha=args.alpha)
+        nll = nll_loss(out.chosen, self.token_total(out.chosen_tokens))
+        metrics["nll_loss"] = nll.detach()
+        return losses + args.cpo_alpha * nll, metrics

@@ -40,7 +40,7 @@ def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any
 
 def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluation: Any) -> Any:
     """Load the model(s) and tokenize the data; remove the output directory again if this fails after creating it."""
-    from ..trainer import DPOTrainer, ORPOTrainer
+    from ..trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
     out = plan.output_dir
     existed = out.exists()
@@ -48,7 +48,7 @@ def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluati
     try:
         if plan.method == "dpo":
             return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
-        return ORPOTrainer(**common)
+        return (ORPOTrainer if plan.method == "orpo" else CPOTrainer)(**common)  # cpo, simpo
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
