@@ -153,3 +153,44 @@ def test_memory_mode_logs_the_same_losses(tmp_path, cls, cfg_cls, monkeypatch):
     assert len(losses[0]) == 3
     for other in losses[1:]:
         assert other == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_tokenizer_is_accepted_as_trls_older_name_for_processing_class(tmp_path):
+    from prefalign import ORPOConfig, ORPOTrainer
+    from prefalign.errors import ConfigError
+
+    tok = smollm2_tokenizer()
+    args = _cfg(tmp_path, ORPOConfig)
+    tr = ORPOTrainer(tiny_llama(tok, 1), args=args, train_dataset=conversational_rows(2), tokenizer=tok)
+    assert tr.processing_class is tok
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path), train_dataset=conversational_rows(2), tokenizer=tok)
+    assert tr.processing_class is tok
+    with pytest.raises(ConfigError, match="both processing_class and tokenizer"):
+        DPOTrainer(tiny_llama(tok, 1), args=_cfg(tmp_path), train_dataset=conversational_rows(2), tokenizer=tok,
+                   processing_class=smollm2_tokenizer())
+
+
+def test_setup_chat_format_gives_a_base_model_chatml(tmp_path):
+    """As the course's ORPO notebook: a model without a template gets ChatML, its tokens and resized embeddings."""
+    from transformers import AutoTokenizer
+
+    from prefalign import ORPOConfig, ORPOTrainer, setup_chat_format
+    from prefalign.errors import ConfigError
+
+    base = smollm2_tokenizer()
+    base.save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = None
+    model = tiny_llama(tok, 1)
+    n = model.get_input_embeddings().weight.shape[0]
+    model, tok = setup_chat_format(model, tok, resize_to_multiple_of=64)
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>" and tok.pad_token == "<|im_end|>"
+    assert model.get_input_embeddings().weight.shape[0] % 64 == 0 and model.config.eos_token_id == tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] >= n
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    tr = ORPOTrainer(model, args=_cfg(tmp_path, ORPOConfig, max_steps=1), train_dataset=conversational_rows(2),
+                     tokenizer=tok)
+    tr.train()  # conversational data trains on the new template
+    with pytest.raises(ConfigError, match="already has a chat template"):
+        setup_chat_format(tiny_llama(base, 1), smollm2_tokenizer())

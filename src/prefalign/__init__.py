@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, DataError, PrefalignError
 
 if TYPE_CHECKING:
+    from .chat_format import setup_chat_format
     from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
     from .data.load import load_preference_dataset
     from .trainer import CPOTrainer, DPOTrainer, ORPOTrainer
@@ -29,6 +30,7 @@ __all__ = [
     "PrefalignError",
     "SimPOConfig",
     "load_preference_dataset",
+    "setup_chat_format",
 ]
 
 _LAZY = {
@@ -40,6 +42,7 @@ _LAZY = {
     "ORPOTrainer": ".trainer",
     "CPOTrainer": ".trainer",
     "load_preference_dataset": ".data.load",
+    "setup_chat_format": ".chat_format",
 }
 
 

@@ -72,7 +72,9 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
         peft_config: Any = None,
+        tokenizer: Any = None,
     ) -> None:
+        processing_class = _processing_class(processing_class, tokenizer)
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
@@ -263,6 +265,14 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         super().log(logs, start_time)
 
 
+def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
+    """``tokenizer=`` is TRL's older name for ``processing_class`` (the course's notebooks use it): both work."""
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise ConfigError("both processing_class and tokenizer are given. Fix: pass one of them (tokenizer is the "
+                          "older name of processing_class)")
+    return processing_class if processing_class is not None else tokenizer
+
+
 def row_options(args: PreferenceConfig) -> dict[str, Any]:
     """The config fields that decide which rows a dataset yields (data/load.py's read_valid_rows options)."""
     return {"text_format": args.text_format, "on_invalid_row": args.on_invalid_row, "pairing": args.pairing,
@@ -419,10 +429,10 @@ class _ReferenceFreeTrainer(_PreferenceTrainer):
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
-                 peft_config: Any = None) -> None:
+                 peft_config: Any = None, tokenizer: Any = None) -> None:
         # TRL's ORPOTrainer / CPOTrainer signature: no ref_model, args second.
         super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
 
     def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
         settings = super()._tokenize_settings(args)

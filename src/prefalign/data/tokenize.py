@@ -85,7 +85,8 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
         if not has_chat_template(tokenizer):
             raise DataError("conversational data needs a chat template, and this tokenizer has none.",
                             source=source, row=row, row_label=row_label,
-                            fix="use a chat model's tokenizer, set tokenizer.chat_template, or give plain-text rows")
+                            fix="give a base model ChatML with `model, tokenizer = prefalign.setup_chat_format(model, "
+                                "tokenizer)`, use a chat model's tokenizer, or give plain-text rows")
         # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
         prompt_ids = _template(tokenizer, ex.prompt, add_generation_prompt=True)
         full = {k: _template(tokenizer, ex.prompt + getattr(ex, k)) for k in ("chosen", "rejected")}

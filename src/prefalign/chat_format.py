@@ -1,0 +1,51 @@
+"""Give a base model a chat format: ChatML's special tokens and template (what the course's ORPO notebook calls).
+
+TRL 1.13 removed ``setup_chat_format``; notebooks written against older TRL still call it, and a base model without
+a chat template cannot read conversational data. This adds ``<|im_start|>`` / ``<|im_end|>`` as special tokens
+(``<|im_start|>`` the beginning-of-sequence token, ``<|im_end|>`` the end-of-sequence and padding token, as TRL's
+``setup_chat_format`` did), sets the ChatML
+template, and resizes the model's token embeddings (optionally to a multiple, for tensor-core friendly shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_FORMATS = {"chatml": ("<|im_start|>", "<|im_end|>", CHATML_TEMPLATE)}
+
+
+def setup_chat_format(model: Any, tokenizer: Any, format: str = "chatml",
+                      resize_to_multiple_of: int | None = None) -> tuple[Any, Any]:
+    """``model, tokenizer = setup_chat_format(model, tokenizer)``: ChatML for a model without a chat template.
+
+    Refuses a tokenizer that already has a template (replacing it would silently change what a chat model was
+    trained on). The model's config and generation config get the new token ids.
+    """
+    from .errors import ConfigError
+
+    if format not in CHAT_FORMATS:
+        raise ConfigError(f"chat format {format!r} is not known. Fix: use one of {', '.join(CHAT_FORMATS)}")
+    if getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this tokenizer already has a chat template; setup_chat_format would replace it. Fix: use "
+                          "the model's own template, or set tokenizer.chat_template = None first to replace it")
+    start, end, template = CHAT_FORMATS[format]
+    # as TRL's setup_chat_format did: BOS <|im_start|>, EOS and padding <|im_end|>
+    tokenizer.add_special_tokens({"bos_token": start, "eos_token": end, "pad_token": end,
+                                  "additional_special_tokens": [start, end]})
+    tokenizer.chat_template = template
+    size = len(tokenizer)
+    if resize_to_multiple_of:
+        size = -(-size // resize_to_multiple_of) * resize_to_multiple_of
+    model.resize_token_embeddings(size)
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
