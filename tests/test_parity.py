@@ -55,6 +55,7 @@ LOSS_CASES = {
     "sft": (["sft"], {}), "forward_kl": (["sigmoid"], {"f_divergence_type": "forward_kl"}),
     "js_divergence": (["hinge"], {"f_divergence_type": "js_divergence"}),
     "alpha_divergence": (["ipo", "sft"], {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+    "ld_alpha": (["sigmoid"], {"ld_alpha": 0.4}),
 }
 
 

@@ -177,6 +177,11 @@ class DPOConfig(PreferenceConfig):
                           "'js_divergence', 'alpha_divergence'. Only for loss types built on the chosen - rejected "
                           "score difference: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
                   "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]})
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LD-DPO (Liu et al. 2024): reply log-probs count the first min(|chosen|, |rejected|) "
+                          "tokens in full and the rest times ld_alpha, in [0, 1], against verbosity. None: plain "
+                          "sums (1.0 is the same)."})
     f_alpha_divergence_coef: float = field(
         default=0.5, metadata={"help": "alpha of f_divergence_type 'alpha_divergence'."})
     discopop_tau: float = field(
@@ -211,6 +216,7 @@ class DPOConfig(PreferenceConfig):
         _check("exo_pair" not in self.loss_type or self.label_smoothing > 0, "label_smoothing", self.label_smoothing,
                "must be > 0 for loss_type 'exo_pair' (the EXO paper suggests 1e-3)")
         _check(self.discopop_tau > 0, "discopop_tau", self.discopop_tau, "must be > 0")
+        _check(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, "ld_alpha", self.ld_alpha, "must be in [0, 1]")
         super().__post_init__()
 
 

@@ -35,7 +35,8 @@ class PairLogps:
     """Per-pair sums of token log-probs and their token counts, all ``[B]``.
 
     ``nll`` / ``nll_tokens`` cover the tokens an NLL term is taken over: the chosen reply, plus the prompt after its
-    first token when asked (TRL's ORPO).
+    first token when asked (TRL's ORPO). ``chosen_shared`` / ``rejected_shared`` sum only each reply's first
+    min(|chosen|, |rejected|) tokens.
     """
 
     chosen: Tensor
@@ -44,6 +45,9 @@ class PairLogps:
     rejected_tokens: Tensor
     nll: Tensor
     nll_tokens: Tensor
+    # the first min(|chosen|, |rejected|) tokens of each reply: LD-DPO's shared length (Liu et al. 2024)
+    chosen_shared: Tensor | None = None
+    rejected_shared: Tensor | None = None
 
 
 def mask_kind(model: Any) -> str | None:
@@ -99,9 +103,12 @@ def pair_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None, *,
             batch = {**batch, "attention_mask": model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)}
         tok = fast_token_logps(model, batch, wanted, path)
     chosen, rejected = batch["chosen_mask"].bool(), batch["rejected_mask"].bool()
+    shared = torch.minimum(chosen.sum(-1), rejected.sum(-1))[:, None]
     return PairLogps(chosen=(tok * chosen).sum(-1), rejected=(tok * rejected).sum(-1),
                      chosen_tokens=chosen.sum(-1), rejected_tokens=rejected.sum(-1),
-                     nll=(tok * nll).sum(-1), nll_tokens=nll.sum(-1))
+                     nll=(tok * nll).sum(-1), nll_tokens=nll.sum(-1),
+                     chosen_shared=(tok * (chosen & (chosen.cumsum(-1) <= shared))).sum(-1),
+                     rejected_shared=(tok * (rejected & (rejected.cumsum(-1) <= shared))).sum(-1))
 
 
 def fast_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, path: FastPath) -> Tensor:

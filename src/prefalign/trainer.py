@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -344,7 +345,8 @@ class DPOTrainer(_PreferenceTrainer):
 
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
-        path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows))
+        variant = "" if self.args.ld_alpha is None else f"-ld{self.args.ld_alpha!r}"  # LD-DPO weights the sums
+        path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows) + variant)
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
 
         def compute() -> tuple[Tensor, Tensor]:
@@ -352,8 +354,8 @@ class DPOTrainer(_PreferenceTrainer):
                        disable=not self.is_world_process_zero())
             try:
                 with self.fast():
-                    return batched_pair_logps(lambda b: self._live_reference(self.model, b), rows,
-                                              self.data_collator, batch_size, self.accelerator.device, bar.update)
+                    return batched_pair_logps(self._weighted_reference, rows, self.data_collator, batch_size,
+                                              self.accelerator.device, bar.update)
             finally:
                 bar.close()
 
@@ -381,6 +383,14 @@ class DPOTrainer(_PreferenceTrainer):
             ref_model.requires_grad_(False)
         return ref_model
 
+    def _weighted(self, out: PairLogps) -> tuple[Tensor, Tensor]:
+        """Summed reply log-probs, or with ``ld_alpha`` LD-DPO's: the shared length in full, the rest times alpha."""
+        alpha = self.args.ld_alpha
+        if alpha is None:
+            return out.chosen, out.rejected
+        return (out.chosen_shared + alpha * (out.chosen - out.chosen_shared),
+                out.rejected_shared + alpha * (out.rejected - out.rejected_shared))
+
     def _live_reference(self, model: Any, inputs: dict[str, Tensor]) -> PairLogps:
         """The reference's log-probs of a batch: ``ref_model``, else the policy with its adapter disabled (PEFT),
         else the policy itself (before training, for the precompute)."""
@@ -394,14 +404,19 @@ class DPOTrainer(_PreferenceTrainer):
             with inner.disable_adapter() if _is_peft(inner) else contextlib.nullcontext():
                 return self.batch_logps(model, inputs)
 
+    def _weighted_reference(self, inputs: dict[str, Tensor]) -> PairLogps:
+        out = self._live_reference(self.model, inputs)
+        chosen, rejected = self._weighted(out)
+        return dataclasses.replace(out, chosen=chosen, rejected=rejected)
+
     def _reference_logps(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        ref = self._live_reference(model, inputs)
-        return ref.chosen, ref.rejected
+        return self._weighted(self._live_reference(model, inputs))
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         policy = self.batch_logps(model, inputs)
+        chosen, rejected = self._weighted(policy)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         args = self.args
         weights = args.loss_weights or [1.0] * len(args.loss_type)
@@ -410,15 +425,15 @@ class DPOTrainer(_PreferenceTrainer):
             if loss_type == "sft":
                 part = nll_loss(policy.chosen, self.token_total(policy.chosen_tokens))
             else:
-                part, _ = dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=args.beta,
+                part, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta,
                                    loss_type=loss_type, label_smoothing=args.label_smoothing,
                                    chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
                                    f_divergence_type=args.f_divergence_type,
                                    f_alpha_divergence_coef=args.f_alpha_divergence_coef,
                                    discopop_tau=args.discopop_tau)
             losses = losses + weight * part
-        metrics = pair_metrics(args.beta * (policy.chosen - ref_chosen), args.beta * (policy.rejected - ref_rejected),
-                               policy.chosen, policy.rejected)
+        metrics = pair_metrics(args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected), chosen,
+                               rejected)
         return losses, metrics  # type: ignore[return-value]
 
 
