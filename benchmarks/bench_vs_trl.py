@@ -1,6 +1,6 @@
 """prefalign vs TRL 1.13, side by side in one run: same model, data, batch, steps, fp32.
 
-    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo,cpo]
 
 Every (shape, method, library) runs in its own subprocess, so peak RSS is that configuration's alone. Reports
 seconds per optimizer step (median over the measured steps, after two warm-up steps: the first steps of any CPU
@@ -90,6 +90,10 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
         if method == "dpo":
             # No ref_model: each library's default (TRL loads a second copy from the model's path).
             return trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+        if method == "cpo":
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+            return CPOTrainer(model, args=CPOConfig(**common), train_dataset=ds, processing_class=tok)
         return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
     import prefalign
 
@@ -102,6 +106,9 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
         common.update(gradient_checkpointing=True, logprob_chunk_rows=256)
     if method == "dpo":
         return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+    if method == "cpo":  # CPO's sigmoid loss + NLL of the chosen replies, TRL's tokens (trl_compat)
+        return prefalign.CPOTrainer(model, args=prefalign.CPOConfig(**common, trl_compat=True), train_dataset=ds,
+                                    processing_class=tok)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
                                  processing_class=tok)
 
@@ -150,7 +157,7 @@ def _tokenized(trainer) -> list[dict]:
     ds = trainer.train_dataset
     if "prompt_ids" in ds.column_names:
         return ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
-    # TRL's ORPO dataset: prompt_input_ids + chosen/rejected labels (prompt included there)
+    # TRL's ORPO and CPO datasets: prompt_input_ids + chosen/rejected labels (prompt included there)
     out = []
     for r in ds:
         p = len(r["prompt_input_ids"])

@@ -45,6 +45,17 @@ DPO_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
                "logps/rejected"]
 
 
+def _dpo_both(tok, ds, cfg: dict) -> tuple[dict, dict]:
+    """evaluate() of prefalign's and TRL's DPOTrainer: policy and reference differ (seeds 1 and 2), so rewards and
+    margins are not trivially zero."""
+    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
+                      eval_dataset=ds, processing_class=tok).evaluate()
+    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
+                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
+                            eval_dataset=ds, processing_class=tok).evaluate()
+    return ours, theirs
+
+
 # every loss type TRL 1.13 has, and its options; (loss types, extra options)
 LOSS_CASES = {
     "exo_pair": (["exo_pair"], {"label_smoothing": 1e-3}), "nca_pair": (["nca_pair"], {}),
@@ -67,11 +78,7 @@ def test_every_dpo_loss_type_and_option_matches_trl(tmp_path, case):
     ds = datasets.Dataset.from_list(_multi_turn_rows())
     types, extra = LOSS_CASES[case]
     cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=types, **extra)
-    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
-                      eval_dataset=ds, processing_class=tok).evaluate()
-    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
-                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
-                            eval_dataset=ds, processing_class=tok).evaluate()
+    ours, theirs = _dpo_both(tok, ds, cfg)
     _shared_metrics(ours, theirs, DPO_METRICS)
     assert abs(ours["eval_loss"]) > 1e-4
 
@@ -84,12 +91,7 @@ def test_dpo_evaluate_matches_trl(tmp_path, rows_fn, loss_type):
     types = loss_type.split("+")
     cfg = dict(COMMON, output_dir=str(tmp_path), beta=0.5, loss_type=types,
                loss_weights=[1.0, 0.7] if len(types) == 2 else None)
-    # Policy and reference differ (seeds 1 and 2) so rewards and margins are not trivially zero.
-    ours = DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2), args=DPOConfig(**cfg), train_dataset=ds,
-                      eval_dataset=ds, processing_class=tok).evaluate()
-    theirs = trl.DPOTrainer(tiny_llama(tok, 1), ref_model=tiny_llama(tok, 2),
-                            args=trl.DPOConfig(**cfg, gradient_checkpointing=False), train_dataset=ds,
-                            eval_dataset=ds, processing_class=tok).evaluate()
+    ours, theirs = _dpo_both(tok, ds, cfg)
     _shared_metrics(ours, theirs, DPO_METRICS)
     assert abs(ours["eval_rewards/margins"]) > 1e-3  # the comparison is not between zeros
 
