@@ -37,7 +37,7 @@ def test_patched_model_matches_stock_values_and_gradients(tok):
         scale = g.abs().max().item()
         assert scale > 0, name
         assert (lean[name] - g).abs().max().item() <= 1e-5 * max(scale, 1.0), name
-    layers.restore(model)
+    layers.restore(model.modules())
     assert all("forward" not in vars(m) for m in model.modules())
 
 

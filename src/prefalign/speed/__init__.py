@@ -47,11 +47,10 @@ class Speed:
     """What ``enable`` switched on, and how to switch it off. ``path`` is what the log-prob function takes."""
 
     def __init__(self, path: FastPath | None, undo: list[Callable[[], Any]], lean_modules: int = 0,
-                 release_hooks: int = 0, grouped_attention: bool = False, allocator: bool = False) -> None:
+                 grouped_attention: bool = False) -> None:
         self.path = path
         self._undo = undo
-        self.lean_modules, self.release_hooks = lean_modules, release_hooks
-        self.grouped_attention, self.allocator = grouped_attention, allocator
+        self.lean_modules, self.grouped_attention = lean_modules, grouped_attention
 
     def prepare_optimizer(self, optimizer: Any) -> None:
         """AdamW state before the first step, not inside it: less heap fragmentation (speed/allocator.py)."""
@@ -86,9 +85,9 @@ def enable(model: Any, args: Any) -> Speed:
     try:
         patched = layers.apply(inner) if getattr(args, "lean_activations", True) else []
         if patched:
-            undo.append(lambda: [vars(m).pop("forward", None) for m in patched])
-        # asked for explicitly: process-wide and for good (see speed/allocator.py for why it is not undone)
-        allocator = bool(on_cpu and getattr(args, "cpu_allocator_cache", False) and retain_freed_memory())
+            undo.append(lambda: layers.restore(patched))
+        if on_cpu and getattr(args, "cpu_allocator_cache", False):
+            retain_freed_memory()  # asked for: process-wide and for good (speed/allocator.py says why not undone)
         hooks = _release_hooks(inner, getattr(args, "release_cpu_memory_every", 0)) if on_cpu else []
         undo.extend(h.remove for h in hooks)
         attention_undo = use_grouped_sdpa(inner)
@@ -98,22 +97,22 @@ def enable(model: Any, args: Any) -> Speed:
         _run_all(undo)
         raise
     path = FastPath(chunk_rows=getattr(args, "logprob_chunk_rows", None), rebuild_norm_outputs=bool(patched))
-    return Speed(path, undo, lean_modules=len(patched), release_hooks=len(hooks),
-                 grouped_attention=attention_undo is not None, allocator=allocator)
+    return Speed(path, undo, lean_modules=len(patched), grouped_attention=attention_undo is not None)
 
 
 def _release_hooks(model: Any, every: int) -> list[Any]:
     """release_cpu_memory_every's hooks; a warning says why when it can do nothing."""
     if not every:
         return []
-    hooks = release_after_layers(model, every) if can_release_memory() else []
+    if not can_release_memory():
+        logger.warning("release_cpu_memory_every=%d has no effect: this C library has no malloc_trim (glibc only)",
+                       every)
+        return []
+    hooks = release_after_layers(model, every)
     if not hooks:
-        if not can_release_memory():
-            why = "this C library has no malloc_trim (glibc only)"
-        else:
-            n_layers = len(decoder_layers(model))
-            why = (f"the model has only {n_layers} decoder layers" if n_layers else
-                   "the model has no decoder-layer list (layers or h)")
+        n_layers = len(decoder_layers(model))
+        why = (f"the model has only {n_layers} decoder layers" if n_layers
+               else "the model has no decoder-layer list (layers or h)")
         logger.warning("release_cpu_memory_every=%d has no effect: %s", every, why)
     return hooks
 

@@ -23,7 +23,7 @@ import contextlib
 import threading
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -200,9 +200,9 @@ def apply(model: torch.nn.Module) -> list[torch.nn.Module]:
     return patched
 
 
-def restore(model: torch.nn.Module) -> None:
-    """Undo ``apply``: every module patched by it gets its class's forward back."""
-    for m in model.modules():
+def restore(modules: Iterable[torch.nn.Module]) -> None:
+    """Undo ``apply`` on ``modules`` (what it returned, or ``model.modules()``): each gets its class's forward back."""
+    for m in modules:
         fwd = vars(m).get("forward")
         if getattr(fwd, "__func__", None) in (_mlp_forward, _rmsnorm_forward):
             del m.forward
