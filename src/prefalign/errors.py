@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def row_list(rows: Sequence[int], limit: int = 10) -> str:
+    """Row numbers for a message: the first ``limit``, then "..." when there are more."""
+    return ", ".join(str(r) for r in rows[:limit]) + (" ..." if len(rows) > limit else "")
+
 
 def one_line(text: object) -> str:
     """Collapse a message onto one line: every user error is printed as a single ``prefalign: error:`` line."""

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError, DataError, PrefalignError, one_line
+from ..errors import ConfigError, DataError, PrefalignError, one_line, row_list
 from .format import detect_format, to_example
 from .load import (
     Problem,
@@ -29,6 +29,7 @@ from .load import (
     map_columns,
     pair_scored_rows,
     read_rows,
+    source_name,
     validate_rows,
 )
 from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
@@ -168,8 +169,7 @@ class CheckReport:
 def _shown_rows(rows: Sequence[int], label: str) -> str:
     if not rows:
         return ""
-    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-    return f" ({label}s {shown})"
+    return f" ({label}s {row_list(rows)})"
 
 
 def check_settings(max_length: int | None = 1024, max_prompt_length: int | None = None) -> TokenizeSettings:
@@ -189,12 +189,6 @@ def check_settings(max_length: int | None = 1024, max_prompt_length: int | None 
         raise ConfigError(f"invalid options: {one_line(e)}") from None
     chat = next(f.default for f in fields(PreferenceConfig) if f.name == "chat_template_for_text")
     return TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length, chat=chat)
-
-
-def _source_name(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return f"<in-memory {type(source).__name__}>"
 
 
 def _read(source: Any, split: str, report: CheckReport) -> RawData | None:
@@ -284,7 +278,7 @@ def check_dataset(
     accept the data). Invalid ``max_length`` / ``max_prompt_length`` raise `ConfigError`.
     """
     settings = check_settings(max_length, max_prompt_length)
-    report = CheckReport(_source_name(source), settings, text_format=text_format, pairing=pairing,
+    report = CheckReport(source_name(source), settings, text_format=text_format, pairing=pairing,
                          min_score_margin=min_score_margin)
     if tokenizer is not None:
         report.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__

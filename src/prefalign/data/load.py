@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, one_line
+from ..errors import DataError, one_line, row_list
 from .format import is_messages
 
 logger = logging.getLogger("prefalign")
@@ -486,7 +486,7 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     """
     if on_invalid_row not in ON_INVALID_ROW:
         raise DataError(f"on_invalid_row={on_invalid_row!r} is not one of {', '.join(ON_INVALID_ROW)}.",
-                        source=name or _source_label(source), fix="use 'error' (stop at the first bad row) or 'skip'")
+                        source=name or source_name(source), fix="use 'error' (stop at the first bad row) or 'skip'")
     unreadable: list[Problem] | None = [] if on_invalid_row == "skip" else None
     raw = read_rows(source, split, collect_errors=unreadable, config=config)
     raw.rows_read = len(raw.rows) + len(unreadable or [])
@@ -527,7 +527,8 @@ def _apply_policy(raw: RawData, text_format: str, on_invalid_row: str, unreadabl
 _SKIP_HINT = " To leave such rows out instead (counted and listed): on_invalid_row: skip (--set on_invalid_row=skip)."
 
 
-def _source_label(source: Any) -> str:
+def source_name(source: Any) -> str:
+    """How messages name a source: its path, or what kind of in-memory data it is."""
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<in-memory {type(source).__name__}>"
 
 
@@ -648,5 +649,4 @@ def log_kept(raw: RawData, problems: list[Problem]) -> None:
         groups["invalid rows skipped (on_invalid_row=skip; listed in data_report.json)"] = [p.row for p in
                                                                                             raw.skipped]
     for kind, rows in groups.items():
-        shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-        logger.warning("%s: %d %s (%ss %s)", raw.source, len(rows), kind, raw.row_label, shown)
+        logger.warning("%s: %d %s (%ss %s)", raw.source, len(rows), kind, raw.row_label, row_list(rows))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, row_list
 from .format import Example, to_example
 
 
@@ -58,8 +58,7 @@ class TokenizeReport:
                            ("chosen replies cut to max_length", self.chosen_truncated),
                            ("rejected replies cut to max_length", self.rejected_truncated)):
             if rows:
-                shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-                out.append(f"{len(rows)} of {self.rows} {name} (rows {shown})")
+                out.append(f"{len(rows)} of {self.rows} {name} (rows {row_list(rows)})")
         return out
 
 
