@@ -22,8 +22,9 @@ def _check(cond: bool, name: str, value: Any, rule: str) -> None:
 
 
 @dataclass
-class PreferenceConfig(TrainingArguments):
-    """Options shared by the preference trainers (data handling and model loading).
+class TrainConfig(TrainingArguments):
+    """Options every prefalign trainer shares (SFT and the preference methods): data handling, model loading, the
+    speed boundary.
 
     Defaults that differ from `TrainingArguments`: ``learning_rate`` 1e-6 and ``logging_steps`` 10 (as TRL).
     Unlike TRL, bf16 and gradient checkpointing stay off unless asked for, so CPU runs are exact fp32.
@@ -87,12 +88,6 @@ class PreferenceConfig(TrainingArguments):
                           "evaluate() and undone after. False: the plain path (full logits, gather, mask; stock "
                           "modules; nothing switched on), the oracle the fast path is tested against: same numbers, "
                           "slower. For debugging."})
-    prefix_sharing: bool = field(
-        default=True,
-        metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
-                          "computed once. Used with attn_implementation 'sdpa', 'eager' or 'flex_attention' (a "
-                          "BlockMask); flash-attention kernels take no mask and fall back to padded pairs. Same "
-                          "log-probs either way."})
     packing: bool = field(
         default=True,
         metadata={"help": "With prefix_sharing: shorter pairs share a row (first-fit decreasing into rows no longer "
@@ -151,6 +146,18 @@ class PreferenceConfig(TrainingArguments):
                "must be 'best_worst', 'best_random' or 'all_pairs'")
         _check(self.min_score_margin >= 0, "min_score_margin", self.min_score_margin, "must be >= 0")
         super().__post_init__()
+
+
+@dataclass
+class PreferenceConfig(TrainConfig):
+    """Options shared by the preference trainers: how pairs are laid out in a batch."""
+
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={"help": "One row per pair, [prompt | chosen | rejected], with a 4-D attention mask so the prompt is "
+                          "computed once. Used with attn_implementation 'sdpa', 'eager' or 'flex_attention' (a "
+                          "BlockMask); flash-attention kernels take no mask and fall back to padded pairs. Same "
+                          "log-probs either way."})
 
 
 @dataclass

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,23 @@ class RawData:
     skipped: list[Problem] = field(default_factory=list)  # rows left out under on_invalid_row="skip", with why
     pairing: dict[str, Any] | None = None  # scored completions paired: data/scored.py's PairingReport.to_dict()
     rows_read: int = 0  # rows in the source, unreadable ones included (set by read_valid_rows)
+
+
+@dataclass(frozen=True)
+class RowSchema:
+    """What one kind of dataset's rows hold: preference pairs (here), SFT rows (data/sft.py), unpaired feedback.
+
+    ``columns``: the canonical column names (others are dropped, a column mapping may target only these);
+    ``required``: alternative column sets, of which the data must have one in full; ``validate``: every problem in
+    every row; ``aliases``: alternative names to suggest for a missing column; ``what``: the rows, for messages.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    required: tuple[tuple[str, ...], ...]
+    validate: Callable[[RawData], list[Problem]]
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    what: str = "rows"
 
 
 def _read_jsonl(path: Path, source: str, collect: list[Problem] | None = None) -> RawData:
@@ -304,26 +321,27 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
     return _from_hf_dataset(ds, text, "hub", split)
 
 
-def map_columns(raw: RawData, columns: Mapping[str, str] | None) -> RawData:
+def map_columns(raw: RawData, columns: Mapping[str, str] | None, schema: RowSchema | None = None) -> RawData:
     """Rename user columns to prefalign's names (``{"chosen": "good_answer", ...}``) and check required ones."""
+    schema = schema or PREFERENCE_ROWS
     columns = dict(columns or {})
     for canon, actual in columns.items():
-        if canon not in CANONICAL_COLUMNS:
+        if canon not in schema.columns:
             raise DataError(f"unknown target column '{canon}' in the column mapping.", source=raw.source,
-                            fix=f"map onto {', '.join(CANONICAL_COLUMNS)}")
+                            fix=f"map onto {', '.join(schema.columns)}")
         if actual not in raw.columns:
             raise DataError(f"column mapping {canon}={actual}: the data has no column '{actual}' "
                             f"(found: {', '.join(raw.columns) or 'none'}).", source=raw.source,
                             fix="use one of the columns found")
     if not raw.rows:
-        raise DataError("the dataset is empty (0 rows).", source=raw.source,
-                        fix="add preference rows with chosen and rejected fields")
-    present = {c: columns.get(c, c) for c in CANONICAL_COLUMNS if columns.get(c, c) in raw.columns}
-    missing = [c for c in REQUIRED_COLUMNS if c not in present]
-    if missing:
-        guesses = {c: next((a for a in _ALIASES.get(c, ()) if a in raw.columns), "<column>") for c in missing}
+        raise DataError("the dataset is empty (0 rows).", source=raw.source, fix=f"add {schema.what}")
+    present = {c: columns.get(c, c) for c in schema.columns if columns.get(c, c) in raw.columns}
+    if not any(all(c in present for c in option) for option in schema.required):
+        missing = [c for c in schema.required[0] if c not in present]
+        guesses = {c: next((a for a in schema.aliases.get(c, ()) if a in raw.columns), "<column>") for c in missing}
         cli = ",".join(f"{c}={g}" for c, g in guesses.items())
-        raise DataError(f"missing column(s) {', '.join(repr(c) for c in missing)}; found columns: "
+        others = "; or " + " / ".join("+".join(o) for o in schema.required[1:]) if len(schema.required) > 1 else ""
+        raise DataError(f"missing column(s) {', '.join(repr(c) for c in missing)}{others}; found columns: "
                         f"{', '.join(raw.columns) or 'none'}.", source=raw.source,
                         fix=f"rename them, or map them with --columns {cli} (Python: columns={guesses!r})")
     # A field absent from a row stays absent (validate_rows reports a missing required field as missing, not null).
@@ -417,6 +435,10 @@ def validate_rows(raw: RawData) -> list[Problem]:
     return problems
 
 
+PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS, (REQUIRED_COLUMNS,), validate_rows, _ALIASES,
+                            "preference rows with chosen and rejected fields")
+
+
 def _completion_text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -476,13 +498,14 @@ def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
                     name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
                     pairing: str = "best_worst", min_score_margin: float = 0.0, seed: int = 0,
-                    config: str | None = None) -> tuple[RawData, list[Problem]]:
+                    config: str | None = None, schema: RowSchema | None = None) -> tuple[RawData, list[Problem]]:
     """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
 
     Scored completions are paired first (``pairing``, ``min_score_margin``, ``seed``: data/scored.py).
     ``on_invalid_row="error"``: raise on the first row that cannot be trained on. ``"skip"``: leave such rows out
     (unreadable lines too) and list each with its reason in ``raw.skipped``. ``name`` replaces the source in
-    messages (the trainer says "train dataset" for in-memory data).
+    messages (the trainer says "train dataset" for in-memory data). ``schema``: the kind of rows (default
+    preference pairs; see RowSchema).
     """
     if on_invalid_row not in ON_INVALID_ROW:
         raise DataError(f"on_invalid_row={on_invalid_row!r} is not one of {', '.join(ON_INVALID_ROW)}.",
@@ -492,15 +515,15 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
-    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns)
-    return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name))
+    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns, schema)
+    return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name), schema=schema)
 
 
 def _apply_policy(raw: RawData, text_format: str, on_invalid_row: str, unreadable: list[Problem],
-                  in_memory: bool = False) -> tuple[RawData, list[Problem]]:
+                  in_memory: bool = False, schema: RowSchema | None = None) -> tuple[RawData, list[Problem]]:
     """Convert published formats, validate, and raise or skip by ``on_invalid_row`` (see read_valid_rows)."""
     raw, conversion = convert_published_formats(raw, text_format)
-    problems = conversion + validate_rows(raw)
+    problems = conversion + (schema or PREFERENCE_ROWS).validate(raw)
     fatal = [p for p in problems if p.fatal]
     if on_invalid_row == "skip":
         first: dict[int, Problem] = {}
@@ -571,14 +594,15 @@ def load_preference_dataset(
     return as_dataset(raw)
 
 
-def as_dataset(raw: RawData) -> Any:
-    """Validated rows as a `datasets.Dataset` that remembers its source and row numbers (see validated_rows)."""
+def as_dataset(raw: RawData, schema: RowSchema | None = None) -> Any:
+    """Validated rows as a `datasets.Dataset` that remembers its source, row numbers and the schema they were
+    validated against (see validated_rows)."""
     import datasets
 
     # Every row gets every column (an absent optional field is None): Dataset.from_list takes the first row's keys.
     keep = [c for c in raw.columns if c != "prompt" or any(r.get("prompt") is not None for r in raw.rows)]
     record = {"source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
-              "pairing": raw.pairing, "rows": _rows_key(raw.row_numbers),
+              "pairing": raw.pairing, "rows": _rows_key(raw.row_numbers), "schema": (schema or PREFERENCE_ROWS).name,
               "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}
     ds = datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
                                      for r, n in zip(raw.rows, raw.row_numbers, strict=True)])
@@ -607,7 +631,7 @@ def _loader_info(dataset: Any) -> dict[str, Any] | None:
         return None
 
 
-def validated_rows(data: Any, name: str, **options: Any) -> RawData:
+def validated_rows(data: Any, name: str, schema: RowSchema | None = None, **options: Any) -> RawData:
     """The rows of ``data`` for tokenisation, validated exactly once.
 
     A dataset from `load_preference_dataset` was validated by it: its rows, source, row numbers and skipped rows
@@ -623,18 +647,20 @@ def validated_rows(data: Any, name: str, **options: Any) -> RawData:
         raw = RawData(info["source"], info.get("kind", "dataset"), rows, columns, info.get("row_label", "row"),
                       numbers, info.get("converted_from"), pairing=info.get("pairing"))
         fingerprint = getattr(data, "_fingerprint", None)
-        # exactly what the loader validated (not filtered, split or mapped since)
-        if info.get("rows") == _rows_key(numbers) and info.get("fingerprint") in (None, fingerprint):
+        # exactly what the loader validated (not filtered, split or mapped since), as the same kind of rows
+        if (info.get("rows") == _rows_key(numbers) and info.get("fingerprint") in (None, fingerprint)
+                and info.get("schema", "preference") == (schema or PREFERENCE_ROWS).name):
             raw.skipped = [Problem(p["row"], p.get("field"), p["message"], p.get("fix"))
                            for p in info.get("skipped", [])]
             return raw
-        # derived from a loaded dataset (filtered, split, mapped): validated again, by the same source numbers
+        # derived from a loaded dataset (filtered, split, mapped) or loaded as another kind of rows: validated
+        # again, by the same source numbers
         raw, problems = _apply_policy(raw, options.get("text_format", "auto"),
-                                      options.get("on_invalid_row", "error"), [])
+                                      options.get("on_invalid_row", "error"), [], schema=schema)
         log_kept(raw, problems)
         return raw
     in_memory = not isinstance(data, (str, os.PathLike))
-    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, **options)
+    raw, problems = read_valid_rows(data, columns=None, name=name if in_memory else None, schema=schema, **options)
     log_kept(raw, problems)
     return raw
 
