@@ -1,4 +1,4 @@
-"""prefalign: preference alignment (DPO, ORPO, CPO / SimPO) for causal language models, with TRL's API.
+"""prefalign: SFT and preference alignment (DPO, ORPO, CPO / SimPO) for causal language models, with TRL's API.
 
 The public names are imported on first use (PEP 562), so ``import prefalign`` (and ``prefalign --help``) does not
 import torch or transformers; ``from prefalign import DPOTrainer`` works as usual.
@@ -13,8 +13,9 @@ from .errors import ConfigError, DataError, PrefalignError
 
 if TYPE_CHECKING:
     from .chat_format import setup_chat_format
-    from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
+    from .config import CPOConfig, DPOConfig, ORPOConfig, SFTConfig, SimPOConfig
     from .data.load import load_preference_dataset
+    from .sft import SFTTrainer
     from .trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "ORPOConfig",
     "ORPOTrainer",
     "PrefalignError",
+    "SFTConfig",
+    "SFTTrainer",
     "SimPOConfig",
     "load_preference_dataset",
     "setup_chat_format",
@@ -38,6 +41,8 @@ _LAZY = {
     "ORPOConfig": ".config",
     "CPOConfig": ".config",
     "SimPOConfig": ".config",
+    "SFTConfig": ".config",
+    "SFTTrainer": ".sft",
     "DPOTrainer": ".trainer",
     "ORPOTrainer": ".trainer",
     "CPOTrainer": ".trainer",

@@ -309,3 +309,51 @@ class SimPOConfig(CPOConfig):
     loss_type: str = field(default="simpo", metadata={"help": "simpo, or alphapo (needs alpha != 0)."})
     cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of an NLL term on the chosen replies."})
     simpo_gamma: float = field(default=1.0, metadata={"help": "Target reward margin gamma (gamma / beta = 0.5)."})
+
+
+SFT_LOSS_TYPES = ("nll", "chunked_nll", "dft")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: next-token NLL on completions / assistant turns (or every token of text rows).
+
+    Names and defaults as TRL 1.13's SFTConfig where it has the option (learning_rate 2e-5, max_length 1024), with
+    two differences: ``packing`` is on (within a batch, by attention mask: see its help) and conversations train on
+    their assistant turns by default (``assistant_only_loss``; TRL's default trains on every token).
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate (TRL's SFT default)."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Max tokens per example; longer ones keep their start and are counted (a row left with no "
+                          "loss token is an error, see on_invalid_row). None: no limit."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Examples of a batch share rows (first-fit decreasing into rows no longer than the batch's "
+                          "longest example) with a block-diagonal attention mask and positions restarting at each "
+                          "example: no example sees another, and the loss is the same as unpacked; less padding, "
+                          "fewer rows. Needs attn_implementation 'sdpa', 'eager' or 'flex_attention' (flash-attention "
+                          "kernels take no mask: padded rows instead). Unlike TRL's packing it never cuts an example "
+                          "or changes which examples form a batch."})
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Prompt-completion (and preference) rows: loss on the completion only (None or True, as "
+                          "TRL), or on prompt and completion (False)."})
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Conversational (messages) rows: loss on the assistant turns only (None or True; found by "
+                          "rendering the chat template up to each turn, so no {% generation %} markers are needed), "
+                          "or on every token (False, TRL's default)."})
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "The column holding language-modelling text (TRL's name)."})
+    loss_type: str = field(
+        default="nll",
+        metadata={"help": "'nll' (next-token negative log-likelihood; 'chunked_nll', TRL's name for its chunked "
+                          "head, is the same here: prefalign's head is always chunked), or 'dft' (Dynamic "
+                          "Fine-Tuning, Wu et al. 2025: each token's NLL weighted by its detached probability).",
+                  "choices": list(SFT_LOSS_TYPES)})
+
+    def __post_init__(self) -> None:
+        _check(self.loss_type in SFT_LOSS_TYPES, "loss_type", self.loss_type, f"must be one of {SFT_LOSS_TYPES}")
+        super().__post_init__()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .models import unwrap
 from .speed.forward import FastPath, target_logps
-from .speed.head import gather_logps
+from .speed.head import TopHits, gather_logps
 
 # attention implementations that take a custom mask, and in which form (see model_attention_mask)
 _MASK_KINDS = {"sdpa": "float", "eager": "float", "prefalign_grouped_sdpa": "float", "flex_attention": "block"}
@@ -154,3 +154,26 @@ def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor) -> T
         out[i, :n] = chosen_seq[:n]  # prompt and chosen positions, as in pair layout
         out[i, n:n + r[i]] = rejected_seq[p[i]:p[i] + r[i]]
     return out * wanted
+
+
+def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
+             top: TopHits | None = None) -> Tensor:
+    """Log-probs ``[T]`` of an LM batch's labelled tokens (data/collate.py's LMCollator: ``labels`` in row layout,
+    each predicted by the position before it), in row-major order; ``top`` collects top-1 hits.
+
+    Fast path: the completion-only chunked head on the labelled positions only. Plain path (``path=None``): the
+    model's full logits, log-softmax, gather: the oracle.
+    """
+    labels = batch["labels"]
+    rows, cols = (labels != -100).nonzero(as_tuple=True)
+    targets = labels[rows, cols]
+    mask = batch["attention_mask"]
+    if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
+        mask = model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    if path is not None:
+        return target_logps(model, inputs, rows, cols - 1, targets, path, top=top)
+    logits = model(**inputs, use_cache=False).logits[rows, cols - 1]
+    if top is not None:
+        top.add(logits.argmax(-1) == targets)
+    return gather_logps(logits, targets)

@@ -24,9 +24,9 @@ from . import runs
 from .errors import ConfigError, PrefalignError, one_line
 
 if TYPE_CHECKING:
-    from .config import PreferenceConfig
+    from .config import TrainConfig
 
-METHODS = ("dpo", "orpo", "cpo", "simpo")
+METHODS = ("dpo", "orpo", "cpo", "simpo", "sft")
 RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns",
             "dataset_mixture", "eval_split_size")
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
@@ -55,11 +55,11 @@ def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None
     return mapping or None
 
 
-def config_class(method: str) -> type[PreferenceConfig]:
+def config_class(method: str) -> type[TrainConfig]:
     """The config dataclass of a method; imported here, so resolving options is the first thing to load it."""
-    from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
+    from .config import CPOConfig, DPOConfig, ORPOConfig, SFTConfig, SimPOConfig
 
-    return {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": SimPOConfig}[method]
+    return {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": SimPOConfig, "sft": SFTConfig}[method]
 
 
 def config_fields(cls: type) -> dict[str, Any]:
@@ -281,7 +281,7 @@ def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     return TrainPlan(method, run, options, overwrite=args.overwrite, resume=args.resume)
 
 
-def build_config(plan: TrainPlan) -> PreferenceConfig:
+def build_config(plan: TrainPlan) -> TrainConfig:
     """The config object; range errors from the config class and TrainingArguments become one-line errors."""
     import torch
 

@@ -26,9 +26,9 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import speed
 from .checkpoints import CheckpointMixin, GracefulStop
-from .config import CPOConfig, DPOConfig, ORPOConfig, PreferenceConfig
+from .config import CPOConfig, DPOConfig, ORPOConfig, PreferenceConfig, TrainConfig
 from .data.collate import PairCollator, PrefixSharedCollator
-from .data.load import ROW_COLUMN, skipped_entries, validated_rows
+from .data.load import PREFERENCE_ROWS, ROW_COLUMN, RawData, RowSchema, skipped_entries, validated_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, mask_kind, pair_logps
@@ -54,17 +54,25 @@ class MetricsJsonlCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-class _PreferenceTrainer(CheckpointMixin, Trainer):
-    """What DPO and ORPO share: model and tokenizer loading, dataset preparation, metric bookkeeping."""
+class _Trainer(CheckpointMixin, Trainer):
+    """What every prefalign trainer shares: model and tokenizer loading, dataset validation and tokenisation (once,
+    by source row), the speed boundary, the non-finite check, metric bookkeeping. Subclasses say which rows they
+    take (``schema``), how rows become token ids (``_tokenize``), how a batch is laid out (``_default_collator``)
+    and what the loss is (``compute_loss``)."""
 
-    config_class: type[PreferenceConfig] = PreferenceConfig
-    method = "preference"
+    config_class: type[TrainConfig] = TrainConfig
+    method = "train"
+    schema: RowSchema = PREFERENCE_ROWS
+    tokenized_columns: list[str] = TOKENIZED_COLUMNS
+    extra_columns: list[str] = []  # other columns a batch carries (precomputed reference log-probs)
+    # the Trainer passes num_items_in_batch (the global token count) to compute_loss only when this is True
+    uses_num_items_in_batch = False
 
     def __init__(
         self,
         model: str | PreTrainedModel | None = None,
         ref_model: str | PreTrainedModel | None = None,
-        args: PreferenceConfig | None = None,
+        args: TrainConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -105,17 +113,15 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
         if data_collator is None:
-            shared = args.prefix_sharing and mask_kind(model) is not None
-            data_collator = (PrefixSharedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.packing)
-                             if shared else PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
+            data_collator = self._default_collator(model, tokenizer, args)
         self.graceful_stop = GracefulStop()
         callbacks = list(callbacks or []) + [MetricsJsonlCallback(Path(args.output_dir) / "metrics.jsonl"),
                                              self.graceful_stop]
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
-        # We compute our own loss; let the Trainer scale it for gradient accumulation.
-        self.model_accepts_loss_kwargs = False
+        # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
+        self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         if self.ref_model is not None:
@@ -154,23 +160,24 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             self._speed.prepare_optimizer(optimizer)
         return optimizer
 
-    def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
+    def _make_reference(self, model: Any, ref_model: Any, args: TrainConfig, peft_config: Any) -> Any:
         return None
 
-    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
-        return TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                chat=args.chat_template_for_text)
+    def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig) -> Any:
+        raise NotImplementedError
 
-    def _prepare_dataset(self, dataset: Any, name: str, args: PreferenceConfig) -> datasets.Dataset | None:
-        """Tokenize preference rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
+    def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
+        """Validated rows → token-id examples and what tokenisation cut or skipped."""
+        raise NotImplementedError
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
+        """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
-        if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
+        if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) <= set(dataset.column_names):
             return dataset
-        skip = args.on_invalid_row == "skip"
-        raw = validated_rows(dataset, name=f"{name} dataset", **row_options(args))
-        pairs, report = tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
-                                      row_numbers=raw.row_numbers, row_label=raw.row_label, skip_invalid=skip)
+        raw = validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args))
+        pairs, report = self._tokenize(raw, args)
         dropped = {s.pop("index") for s in report.skipped}
         numbers = [n for i, n in enumerate(raw.row_numbers) if i not in dropped]
         if not pairs:
@@ -199,36 +206,7 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
-            self._signature_columns = TOKENIZED_COLUMNS + ["ref_chosen_logps", "ref_rejected_logps"]
-
-    # ----- loss ---------------------------------------------------------------------------------------------------
-    def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False) -> PairLogps:
-        """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``."""
-        return pair_logps(model, inputs, self._speed.path if self._speed is not None else None,
-                          nll_on_prompt=nll_on_prompt)
-
-    def token_total(self, counts: Tensor) -> Tensor:
-        """The token count a token-mean NLL divides by: this batch's, or under several processes the global count
-        over the number of processes (their gradients are averaged), so every process count gives the same loss."""
-        total = counts.sum().float()
-        world = self.accelerator.num_processes
-        if world > 1:
-            total = self.accelerator.reduce(total.detach(), reduction="sum") / world
-        return total
-
-    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-pair losses ``[B]`` and per-pair metrics of one batch."""
-        raise NotImplementedError
-
-    def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
-        mode = "train" if model.training else "eval"
-        losses, metrics = self.pair_losses(model, inputs)
-        loss = losses.mean()  # the one reduction: the mean over the batch's pairs
-        for key, value in metrics.items():
-            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
-            self._metrics[mode][key].append(gathered.mean().item())
-        return (loss, metrics) if return_outputs else loss
+            self._signature_columns = self.tokenized_columns + self.extra_columns
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """The Trainer's step, then a check that the loss and every gradient are finite (see on_nonfinite)."""
@@ -257,6 +235,11 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def log_metric(self, model: Any, key: str, value: Tensor) -> None:
+        """Record one batch's value of a metric (averaged over processes now, over batches when logged)."""
+        gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+        self._metrics["train" if model.training else "eval"][key].append(gathered.mean().item())
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         stored = self._metrics[mode]
@@ -264,6 +247,56 @@ class _PreferenceTrainer(CheckpointMixin, Trainer):
         logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})
         stored.clear()
         super().log(logs, start_time)
+
+
+class _PreferenceTrainer(_Trainer):
+    """What the pair trainers (DPO, ORPO, CPO) share: pair tokenisation and layout, the batch → log-probs contract,
+    per-pair losses whose mean is the loss."""
+
+    config_class: type[PreferenceConfig] = PreferenceConfig
+    method = "preference"
+    extra_columns = ["ref_chosen_logps", "ref_rejected_logps"]
+
+    def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
+        return TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                chat=args.chat_template_for_text)
+
+    def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
+        return tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
+                             row_numbers=raw.row_numbers, row_label=raw.row_label,
+                             skip_invalid=args.on_invalid_row == "skip")
+
+    def _default_collator(self, model: Any, tokenizer: Any, args: PreferenceConfig) -> Any:
+        if args.prefix_sharing and mask_kind(model) is not None:
+            return PrefixSharedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.packing)
+        return PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+
+    # ----- loss ---------------------------------------------------------------------------------------------------
+    def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False) -> PairLogps:
+        """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``."""
+        return pair_logps(model, inputs, self._speed.path if self._speed is not None else None,
+                          nll_on_prompt=nll_on_prompt)
+
+    def token_total(self, counts: Tensor) -> Tensor:
+        """The token count a token-mean NLL divides by: this batch's, or under several processes the global count
+        over the number of processes (their gradients are averaged), so every process count gives the same loss."""
+        total = counts.sum().float()
+        world = self.accelerator.num_processes
+        if world > 1:
+            total = self.accelerator.reduce(total.detach(), reduction="sum") / world
+        return total
+
+    def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-pair losses ``[B]`` and per-pair metrics of one batch."""
+        raise NotImplementedError
+
+    def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
+        losses, metrics = self.pair_losses(model, inputs)
+        loss = losses.mean()  # the one reduction: the mean over the batch's pairs
+        for key, value in metrics.items():
+            self.log_metric(model, key, value)
+        return (loss, metrics) if return_outputs else loss
 
 
 def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
@@ -274,14 +307,14 @@ def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
     return processing_class if processing_class is not None else tokenizer
 
 
-def row_options(args: PreferenceConfig) -> dict[str, Any]:
+def row_options(args: TrainConfig) -> dict[str, Any]:
     """The config fields that decide which rows a dataset yields (data/load.py's read_valid_rows options)."""
     return {"text_format": args.text_format, "on_invalid_row": args.on_invalid_row, "pairing": args.pairing,
             "min_score_margin": args.min_score_margin, "seed": args.data_seed if args.data_seed is not None
             else args.seed}
 
 
-def _init_kwargs(args: PreferenceConfig) -> dict[str, Any]:
+def _init_kwargs(args: TrainConfig) -> dict[str, Any]:
     kwargs = dict(args.model_init_kwargs or {})
     if "torch_dtype" in kwargs:  # the pre-transformers-5 name
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))

@@ -1,4 +1,5 @@
-"""``prefalign train``: resolve the options (`prefalign.options`), train with DPO or ORPO, write a run directory."""
+"""``prefalign train``: resolve the options (`prefalign.options`), train (SFT, DPO, ORPO, CPO, SimPO), write a run
+directory."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from ..options import TrainPlan, build_config, resolve_plan
 from . import PROG, print_error
 
 if TYPE_CHECKING:
-    from ..config import PreferenceConfig
+    from ..config import TrainConfig
 
 
-def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any]:
-    """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
+def load_train_data(plan: TrainPlan, config: TrainConfig) -> tuple[Any, Any]:
+    """The training and (optional) evaluation rows, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
     from ..data.mixture import load_mixture, load_with_split
     from ..trainer import row_options
 
     rows = row_options(config)
+    if plan.method == "sft":
+        from ..data.sft import SFT_ROWS
+
+        rows["schema"] = SFT_ROWS
     columns = plan.run["columns"]
     if plan.run.get("dataset_mixture") is not None:
         train, evaluation = load_mixture(plan.run["dataset_mixture"], options=rows)
@@ -38,8 +43,9 @@ def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any
     return train, evaluation
 
 
-def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluation: Any) -> Any:
+def make_trainer(plan: TrainPlan, config: TrainConfig, train: Any, evaluation: Any) -> Any:
     """Load the model(s) and tokenize the data; remove the output directory again if this fails after creating it."""
+    from ..sft import SFTTrainer
     from ..trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
     out = plan.output_dir
@@ -48,7 +54,8 @@ def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluati
     try:
         if plan.method == "dpo":
             return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
-        return (ORPOTrainer if plan.method == "orpo" else CPOTrainer)(**common)  # cpo, simpo
+        trainers = {"orpo": ORPOTrainer, "sft": SFTTrainer, "cpo": CPOTrainer, "simpo": CPOTrainer}
+        return trainers[plan.method](**common)
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -104,7 +111,13 @@ def summary_line(trainer: Any, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the options, load everything, train, and write the run directory (see `prefalign.runs`)."""
+    """Resolve the options, load everything, train, and write the run directory (see `prefalign.runs`); a recipe
+    with ``stages:`` runs as a pipeline (`prefalign.pipeline`)."""
+    from .. import pipeline
+
+    recipe = pipeline.read_recipe(args.config)
+    if recipe is not None:
+        return pipeline.run(args, recipe)
     plan = resolve_plan(args)
     config = build_config(plan)
     out = plan.output_dir
@@ -120,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = make_trainer(plan, config, train, evaluation)
     from ..progress import use_progress_bar
 
-    progress = use_progress_bar(trainer)
+    progress = use_progress_bar(trainer, getattr(args, "progress_desc", "training"))
     if plan.overwrite and trainer.is_world_process_zero():
         runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
     try:

@@ -149,3 +149,52 @@ class PrefixSharedCollator:
             **_part_masks(pair_part),
         }
         return _with_reference(batch, examples)
+
+
+@dataclass
+class LMCollator:
+    """SFT batches: each example's ``input_ids`` with ``labels`` (the token where ``loss_mask`` is 1, else -100, as
+    the Trainer counts them for ``num_items_in_batch``) in row layout; a position's label is predicted by the
+    position before it in the same row.
+
+    With ``pack``, examples share rows (first-fit decreasing into rows no longer than the batch's longest example):
+    a boolean ``[R, 1, L, L]`` block-diagonal causal mask keeps every example to its own tokens and position ids
+    restart at each example, so an example's loss is the same alone and packed (tests/test_sft.py). Without it,
+    right-padded rows with a 2-D padding mask (attention kernels that take no custom mask).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    pack: bool = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        longest = max(lengths)
+        length = _round_up(longest, self.pad_to_multiple_of)
+        rows = pack_rows(lengths, longest) if self.pack else [[i] for i in range(len(examples))]
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        segment = torch.full((len(rows), length), -1, dtype=torch.long)  # which example owns the position
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                ids = torch.tensor(list(examples[i]["input_ids"]), dtype=torch.long)
+                keep = torch.tensor(list(examples[i]["loss_mask"]), dtype=torch.bool)
+                span = slice(start, start + len(ids))
+                input_ids[r, span] = ids
+                labels[r, span] = ids.masked_fill(~keep, -100)
+                labels[r, start] = -100  # nothing in this example predicts its first token
+                segment[r, span] = i
+                position_ids[r, span] = torch.arange(len(ids))
+                start += len(ids)
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                 "token_count": torch.tensor(sum(lengths))}
+        if self.pack:
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(1) >= 0)
+            pad_rows = (segment < 0).unsqueeze(2) & torch.eye(length, dtype=torch.bool)  # padding sees itself
+            batch["attention_mask"] = ((causal & same) | pad_rows).unsqueeze(1)
+        else:
+            batch["attention_mask"] = (segment >= 0).long()
+        return batch

@@ -29,19 +29,19 @@ from typing import Any
 
 from ..errors import ConfigError
 from .format import is_messages, to_example
-from .load import CANONICAL_COLUMNS, Problem, RawData, as_dataset, read_valid_rows
+from .load import PREFERENCE_ROWS, Problem, RawData, RowSchema, as_dataset, read_valid_rows
 
 _MEMBER_KEYS = {"id", "path", "split", "config", "columns", "weight"}
 
 
-def _member_columns(columns: Any, where: str) -> dict[str, str] | None:
+def _member_columns(columns: Any, where: str, schema: RowSchema) -> dict[str, str] | None:
     """alignment-handbook's list of columns to keep, or prefalign's mapping onto canonical names."""
     if columns is None:
         return None
     if isinstance(columns, Mapping):
         return {str(k): str(v) for k, v in columns.items()}
     if isinstance(columns, list) and all(isinstance(c, str) for c in columns):
-        return {c: c for c in columns if c in CANONICAL_COLUMNS} or None
+        return {c: c for c in columns if c in schema.columns} or None
     raise ConfigError(f"{where}: columns={columns!r} is neither a list of column names nor a mapping. Fix: write "
                       "columns: [prompt, chosen, rejected] or columns: {chosen: good, rejected: bad}")
 
@@ -84,6 +84,7 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
         raise ConfigError(f"dataset_mixture: unknown key(s) {', '.join(sorted(unknown))}. Fix: use datasets, seed, "
                           "test_split_size")
     seed = spec.get("seed", 0)
+    schema = (options or {}).get("schema") or PREFERENCE_ROWS
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"dataset_mixture: seed={seed!r} is not an integer.")
     rows: list[dict[str, Any]] = []
@@ -103,7 +104,7 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
                               "dataset's rows")
         config = member.get("config")
         raw, _ = read_valid_rows(source, str(member.get("split", "train")),
-                                 _member_columns(member.get("columns"), where),
+                                 _member_columns(member.get("columns"), where, schema),
                                  config=None if config is None else str(config), **dict(options or {}))
         order = list(range(len(raw.rows)))
         random.Random(seed * 7919 + i).shuffle(order)
@@ -113,7 +114,8 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
         skipped += raw.skipped
         sources.append(f"{source} ({len(take)} of {len(raw.rows)} rows)")
         labels.add(raw.row_label)
-    if len({is_messages(r["chosen"]) for r in rows}) > 1:  # text members beside conversations: all conversations
+    pairs = all("chosen" in r for r in rows)
+    if pairs and len({is_messages(r["chosen"]) for r in rows}) > 1:  # text beside conversations: all conversations
         rows = [_as_conversation(r) if not is_messages(r["chosen"]) else r for r in rows]
     mixed = RawData(" + ".join(sources), "mixture", rows, list(dict.fromkeys(k for r in rows for k in r)),
                     labels.pop() if len(labels) == 1 else "row", numbers, skipped=skipped)
@@ -121,9 +123,9 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
     random.Random(seed).shuffle(order)
     mixed = replace(mixed, rows=[mixed.rows[j] for j in order], row_numbers=[mixed.row_numbers[j] for j in order])
     if spec.get("test_split_size") is None:
-        return as_dataset(mixed), None
+        return as_dataset(mixed, schema), None
     train, test = split_rows(mixed, spec["test_split_size"], seed, "dataset_mixture.test_split_size")
-    return as_dataset(train), as_dataset(test)
+    return as_dataset(train, schema), as_dataset(test, schema)
 
 
 
@@ -135,7 +137,8 @@ def load_with_split(source: Any, split: str, columns: Mapping[str, str] | None, 
     raw, problems = read_valid_rows(source, split, columns, **dict(options or {}))
     log_kept(raw, problems)
     train, test = split_rows(raw, size, seed)
-    return as_dataset(train), as_dataset(test)
+    schema = (options or {}).get("schema")
+    return as_dataset(train, schema), as_dataset(test, schema)
 
 
 def _as_conversation(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,13 +17,30 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
 
 
+class TopHits:
+    """Collects, per target row, whether the target was the model's top prediction (TRL's mean_token_accuracy),
+    read off the logits the head computes anyway: no second pass over the vocabulary."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+
+    def add(self, hits: Tensor) -> None:
+        self.parts.append(hits.detach().reshape(-1))
+
+    def hits(self) -> Tensor:
+        return torch.cat(self.parts) if self.parts else torch.zeros(0, dtype=torch.bool)
+
+
 def gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # fp32 at least
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return gather_logps(head(hidden), targets)
+def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, top: TopHits | None = None) -> Tensor:
+    logits = head(hidden)
+    if top is not None:
+        top.add(logits.argmax(-1) == targets)
+    return gather_logps(logits, targets)
 
 
 class _LinearHeadLogps(torch.autograd.Function):
@@ -41,7 +58,7 @@ class _LinearHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int, tied: TiedGrad | None = None) -> Tensor:
+                chunk_rows: int, tied: TiedGrad | None = None, top: TopHits | None = None) -> Tensor:
         out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
         lse = torch.empty_like(out)
         buf = None
@@ -50,6 +67,8 @@ class _LinearHeadLogps(torch.autograd.Function):
             z = buf = _logits(hidden[sl], weight, bias, buf)
             m = z.amax(-1, keepdim=True)
             picked = z.gather(-1, targets[sl, None])
+            if top is not None:
+                top.add(picked.squeeze(-1) >= m.squeeze(-1))  # the target holds the row's largest logit
             lse[sl] = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log_()).squeeze(-1)  # z now holds exp(z - m)
             out[sl] = picked.squeeze(-1) - lse[sl]
         # One chunk: its buffer becomes softmax(z) and is kept for backward, which then needs no recompute.
@@ -88,7 +107,7 @@ class _LinearHeadLogps(torch.autograd.Function):
                 grad_b.add_(dz.sum(0))
         if ctx.tied is not None:
             ctx.tied.grad = grad_w  # the tied input embedding adds its rows here (_SparseGradEmbedding)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 class TiedGrad:
@@ -125,11 +144,12 @@ def materialised_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
 
 
 def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
-                       chunk_rows: int | None = None, tied: TiedGrad | None = None) -> Tensor:
+                       chunk_rows: int | None = None, tied: TiedGrad | None = None,
+                       top: TopHits | None = None) -> Tensor:
     """``log softmax(head(hidden))[targets]`` for ``hidden: [T, H]``, at most ``chunk_rows x vocab`` logits alive.
 
     A plain linear head takes the fused path (_LinearHeadLogps); any other head runs as a module, each chunk under
-    activation checkpointing, with the same numbers at a higher cost.
+    activation checkpointing, with the same numbers at a higher cost. ``top`` collects top-1 hits.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -138,15 +158,18 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
         vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
         chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
     if materialised_linear(head, hidden):
-        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied)
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied, top)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
         if need_grad:
+            if top is not None:
+                with torch.no_grad():
+                    top.add(head(h).argmax(-1) == t)
             outs.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
-            outs.append(_head_logps(head, h, t))
+            outs.append(_head_logps(head, h, t, top))
     return torch.cat(outs)
 
 

@@ -1,0 +1,108 @@
+"""SFTTrainer: supervised fine-tuning, the first stage of the course's workflow, on the same machinery as DPO.
+
+Rows are validated and tokenized once (data/sft.py), batches are packed by attention mask (data/collate.py's
+LMCollator), log-probs of the labelled tokens come from the completion-only chunked head inside the speed boundary
+(logps.lm_logps), and the loss is their negative sum over the number of labelled tokens: of the global batch while
+training (the Trainer's ``num_items_in_batch``, so gradient accumulation and several processes give the loss of one
+big batch, as TRL), of the batch in evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+from torch import Tensor
+from transformers import PreTrainedModel, TrainerCallback
+
+from .config import SFTConfig, TrainConfig
+from .data.collate import LMCollator
+from .data.load import RawData
+from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
+from .data.tokenize import TokenizeReport
+from .logps import lm_logps, mask_kind
+from .speed.head import TopHits
+from .trainer import _Trainer
+
+
+class SFTTrainer(_Trainer):
+    """Supervised fine-tuning with TRL's signature: ``SFTTrainer(model, args, train_dataset=..., ...)``.
+
+    Data: ``text`` rows (every token), ``messages`` rows (assistant turns), ``prompt`` + ``completion`` rows (the
+    completion), or preference rows (prompt + chosen). ``formatting_func(row) -> str`` turns each row into text
+    first, as in TRL. Logs ``loss``, ``mean_token_accuracy`` (the share of labelled tokens that were the model's top
+    prediction) and ``num_tokens`` (tokens trained on so far, prompts included, padding not).
+    """
+
+    config_class = SFTConfig
+    method = "sft"
+    schema = SFT_ROWS
+    tokenized_columns = ["input_ids", "loss_mask"]
+    uses_num_items_in_batch = True
+    args: SFTConfig
+
+    def __init__(self, model: str | PreTrainedModel | None = None, args: SFTConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, compute_metrics: Any = None,
+                 callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
+                 peft_config: Any = None, tokenizer: Any = None,
+                 formatting_func: Callable[[dict[str, Any]], str] | None = None) -> None:
+        self.formatting_func = formatting_func
+        self._trained_tokens = 0
+        super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
+        if dataset is not None and not (isinstance(dataset, datasets.Dataset)
+                                        and set(self.tokenized_columns) <= set(dataset.column_names)):
+            dataset = self._as_text_rows(dataset, args)
+        return super()._prepare_dataset(dataset, name, args)
+
+    def _as_text_rows(self, dataset: Any, args: Any) -> Any:
+        """Apply formatting_func, and read ``dataset_text_field`` as ``text`` (TRL's two ways to name the text)."""
+        field = getattr(args, "dataset_text_field", "text")
+        if self.formatting_func is None and field == "text":
+            return dataset
+        rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
+        if self.formatting_func is not None:
+            rows = [{"text": self.formatting_func(r)} for r in rows]
+        else:
+            rows = [{("text" if k == field else k): v for k, v in r.items() if k != "text"} for r in rows]
+        return datasets.Dataset.from_list(rows)
+
+    def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
+        settings = SFTTokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                       completion_only_loss=getattr(args, "completion_only_loss", None),
+                                       assistant_only_loss=getattr(args, "assistant_only_loss", None),
+                                       chat=args.chat_template_for_text)
+        return tokenize_sft_rows(raw.rows, self.tokenizer_, settings, source=raw.source, row_numbers=raw.row_numbers,
+                                 row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
+
+    def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig) -> Any:
+        return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of,
+                          pack=args.packing and mask_kind(model) is not None)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
+        top = TopHits()
+        logps = lm_logps(model, inputs, self._speed.path if self._speed is not None else None, top)
+        if self.args.loss_type == "dft":  # Dynamic Fine-Tuning: each token's NLL times its (detached) probability
+            token_losses = -logps.exp().detach() * logps
+        else:
+            token_losses = -logps
+        if num_items_in_batch is not None:  # training: over the labelled tokens of the global batch
+            loss = token_losses.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        else:
+            loss = token_losses.sum() / max(token_losses.numel(), 1)
+        hits = top.hits()
+        if hits.numel():
+            self.log_metric(model, "mean_token_accuracy", hits.float().mean())
+        if model.training:
+            tokens = inputs["token_count"].reshape(1)  # the batch's tokens, padding not counted
+            self._trained_tokens += int(self.accelerator.gather_for_metrics(tokens).sum().item())
+            self._metrics["train"]["num_tokens"] = [float(self._trained_tokens)]
+        return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
