@@ -21,18 +21,21 @@ from .metrics import Run, Series
 FIGSIZE = (5.0, 3.2)  # inches; at DPI that is 750 x 480 px: text still about 11 px on a 390 px wide phone
 DPI = 150
 FONT = 11
+MARGINS = {"left": 0.135, "right": 0.975, "top": 0.9, "bottom": 0.15}
 RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 KEY_STYLES = ("-", "--", "-.", ":")
 
 
 @dataclass(frozen=True)
 class Panel:
-    """One figure: a title, the training metrics it draws (eval twins ``eval_<key>`` join them) and y limits."""
+    """One figure: a title, the training metrics it draws (eval twins ``eval_<key>`` join them), y limits, and
+    whether smoothing helps (a schedule such as the learning rate is drawn as logged)."""
 
     name: str
     title: str
     keys: tuple[str, ...]
     ylim: tuple[float, float] | None = None
+    smoothed: bool = True
 
 
 PANELS = (
@@ -45,7 +48,7 @@ PANELS = (
     Panel("log_odds", "ORPO log odds", ("log_odds_ratio", "log_odds_chosen")),
     Panel("token_accuracy", "Mean token accuracy", ("mean_token_accuracy",), (-0.03, 1.03)),
     Panel("grad_norm", "Gradient norm", ("grad_norm",)),
-    Panel("learning_rate", "Learning rate", ("learning_rate",)),
+    Panel("learning_rate", "Learning rate", ("learning_rate",), smoothed=False),
 )
 
 
@@ -90,22 +93,24 @@ def present_panels(runs: Mapping[str, Run]) -> list[Panel]:
             if any(len(run.series(k)) or len(run.series("eval_" + k)) for run in runs.values() for k in p.keys)]
 
 
-def _draw(ax, series: Series, color: str, style: str, label: str, *, eval_: bool) -> None:
+def _draw(ax, series: Series, color: str, style: str, label: str, *, eval_: bool, smoothed: bool) -> None:
     if eval_:
         ax.plot(series.steps, series.values, linestyle=style if len(series) > 1 else "none", linewidth=1.2,
                 marker="o", markersize=5, color=color, label=label, markerfacecolor="white", markeredgewidth=1.5)
         return
-    if len(series) > 2:
+    if smoothed and len(series) > 2:
         ax.plot(series.steps, series.values, linestyle=style, linewidth=1.0, color=color, alpha=0.25)
         ax.plot(series.steps, smooth(series.values, smoothing_weight(len(series))), linestyle=style,
                 linewidth=2.0, color=color, label=label)
     else:
-        ax.plot(series.steps, series.values, linestyle=style, linewidth=2.0, color=color, label=label, marker=".")
+        ax.plot(series.steps, series.values, linestyle=style, linewidth=2.0, color=color, label=label,
+                marker="." if len(series) <= 2 else None)
 
 
 def plot_panel(panel: Panel, runs: Mapping[str, Run]) -> Plot:
     """Draw one panel for every run in ``runs`` (name → run) on shared axes; returns the PNG and its notes."""
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    fig.subplots_adjust(**MARGINS)  # fixed: a layout engine would draw every figure twice
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     several = len(runs) > 1
@@ -124,7 +129,7 @@ def plot_panel(panel: Panel, runs: Mapping[str, Run]) -> Plot:
                 if not len(series):
                     continue
                 label = " · ".join(parts + ["eval"] if eval_ else parts) or "train"
-                _draw(ax, series, color, style, label, eval_=eval_)
+                _draw(ax, series, color, style, label, eval_=eval_, smoothed=panel.smoothed)
     ax.set_title(panel.title, fontsize=FONT + 1)
     ax.set_xlabel("step", fontsize=FONT)
     ax.tick_params(labelsize=FONT)
