@@ -26,6 +26,9 @@ h2 { font-size: 1.15rem; margin: 1.6rem 0 0.6rem; border-bottom: 1px solid #d8de
 table { border-collapse: collapse; font-size: 0.95rem; }
 th, td { padding: 0.3rem 0.7rem; border-bottom: 1px solid #e6e9ec; text-align: left; vertical-align: top; }
 thead th { background: #f4f6f8; }
+table.metrics th { text-align: right; }
+table.metrics th[colspan] { text-align: center; }
+table.metrics th[rowspan], table.metrics tr:first-child th:first-child { text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.facts { width: 100%; }
 .top { display: grid; gap: 0 32px; grid-template-columns: repeat(auto-fit, minmax(min(100%, 440px), 1fr)); }
