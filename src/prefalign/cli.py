@@ -3,7 +3,8 @@
 ``prefalign train [CONFIG.yaml] [--set key=value ...] [flags]`` trains with DPO or ORPO and writes a run directory
 (see `prefalign.runs`; options resolved by `prefalign.options`); ``prefalign data check SOURCE`` reports a preference
 dataset's format, problems and token lengths without training; ``data generate``, ``eval`` and ``demo`` build pairs,
-evaluate and run the bundled demo. User errors print ``prefalign: error: <one line>`` and exit with code 2.
+evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html. User errors print
+``prefalign: error: <one line>`` and exit with code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .commands import PROG, print_error
 from .commands import data as data_command
 from .commands import demo as demo_command
 from .commands import eval as eval_command
+from .commands import report as report_command
 from .commands import train as train_command
 from .errors import PrefalignError, one_line
 from .options import METHODS
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_eval_parser(sub)
     _add_demo_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 
@@ -74,7 +77,7 @@ Precedence: CONFIG.yaml < --set < the explicit flags. Defaults that differ from 
 report_to none, save_strategy no (the final model is saved anyway), cpu_allocator_cache true (this process is the
 run), use_cpu when there is no CUDA.
 The run directory gets the model + tokenizer, config.yaml (the resolved config: `prefalign train config.yaml`
-repeats the run), metrics.jsonl and data_report.json."""
+repeats the run), metrics.jsonl, data_report.json, and report.html with plots/*.png (see prefalign report)."""
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -213,6 +216,15 @@ def _add_demo_parser(sub: Any) -> None:
     p.add_argument("--model", help="base model (default: smollm2-135m-instruct)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo_command.run)
+
+
+def _add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="write a run's training curves and report.html",
+                       description="Read RUN_DIR/metrics.jsonl (and config.yaml) and write RUN_DIR/report.html, one "
+                                   "self-contained page (summary of final train and eval metrics, training curves), "
+                                   "and the curves as RUN_DIR/plots/*.png. prefalign train does this at its end.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the output_dir of a training run)")
+    p.set_defaults(func=report_command.run)
 
 
 # ----- logging and dispatch --------------------------------------------------------------------------------------

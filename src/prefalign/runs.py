@@ -2,7 +2,8 @@
 
 A finished run directory holds a Hugging Face model + tokenizer (``save_pretrained``), ``config.yaml`` (the fully
 resolved options, loadable back with ``prefalign train config.yaml``), ``metrics.jsonl`` (one record per log, written
-by the trainer) and ``data_report.json`` (what tokenisation cut, per dataset).
+by the trainer), ``data_report.json`` (what tokenisation cut, per dataset) and ``report.html`` + ``plots/*.png``
+(`prefalign.report`).
 """
 
 from __future__ import annotations

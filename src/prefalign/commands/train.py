@@ -86,7 +86,7 @@ def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) ->
 
 
 def save_run(trainer: Any, plan: TrainPlan, out: Path) -> None:
-    """Model, tokenizer, resolved config and data report: everything a finished run directory holds."""
+    """Model, tokenizer, resolved config, data report and report.html: everything a finished run directory holds."""
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
@@ -94,6 +94,9 @@ def save_run(trainer: Any, plan: TrainPlan, out: Path) -> None:
         trainer.processing_class.save_pretrained(str(out))
     runs.write_config(out, plan.resolved_config())
     runs.write_data_report(out, trainer.data_reports)
+    from ..report.write import write_report_or_warn
+
+    write_report_or_warn(out)  # report.html + plots/*.png; a plotting failure is a warning, the run is complete
 
 
 def summary_line(trainer: Any, out: Path) -> str:
