@@ -45,8 +45,10 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_sft_then_dpo_hands_the_model_on_and_uses_it_as_reference(tiny_model, data, tmp_path, capsys):
-    out = tmp_path / "pipe"
-    assert main(["train", str(_recipe(tmp_path / "r.yaml", tiny_model, data, out))]) == 0
+    out = tmp_path / "pipe"  # --set output_dir is the pipeline's, not each stage's
+    recipe = _recipe(tmp_path / "r.yaml", tiny_model, data, tmp_path / "not-here")
+    assert main(["train", str(recipe), "--set", f"output_dir={out}"]) == 0
+    assert not (tmp_path / "not-here").exists()
     sft_dir, dpo_dir = out / "1-sft", out / "2-dpo"
     assert (sft_dir / "model.safetensors").is_file() and (dpo_dir / "model.safetensors").is_file()
     dpo_config = yaml.safe_load((dpo_dir / "config.yaml").read_text())

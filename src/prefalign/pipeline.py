@@ -95,7 +95,11 @@ def run(args: argparse.Namespace, recipe: dict[str, Any]) -> int:
     if args.method is not None:
         raise ConfigError("--method is given, but the recipe has stages, each with its own method. Fix: drop "
                           "--method, or set it in the stages")
-    out, plans = stage_plans(recipe, args.config, args.output_dir, args.model)
+    # --set output_dir / --set model mean the pipeline's, not every stage's
+    sets = [pair for pair in args.set_pairs if pair.partition("=")[0].strip() not in ("output_dir", "model")]
+    given = dict(pair.partition("=")[::2] for pair in args.set_pairs if pair not in sets)
+    out, plans = stage_plans(recipe, args.config, args.output_dir or given.get("output_dir"),
+                             args.model or given.get("model"))
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other. Fix: pass one of them.")
     if not args.resume:
@@ -115,7 +119,8 @@ def run(args: argparse.Namespace, recipe: dict[str, Any]) -> int:
         # resuming a stage that never saved a checkpoint starts it again (its leftovers are replaced)
         overwrite = args.overwrite or (args.resume and not resume and stage_dir.exists())
         stage_args = argparse.Namespace(**{**vars(args), "config": str(recipe_file), "output_dir": None, "model": None,
-                                           "resume": resume, "overwrite": overwrite, "progress_desc": label})
+                                           "set_pairs": sets, "resume": resume, "overwrite": overwrite,
+                                           "progress_desc": label})
         try:
             code = train_command.run(stage_args)
         except PrefalignError as e:
