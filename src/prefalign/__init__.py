@@ -1,4 +1,4 @@
-"""prefalign: preference alignment (DPO, ORPO, CPO / SimPO) for causal language models, with TRL's API.
+"""prefalign: preference alignment (DPO, ORPO, CPO / SimPO, KTO) for causal language models, with TRL's API.
 
 The public names are imported on first use (PEP 562), so ``import prefalign`` (and ``prefalign --help``) does not
 import torch or transformers; ``from prefalign import DPOTrainer`` works as usual.
@@ -13,8 +13,10 @@ from .errors import ConfigError, DataError, PrefalignError
 
 if TYPE_CHECKING:
     from .chat_format import setup_chat_format
-    from .config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
+    from .config import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig
     from .data.load import load_preference_dataset
+    from .data.unpaired import load_unpaired_dataset
+    from .kto import KTOTrainer
     from .trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
 __version__ = "0.1.0"
@@ -25,11 +27,14 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "DataError",
+    "KTOConfig",
+    "KTOTrainer",
     "ORPOConfig",
     "ORPOTrainer",
     "PrefalignError",
     "SimPOConfig",
     "load_preference_dataset",
+    "load_unpaired_dataset",
     "setup_chat_format",
 ]
 
@@ -41,6 +46,9 @@ _LAZY = {
     "DPOTrainer": ".trainer",
     "ORPOTrainer": ".trainer",
     "CPOTrainer": ".trainer",
+    "KTOConfig": ".config",
+    "KTOTrainer": ".kto",
+    "load_unpaired_dataset": ".data.unpaired",
     "load_preference_dataset": ".data.load",
     "setup_chat_format": ".chat_format",
 }

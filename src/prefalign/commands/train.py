@@ -22,9 +22,11 @@ def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any
     """The training and (optional) evaluation pairs, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
     from ..data.mixture import load_mixture, load_with_split
+    from ..data.unpaired import load_unpaired_dataset
     from ..trainer import row_options
 
     rows = row_options(config)
+    load = load_unpaired_dataset if plan.method == "kto" else load_preference_dataset  # KTO: unpaired rows or pairs
     columns = plan.run["columns"]
     if plan.run.get("dataset_mixture") is not None:
         train, evaluation = load_mixture(plan.run["dataset_mixture"], options=rows)
@@ -32,9 +34,9 @@ def load_train_data(plan: TrainPlan, config: PreferenceConfig) -> tuple[Any, Any
         train, evaluation = load_with_split(plan.run["dataset"], plan.run["split"], columns,
                                             plan.run["eval_split_size"], rows["seed"], rows)
     else:
-        train, evaluation = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns, **rows), None
+        train, evaluation = load(plan.run["dataset"], plan.run["split"], columns, **rows), None
     if plan.run.get("eval_dataset"):
-        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
+        evaluation = load(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
     return train, evaluation
 
 
@@ -48,6 +50,10 @@ def make_trainer(plan: TrainPlan, config: PreferenceConfig, train: Any, evaluati
     try:
         if plan.method == "dpo":
             return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
+        if plan.method == "kto":
+            from ..kto import KTOTrainer
+
+            return KTOTrainer(ref_model=plan.run.get("ref_model"), **common)
         return (ORPOTrainer if plan.method == "orpo" else CPOTrainer)(**common)  # cpo, simpo
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):

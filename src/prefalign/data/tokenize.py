@@ -37,6 +37,7 @@ class TokenizeReport:
     prompt_truncated: list[int] = field(default_factory=list)
     chosen_truncated: list[int] = field(default_factory=list)
     rejected_truncated: list[int] = field(default_factory=list)
+    sequence_truncated: list[int] = field(default_factory=list)  # SFT rows cut to max_length / max_prompt_length
     # rows left out under on_invalid_row="skip", by the loader or here: {"row", "field", "reason"}
     skipped: list[dict[str, Any]] = field(default_factory=list)
     converted_from: str | None = None  # a published format the rows were converted from
@@ -56,7 +57,8 @@ class TokenizeReport:
                        f"data_report.json): {shown}")
         for name, rows in (("prompts cut to max_prompt_length", self.prompt_truncated),
                            ("chosen replies cut to max_length", self.chosen_truncated),
-                           ("rejected replies cut to max_length", self.rejected_truncated)):
+                           ("rejected replies cut to max_length", self.rejected_truncated),
+                           ("sequences cut to max_length or max_prompt_length", self.sequence_truncated)):
             if rows:
                 out.append(f"{len(rows)} of {self.rows} {name} (rows {row_list(rows)})")
         return out
@@ -80,36 +82,11 @@ def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
 def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
                      source: str | None = None, row_label: str = "row") -> dict[str, list[int]]:
     """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one pair, before truncation."""
-    if ex.conversational:
-        if not has_chat_template(tokenizer):
-            raise DataError("conversational data needs a chat template, and this tokenizer has none.",
-                            source=source, row=row, row_label=row_label,
-                            fix="give a base model ChatML with `model, tokenizer = prefalign.setup_chat_format(model, "
-                                "tokenizer)`, use a chat model's tokenizer, or give plain-text rows")
-        # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
-        prompt_ids = _template(tokenizer, ex.prompt, add_generation_prompt=True)
-        full = {k: _template(tokenizer, ex.prompt + getattr(ex, k)) for k in ("chosen", "rejected")}
-    else:
-        prompt_ids = _ids(tokenizer(ex.prompt))
-        eos = tokenizer.eos_token or ""
-        full = {k: _ids(tokenizer(ex.prompt + (v if v.endswith(eos) else v + eos)))
-                for k, v in (("chosen", ex.chosen), ("rejected", ex.rejected))}
-    out = {"prompt_ids": prompt_ids}
-    for k, ids in full.items():
-        if ids[: len(prompt_ids)] != prompt_ids:
-            at = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b) \
-                if any(a != b for a, b in zip(ids, prompt_ids, strict=False)) else min(len(ids), len(prompt_ids))
-            raise DataError(f"the prompt's tokens are not a prefix of prompt + {k} (they differ at token {at}), "
-                            "so the completion cannot be located.", source=source, row=row, row_label=row_label,
-                            field=k,
-                            fix="move trailing spaces from the prompt to the start of the reply, or check the chat "
-                                "template")
-        out[f"{k}_ids"] = ids[len(prompt_ids):]
-        if not out[f"{k}_ids"]:
-            raise DataError("tokenizes to no completion tokens.", source=source, row=row, row_label=row_label, field=k,
-                            fix="give a non-empty reply")
-    if settings.ensure_bos and tokenizer.bos_token_id is not None and prompt_ids[:1] != [tokenizer.bos_token_id]:
-        out["prompt_ids"] = [tokenizer.bos_token_id] + prompt_ids
+    out = tokenize_replies(ex.prompt, {"chosen": ex.chosen, "rejected": ex.rejected}, ex.conversational, tokenizer,
+                           row=row, source=source, row_label=row_label)
+    if settings.ensure_bos and tokenizer.bos_token_id is not None and out["prompt_ids"][:1] != [
+            tokenizer.bos_token_id]:
+        out["prompt_ids"] = [tokenizer.bos_token_id] + out["prompt_ids"]
     if settings.ensure_eos:
         for k in ("chosen_ids", "rejected_ids"):
             if out[k][-1:] != [tokenizer.eos_token_id]:
@@ -118,6 +95,42 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
         raise DataError("the prompt tokenizes to no tokens, so nothing predicts the reply's first token.",
                         source=source, row=row, row_label=row_label, field="prompt",
                         fix="give a prompt, or use a tokenizer that adds a BOS token or a chat template")
+    return out
+
+
+def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool, tokenizer: Any, *,
+                     row: int | None = None, source: str | None = None, row_label: str = "row",
+                     fields: dict[str, str] | None = None) -> dict[str, list[int]]:
+    """``{"prompt_ids", "<name>_ids" for each reply}``: the prompt once, each reply as the tokens of prompt + reply
+    after the prompt's (chat template, or text + EOS). Shared by pairs, SFT prompt-completion rows and unpaired rows.
+    ``fields`` names each reply's column in errors (default: its key)."""
+    where = {"source": source, "row": row, "row_label": row_label}
+    fields = fields or {}
+    if conversational:
+        if not has_chat_template(tokenizer):
+            raise DataError("conversational data needs a chat template, and this tokenizer has none.", **where,
+                            fix="give a base model ChatML with `model, tokenizer = prefalign.setup_chat_format(model, "
+                                "tokenizer)`, use a chat model's tokenizer, or give plain-text rows")
+        # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
+        prompt_ids = _template(tokenizer, prompt, add_generation_prompt=True)
+        full = {k: _template(tokenizer, prompt + v) for k, v in replies.items()}
+    else:
+        prompt_ids = _ids(tokenizer(prompt))
+        eos = tokenizer.eos_token or ""
+        full = {k: _ids(tokenizer(prompt + (v if v.endswith(eos) else v + eos))) for k, v in replies.items()}
+    out = {"prompt_ids": prompt_ids}
+    for k, ids in full.items():
+        field = fields.get(k, k)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            at = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b) \
+                if any(a != b for a, b in zip(ids, prompt_ids, strict=False)) else min(len(ids), len(prompt_ids))
+            raise DataError(f"the prompt's tokens are not a prefix of prompt + {field} (they differ at token {at}), "
+                            "so the completion cannot be located.", **where, field=field,
+                            fix="move trailing spaces from the prompt to the start of the reply, or check the chat "
+                                "template")
+        out[f"{k}_ids"] = ids[len(prompt_ids):]
+        if not out[f"{k}_ids"]:
+            raise DataError("tokenizes to no completion tokens.", **where, field=field, fix="give a non-empty reply")
     return out
 
 
