@@ -230,3 +230,17 @@ def test_train_method_kto_bad_label_exits_2_with_one_line(tiny_model, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("prefalign: error: ") and "line 3, field 'label'" in err[0] and "Fix:" in err[0]
+
+
+def test_data_check_reports_labels_balance_and_trls_weight_warning(tmp_path, capsys):
+    rows = unpaired_text(6)  # 4 desirable, 2 undesirable
+    rows.append({**rows[0], "label": "yes"})
+    data = _write(tmp_path / "fb.jsonl", rows)
+    assert main(["data", "check", str(data), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    labels = report["labels"]
+    assert (labels["desirable"], labels["undesirable"]) == (4, 2)
+    assert labels["label_types"] == {"boolean": 6, "text": 1}
+    assert "desirable_weight in [0.5, 0.66]" in labels["weight_warning"]
+    assert report["problems"][0]["row"] == 7 and "field 'label'" in report["problems"][0]["message"]
+    assert set(report["token_lengths"]) == {"prompt", "completion", "prompt+completion"}
