@@ -241,6 +241,6 @@ def test_data_check_reports_labels_balance_and_trls_weight_warning(tmp_path, cap
     labels = report["labels"]
     assert (labels["desirable"], labels["undesirable"]) == (4, 2)
     assert labels["label_types"] == {"boolean": 6, "text": 1}
-    assert "desirable_weight in [0.5, 0.66]" in labels["weight_warning"]
+    assert "desirable_weight in [0.5, 0.67]" in labels["weight_warning"]
     assert report["problems"][0]["row"] == 7 and "field 'label'" in report["problems"][0]["message"]
     assert set(report["token_lengths"]) == {"prompt", "completion", "prompt+completion"}
