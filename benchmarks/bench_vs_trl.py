@@ -1,6 +1,6 @@
 """prefalign vs TRL 1.13, side by side in one run: same model, data, batch, steps, fp32.
 
-    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo,cpo]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo,cpo,kto]
 
 Every (shape, method, library) runs in its own subprocess, so peak RSS is that configuration's alone. Reports
 seconds per optimizer step (median over the measured steps, after two warm-up steps: the first steps of any CPU
@@ -11,6 +11,9 @@ ceiling. prefalign's DPO precomputes reference log-probs once before training (c
 in the reported set-up time, not in s/step, so for one epoch over the data the fair comparison is the set-up column
 too.
 ORPO runs with `trl_compat=True` so both libraries optimise the same loss (TRL's NLL covers the prompt).
+KTO trains on the same pairs, each split into a desirable and an undesirable row by both libraries (``--batch`` rows
+per step; its "pairs/s" are rows/s, its pair tokens prompt + completion + KL completion), both in TRL's sequential
+order so the losses compare (prefalign's default order is random).
 The "mixed" shape (prompt and reply lengths drawn per pair) adds a prefalign run with `packing=False`, so what
 packing buys is measured, not asserted.
 """
@@ -94,6 +97,8 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
             return CPOTrainer(model, args=CPOConfig(**common), train_dataset=ds, processing_class=tok)
+        if method == "kto":  # no ref_model: TRL loads a second copy, prefalign precomputes with the policy
+            return trl.KTOTrainer(model, args=trl.KTOConfig(**common), train_dataset=ds, processing_class=tok)
         return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
     import prefalign
 
@@ -109,6 +114,9 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
     if method == "cpo":  # CPO's sigmoid loss + NLL of the chosen replies, TRL's tokens (trl_compat)
         return prefalign.CPOTrainer(model, args=prefalign.CPOConfig(**common, trl_compat=True), train_dataset=ds,
                                     processing_class=tok)
+    if method == "kto":  # TRL's batch order, so the logged losses compare
+        return prefalign.KTOTrainer(model, args=prefalign.KTOConfig(**common, train_sampling_strategy="sequential"),
+                                    train_dataset=ds, processing_class=tok)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
                                  processing_class=tok)
 
@@ -155,6 +163,10 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
 
 def _tokenized(trainer) -> list[dict]:
     ds = trainer.train_dataset
+    if "completion_ids" in ds.column_names:  # TRL's KTO rows: the completion and the KL completion
+        rows = ds.select_columns(["prompt_ids", "completion_ids", "KL_completion_ids"]).to_list()
+        return [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["completion_ids"],
+                 "rejected_ids": r["KL_completion_ids"]} for r in rows]
     if "prompt_ids" in ds.column_names:
         return ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
     # TRL's ORPO and CPO datasets: prompt_input_ids + chosen/rejected labels (prompt included there)
@@ -171,7 +183,7 @@ def minimal_flops(method: str, n_params: int, prompt: float, reply: float, vocab
     body = n_params - vocab * hidden  # tied LM head counted separately
     tokens = prompt + 2 * reply
     train = 6 * body * tokens + 6 * vocab * hidden * 2 * reply
-    ref = 2 * body * tokens + 2 * vocab * hidden * 2 * reply if method == "dpo" else 0
+    ref = 2 * body * tokens + 2 * vocab * hidden * 2 * reply if method in ("dpo", "kto") else 0
     return train + ref
 
 

@@ -1,4 +1,4 @@
-"""prefalign: SFT and preference alignment (DPO, ORPO, CPO / SimPO) for causal language models, with TRL's API.
+"""prefalign: SFT and preference alignment (DPO, ORPO, CPO / SimPO, KTO) for causal language models, with TRL's API.
 
 The public names are imported on first use (PEP 562), so ``import prefalign`` (and ``prefalign --help``) does not
 import torch or transformers; ``from prefalign import DPOTrainer`` works as usual.
@@ -13,8 +13,10 @@ from .errors import ConfigError, DataError, PrefalignError
 
 if TYPE_CHECKING:
     from .chat_format import setup_chat_format
-    from .config import CPOConfig, DPOConfig, ORPOConfig, SFTConfig, SimPOConfig
+    from .config import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, SFTConfig, SimPOConfig
     from .data.load import load_preference_dataset
+    from .data.unpaired import load_unpaired_dataset
+    from .kto import KTOTrainer
     from .sft import SFTTrainer
     from .trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
@@ -26,6 +28,8 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "DataError",
+    "KTOConfig",
+    "KTOTrainer",
     "ORPOConfig",
     "ORPOTrainer",
     "PrefalignError",
@@ -33,6 +37,7 @@ __all__ = [
     "SFTTrainer",
     "SimPOConfig",
     "load_preference_dataset",
+    "load_unpaired_dataset",
     "setup_chat_format",
 ]
 
@@ -46,6 +51,9 @@ _LAZY = {
     "DPOTrainer": ".trainer",
     "ORPOTrainer": ".trainer",
     "CPOTrainer": ".trainer",
+    "KTOConfig": ".config",
+    "KTOTrainer": ".kto",
+    "load_unpaired_dataset": ".data.unpaired",
     "load_preference_dataset": ".data.load",
     "setup_chat_format": ".chat_format",
 }

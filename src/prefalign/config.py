@@ -357,3 +357,59 @@ class SFTConfig(TrainConfig):
     def __post_init__(self) -> None:
         _check(self.loss_type in SFT_LOSS_TYPES, "loss_type", self.loss_type, f"must be one of {SFT_LOSS_TYPES}")
         super().__post_init__()
+
+
+@dataclass
+class KTOConfig(PreferenceConfig):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired feedback: see `prefalign.losses.kto_loss`.
+
+    Names and defaults as TRL 1.13's KTOConfig, except ``precompute_ref_log_probs`` (on, as prefalign's DPO; TRL:
+    off) and ``train_sampling_strategy`` ('random'; TRL: 'sequential'): each row's KL completion is fixed once, from
+    its neighbour in the dataset's order as in TRL, so shuffling keeps the estimate valid and the reference cache
+    exact, while TRL's in-order sampling would give pairs split into rows every desirable row before any undesirable
+    one. 'sequential' reproduces TRL's batches.
+    """
+
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the pull towards the reference model: higher beta, smaller "
+                                       "deviation."})
+    loss_type: str = field(
+        default="kto",
+        metadata={"help": "'kto' (the KTO paper, Eq. 7: rewards measured against the KL reference point) or "
+                          "'apo_zero_unpaired' (APO-zero, D'Oosterlinck et al. 2024, unpaired: no KL term; "
+                          "desirable completions pushed up, undesirable down).",
+                  "choices": ["kto", "apo_zero_unpaired"]})
+    desirable_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the desirable rows' losses (lambda_D): raise it when desirable rows "
+                                       "are fewer (the paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3])."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the undesirable rows' losses (lambda_U)."})
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Compute the reference log-probs of every row's completion and KL completion once before "
+                          "training (cached on disk under $PREFALIGN_HOME/cache, keyed by reference weights and "
+                          "tokenised rows), then free a separate reference model. False: run the reference live "
+                          "each step (TRL's default)."})
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size for precomputing; default per_device_eval_batch_size."})
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={"help": "Order of training rows: 'random' (prefalign's default) or 'sequential' (TRL's: batches "
+                          "of consecutive rows, whose KL completions are each other's), or 'group_by_length'.",
+                  "choices": ["random", "sequential", "group_by_length"]})
+
+    @property
+    def calculate_kl(self) -> bool:
+        """Whether the loss uses the KL reference point (every loss type but apo_zero_unpaired)."""
+        return self.loss_type != "apo_zero_unpaired"
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", self.beta, "must be > 0")
+        _check(self.loss_type in ("kto", "apo_zero_unpaired"), "loss_type", self.loss_type,
+               "must be 'kto' or 'apo_zero_unpaired'")
+        _check(self.desirable_weight >= 0, "desirable_weight", self.desirable_weight, "must be >= 0")
+        _check(self.undesirable_weight >= 0, "undesirable_weight", self.undesirable_weight, "must be >= 0")
+        _check(not self.calculate_kl or self.per_device_train_batch_size > 1, "per_device_train_batch_size",
+               self.per_device_train_batch_size, "must be > 1 for loss_type 'kto' (the KL reference point is "
+               "estimated from the other rows of a batch; with one row it equals the row's own reward)")
+        super().__post_init__()

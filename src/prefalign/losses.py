@@ -289,3 +289,35 @@ def cpo_loss(
     else:
         losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
     return losses, pair_metrics(beta * r_w, beta * r_l, chosen_logps, rejected_logps)
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_loss(logratios: Tensor, labels: Tensor, kl: Tensor | float, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             loss_type: str = "kto") -> Tensor:
+    r"""Per-row KTO losses ``[B]`` of unpaired completions (Ethayarajh et al. 2024, "KTO: Model Alignment as
+    Prospect Theoretic Optimization", Eq. 7).
+
+    With :math:`r = \log \pi_\theta(y|x) - \log \pi_{ref}(y|x)` (``logratios``, summed over the completion's
+    tokens) and the reference point :math:`z_0` (``kl``: the batch's mean log-ratio of mismatched prompt /
+    completion pairs, clamped at 0 and detached; the trainer computes it):
+
+    - desirable rows (``labels`` true): :math:`\lambda_D \, (1 - \sigma(\beta (r - z_0)))`
+    - undesirable rows: :math:`\lambda_U \, (1 - \sigma(\beta (z_0 - r)))`
+
+    ``loss_type="apo_zero_unpaired"`` (APO-zero, D'Oosterlinck et al. 2024, unpaired): no reference point,
+    :math:`\lambda_D (1 - \sigma(\beta r))` and :math:`\lambda_U \, \sigma(\beta r)`. The trainer's mean over rows is
+    TRL 1.13's mean over the concatenated desirable and undesirable losses.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; choose from {', '.join(KTO_LOSS_TYPES)}")
+    desirable = labels.bool()
+    if loss_type == "kto":
+        chosen = 1 - torch.sigmoid(beta * (logratios - kl))
+        rejected = 1 - torch.sigmoid(beta * (kl - logratios))
+    else:
+        chosen = 1 - torch.sigmoid(beta * logratios)
+        rejected = torch.sigmoid(beta * logratios)
+    return torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected)

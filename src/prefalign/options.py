@@ -26,7 +26,7 @@ from .errors import ConfigError, PrefalignError, one_line
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-METHODS = ("dpo", "orpo", "cpo", "simpo", "sft")
+METHODS = ("dpo", "orpo", "cpo", "simpo", "kto", "sft")
 RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns",
             "dataset_mixture", "eval_split_size")
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
@@ -57,9 +57,10 @@ def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None
 
 def config_class(method: str) -> type[TrainConfig]:
     """The config dataclass of a method; imported here, so resolving options is the first thing to load it."""
-    from .config import CPOConfig, DPOConfig, ORPOConfig, SFTConfig, SimPOConfig
+    from .config import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, SFTConfig, SimPOConfig
 
-    return {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": SimPOConfig, "sft": SFTConfig}[method]
+    return {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": SimPOConfig, "kto": KTOConfig,
+            "sft": SFTConfig}[method]
 
 
 def config_fields(cls: type) -> dict[str, Any]:
@@ -270,8 +271,8 @@ def resolve_plan(args: argparse.Namespace) -> TrainPlan:
 
         run["model"] = DEFAULT_MODEL
     run.update({k: str(run[k]) for k in ("model", "ref_model", "split", "eval_split") if run[k] is not None})
-    if method != "dpo" and run.get("ref_model") is not None:
-        raise ConfigError(f"ref_model is a DPO option; method {method} uses no reference model. Fix: remove it")
+    if method not in ("dpo", "kto") and run.get("ref_model") is not None:
+        raise ConfigError(f"ref_model is a DPO / KTO option; method {method} uses no reference model. Fix: remove it")
     options = {**CLI_DEFAULTS, **merged}
     options.setdefault("output_dir", str(runs.default_run_dir(method)))
     cls = config_class(method)

@@ -378,7 +378,8 @@ class DPOTrainer(_PreferenceTrainer):
 
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
-        variant = "" if self.args.ld_alpha is None else f"-ld{self.args.ld_alpha!r}"  # LD-DPO weights the sums
+        alpha = getattr(self.args, "ld_alpha", None)  # LD-DPO weights the sums (KTOConfig has no ld_alpha)
+        variant = "" if alpha is None else f"-ld{alpha!r}"
         path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows) + variant)
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
 

@@ -23,6 +23,7 @@ def load_train_data(plan: TrainPlan, config: TrainConfig) -> tuple[Any, Any]:
     """The training and (optional) evaluation rows, loaded before the model so a bad file fails fast."""
     from ..data.load import load_preference_dataset
     from ..data.mixture import load_mixture, load_with_split
+    from ..data.unpaired import load_unpaired_dataset
     from ..trainer import row_options
 
     rows = row_options(config)
@@ -30,6 +31,7 @@ def load_train_data(plan: TrainPlan, config: TrainConfig) -> tuple[Any, Any]:
         from ..data.sft import SFT_ROWS
 
         rows["schema"] = SFT_ROWS
+    load = load_unpaired_dataset if plan.method == "kto" else load_preference_dataset  # KTO: unpaired rows or pairs
     columns = plan.run["columns"]
     if plan.run.get("dataset_mixture") is not None:
         train, evaluation = load_mixture(plan.run["dataset_mixture"], options=rows)
@@ -37,9 +39,9 @@ def load_train_data(plan: TrainPlan, config: TrainConfig) -> tuple[Any, Any]:
         train, evaluation = load_with_split(plan.run["dataset"], plan.run["split"], columns,
                                             plan.run["eval_split_size"], rows["seed"], rows)
     else:
-        train, evaluation = load_preference_dataset(plan.run["dataset"], plan.run["split"], columns, **rows), None
+        train, evaluation = load(plan.run["dataset"], plan.run["split"], columns, **rows), None
     if plan.run.get("eval_dataset"):
-        evaluation = load_preference_dataset(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
+        evaluation = load(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
     return train, evaluation
 
 
@@ -54,6 +56,10 @@ def make_trainer(plan: TrainPlan, config: TrainConfig, train: Any, evaluation: A
     try:
         if plan.method == "dpo":
             return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
+        if plan.method == "kto":
+            from ..kto import KTOTrainer
+
+            return KTOTrainer(ref_model=plan.run.get("ref_model"), **common)
         trainers = {"orpo": ORPOTrainer, "sft": SFTTrainer, "cpo": CPOTrainer, "simpo": CPOTrainer}
         return trainers[plan.method](**common)
     except BaseException:

@@ -17,12 +17,13 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError, DataError, PrefalignError, one_line, row_list
 from .format import detect_format, to_example
 from .load import (
+    PREFERENCE_ROWS,
     Problem,
     RawData,
     convert_published_formats,
@@ -73,6 +74,8 @@ class CheckReport:
     lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
     # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
     cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
+    # unpaired rows (KTO): label types over all rows, class balance over the valid ones, TRL's weight warning
+    labels: dict[str, Any] | None = None
 
     @property
     def measured(self) -> bool:
@@ -121,6 +124,13 @@ class CheckReport:
                  f"format: {self.format or 'unknown (no valid row)'}",
                  f"rows: {self.rows} read, {self.rows - len(bad_rows)} without errors, "
                  f"{len(fatal)} error(s), {len(warnings)} warning(s)"]
+        if self.labels is not None:
+            b = self.labels
+            types = ", ".join(f"{k} {v}" for k, v in b["label_types"].items())
+            lines.append(f"labels: {b['desirable']} desirable (true), {b['undesirable']} undesirable (false) among "
+                         f"rows without errors; label types over all rows: {types}")
+            if b["weight_warning"]:
+                lines.append(f"weights: {b['weight_warning']}")
         if not self.measured:
             lines.append("tokenizer: none given; token lengths and truncation not measured")
         else:
@@ -160,6 +170,7 @@ class CheckReport:
                 "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
                              for f in self.findings],
                 "skip_would_leave_out_rows": self.skipped_rows,
+                "labels": self.labels,
                 "ok": self.ok}
 
     def to_json(self) -> str:
@@ -209,8 +220,12 @@ def _read(source: Any, split: str, report: CheckReport) -> RawData | None:
 def _validate(raw: RawData, columns: Mapping[str, str] | None,
               report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
     """Rows without fatal problems, as (row number, row); every problem goes into the report."""
+    from .unpaired import UNPAIRED_ROWS
+
+    unpaired = all((columns or {}).get(c, c) in raw.columns for c in ("completion", "label"))
+    schema = UNPAIRED_ROWS if unpaired else PREFERENCE_ROWS
     try:
-        raw = map_columns(pair_scored_rows(raw, report.pairing, report.min_score_margin), columns)
+        raw = map_columns(pair_scored_rows(raw, report.pairing, report.min_score_margin), columns, schema)
         raw, problems = convert_published_formats(raw, report.text_format)
     except DataError as err:
         report.add_error(err)
@@ -221,11 +236,31 @@ def _validate(raw: RawData, columns: Mapping[str, str] | None,
         report.converted_from = (f"{p['format']} scored completions paired {report.pairing} ({p['rows']} rows → "
                                  f"{p['pairs']} pairs; {p['ties']} ties, {p['below_margin']} below "
                                  f"min_score_margin, {p['too_few']} with fewer than two scored completions left out)")
-    problems = problems + validate_rows(raw)
+    problems = problems + (schema.validate(raw) if unpaired else validate_rows(raw))
     for problem in problems:
         report.add_problem(problem)
     bad = {p.row for p in problems if p.fatal}
-    return [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
+    kept = [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
+    if unpaired:
+        _label_report(raw, kept, report)
+        # measured as pairs whose two replies are the completion (format, tokenisation and truncation are the same)
+        kept = [(n, {**r, "chosen": r["completion"], "rejected": r["completion"]}) for n, r in kept]
+    return kept
+
+
+def _label_report(raw: RawData, kept: Sequence[tuple[int, dict[str, Any]]], report: CheckReport) -> None:
+    """Unpaired rows: the label types of every row, the class balance of the valid ones, and TRL's warning for
+    KTO's default weights (desirable_weight = undesirable_weight = 1) when the classes are unbalanced."""
+    from collections import Counter
+
+    from .load import _type_name
+    from .unpaired import unpair_rows, weight_advice
+
+    types = Counter("boolean" if isinstance(r.get("label"), bool) else _type_name(r.get("label")) for r in raw.rows)
+    labels = [r["label"] for r in unpair_rows(replace(raw, rows=[r for _, r in kept])).rows]
+    desirable = sum(1 for v in labels if v)
+    report.labels = {"desirable": desirable, "undesirable": len(labels) - desirable, "label_types": dict(types),
+                     "weight_warning": weight_advice(desirable, len(labels) - desirable) if labels else None}
 
 
 def _measure(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
@@ -292,5 +327,10 @@ def check_dataset(
                 report.format = f"{report.converted_from}, converted to {report.format}"
         if tokenizer is not None:
             _measure(rows, tokenizer, report)
+        if report.labels is not None:  # unpaired: one reply per row
+            report.lengths = {"prompt": report.lengths["prompt"], "completion": report.lengths["chosen"],
+                              "prompt+completion": report.lengths["prompt+longest reply"]}
+            if report.format:
+                report.format = "unpaired (prompt, completion, label), " + report.format.split(", ", 1)[0]
     report.findings.sort(key=lambda f: (f.row is not None, f.row or 0))
     return report

@@ -131,7 +131,8 @@ class PrefixSharedCollator:
                 position_ids[r, start:start + p + c] = torch.arange(p + c)
                 position_ids[r, start + p + c:start + n] = torch.arange(p, p + rej)
                 predictor[r, start] = start  # a pair's first token has no predictor (never a target)
-                predictor[r, start + p + c] = start + p - 1
+                if rej:  # an empty rejected part (KTO without its KL term) has no first token to predict
+                    predictor[r, start + p + c] = start + p - 1
                 pair_index[i, :n] = r * length + torch.arange(start, start + n)
                 pair_part[i, :n] = part[r, span]
                 start += n
