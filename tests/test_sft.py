@@ -235,3 +235,19 @@ def test_formatting_func_and_dataset_text_field(tmp_path):
     t = SFTTrainer(tiny_llama(tok), args=SFTConfig(output_dir=str(tmp_path), **COMMON), processing_class=tok,
                    train_dataset=[{"q": "2+2", "a": "4"}], formatting_func=lambda r: f"Q: {r['q']} A: {r['a']}")
     assert tok.decode(t.train_dataset[0]["input_ids"]) == "Q: 2+2 A: 4<|im_end|>"
+
+
+def test_data_check_reports_sft_rows(tmp_path):
+    from prefalign.data.check import check_dataset
+
+    tok = smollm2_tokenizer()
+    path = tmp_path / "sft.jsonl"
+    rows = _messages_rows(3) + [{"messages": [{"role": "user", "content": "no reply"}]}, {"text": "other kind"}]
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    report = check_dataset(str(path), tokenizer=tok, max_length=48)
+    assert report.format == "SFT rows: messages"
+    assert [f.row for f in report.errors] == [4, 5]
+    lengths = [len(tokenize_sft_row(r, tok, SFTTokenizeSettings(max_length=None))[0]["input_ids"]) for r in rows[:3]]
+    assert sorted(report.lengths["sequence"]) == sorted(lengths)
+    assert report.cut["reply"] == [n for n, length in enumerate(lengths, 1) if length > 48]
+    assert "sequence(s) cut" in report.render_text()

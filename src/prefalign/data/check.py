@@ -76,6 +76,7 @@ class CheckReport:
     cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
     # unpaired rows (KTO): label types over all rows, class balance over the valid ones, TRL's weight warning
     labels: dict[str, Any] | None = None
+    sft_kind: str | None = None  # SFT rows (data/sft.py): text, messages, prompt_completion or preference
 
     @property
     def measured(self) -> bool:
@@ -136,17 +137,23 @@ class CheckReport:
         else:
             lines.append(f"tokenizer: {self.tokenizer_name} (chat template: {'yes' if self.chat_template else 'no'})")
             stats = self.length_stats()
-            if self.lengths["prompt"]:
-                lines.append(f"token lengths over {len(self.lengths['prompt'])} rows, before truncation:")
+            first = next(iter(self.lengths.values()))
+            if first:
+                lines.append(f"token lengths over {len(first)} rows, before truncation:")
                 lines.append(f"  {'':<22}" + "".join(f"{h:>8}" for h in [*(f"p{p}" for p in PERCENTILES), "max"]))
                 for part, row in stats.items():
                     lines.append(f"  {part:<22}" + "".join(f"{c:>8}" for c in (row or {}).values()))
             cut = self.cut
-            lines.append(f"truncation at max_length={s.max_length}, max_prompt_length={s.max_prompt_length}: "
-                         f"{len(cut['prompt'])} prompt(s) cut{_shown_rows(cut['prompt'], label)}, "
-                         f"{len(cut['reply'])} row(s) with a reply cut{_shown_rows(cut['reply'], label)}, "
-                         f"{len(cut['no_room'])} row(s) rejected (prompt leaves no room)"
-                         f"{_shown_rows(cut['no_room'], label)}")
+            if self.sft_kind is not None:
+                lines.append(f"truncation at max_length={s.max_length}: {len(cut['reply'])} sequence(s) cut"
+                             f"{_shown_rows(cut['reply'], label)}, {len(cut['no_room'])} row(s) rejected (no loss "
+                             f"token left){_shown_rows(cut['no_room'], label)}")
+            else:
+                lines.append(f"truncation at max_length={s.max_length}, max_prompt_length={s.max_prompt_length}: "
+                             f"{len(cut['prompt'])} prompt(s) cut{_shown_rows(cut['prompt'], label)}, "
+                             f"{len(cut['reply'])} row(s) with a reply cut{_shown_rows(cut['reply'], label)}, "
+                             f"{len(cut['no_room'])} row(s) rejected (prompt leaves no room)"
+                             f"{_shown_rows(cut['no_room'], label)}")
         if self.findings:
             lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
             lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in self.findings]
@@ -220,10 +227,14 @@ def _read(source: Any, split: str, report: CheckReport) -> RawData | None:
 def _validate(raw: RawData, columns: Mapping[str, str] | None,
               report: CheckReport) -> list[tuple[int, dict[str, Any]]]:
     """Rows without fatal problems, as (row number, row); every problem goes into the report."""
+    from .sft import SFT_ROWS, row_kind
     from .unpaired import UNPAIRED_ROWS
 
-    unpaired = all((columns or {}).get(c, c) in raw.columns for c in ("completion", "label"))
-    schema = UNPAIRED_ROWS if unpaired else PREFERENCE_ROWS
+    present = {c for c in ("completion", "label", "chosen", "text", "messages") if (columns or {}).get(c, c) in
+               raw.columns}
+    unpaired = {"completion", "label"} <= present
+    sft = not unpaired and "chosen" not in present and bool(present & {"text", "messages", "completion"})
+    schema = UNPAIRED_ROWS if unpaired else SFT_ROWS if sft else PREFERENCE_ROWS
     try:
         raw = map_columns(pair_scored_rows(raw, report.pairing, report.min_score_margin), columns, schema)
         raw, problems = convert_published_formats(raw, report.text_format)
@@ -236,11 +247,13 @@ def _validate(raw: RawData, columns: Mapping[str, str] | None,
         report.converted_from = (f"{p['format']} scored completions paired {report.pairing} ({p['rows']} rows → "
                                  f"{p['pairs']} pairs; {p['ties']} ties, {p['below_margin']} below "
                                  f"min_score_margin, {p['too_few']} with fewer than two scored completions left out)")
-    problems = problems + (schema.validate(raw) if unpaired else validate_rows(raw))
+    problems = problems + (validate_rows(raw) if schema is PREFERENCE_ROWS else schema.validate(raw))
     for problem in problems:
         report.add_problem(problem)
     bad = {p.row for p in problems if p.fatal}
     kept = [(n, r) for n, r in zip(raw.row_numbers, raw.rows, strict=True) if n not in bad]
+    if sft:
+        report.sft_kind = next((row_kind(r) for _, r in kept), None)
     if unpaired:
         _label_report(raw, kept, report)
         # measured as pairs whose two replies are the completion (format, tokenisation and truncation are the same)
@@ -263,8 +276,37 @@ def _label_report(raw: RawData, kept: Sequence[tuple[int, dict[str, Any]]], repo
                      "weight_warning": weight_advice(desirable, len(labels) - desirable) if labels else None}
 
 
+def _measure_sft(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
+    """SFT rows: sequence and loss-token lengths (before truncation), and what max_length would cut or reject."""
+    from .sft import SFTTokenizeSettings, tokenize_sft_row
+
+    s = report.settings
+    report.lengths = {"sequence": [], "loss tokens": []}
+    whole = SFTTokenizeSettings(max_length=None, chat=s.chat)
+    limited = SFTTokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length, chat=s.chat)
+    for n, row in rows:
+        try:
+            example, _ = tokenize_sft_row(row, tokenizer, whole)
+        except DataError as err:
+            report.add_error(err, n)
+            continue
+        report.lengths["sequence"].append(len(example["input_ids"]))
+        report.lengths["loss tokens"].append(sum(example["loss_mask"]))
+        try:
+            _, cut = tokenize_sft_row(row, tokenizer, limited)
+        except DataError as err:  # nothing left to train on under max_length
+            report.add_error(err, n)
+            report.cut["no_room"].append(n)
+            continue
+        if cut:
+            report.cut["reply"].append(n)
+
+
 def _measure(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report: CheckReport) -> None:
     """Token lengths (before truncation) and what the settings would cut or reject, per row."""
+    if report.sft_kind is not None:
+        _measure_sft(rows, tokenizer, report)
+        return
     settings = report.settings
     chat = settings.chat and bool(report.chat_template)
     for n, row in rows:
@@ -321,7 +363,9 @@ def check_dataset(
     raw = _read(source, split, report)
     if raw is not None:
         rows = _validate(raw, columns, report)
-        if rows:
+        if rows and report.sft_kind is not None:
+            report.format = f"SFT rows: {report.sft_kind.replace('_', ' + ')}"
+        elif rows:
             report.format = detect_format(rows[0][1]).describe()
             if report.converted_from:
                 report.format = f"{report.converted_from}, converted to {report.format}"

@@ -198,8 +198,9 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
         ids, mask, cut = ids[:settings.max_length], mask[:settings.max_length], True
     mask = [0, *mask[1:]] if mask else mask  # nothing predicts the first token
     if not any(mask):
+        field = {"text": "text", "messages": "messages"}.get(kind or "", "prompt")
         raise DataError(f"no token is left to train on under max_length={settings.max_length} (the prompt alone is "
-                        f"{len(ids)} tokens or more).", **where, field="prompt" if kind != "text" else "text",
+                        f"{len(ids)} tokens or more).", **where, field=field,
                         fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
     return {"input_ids": ids, "loss_mask": mask}, cut
 
