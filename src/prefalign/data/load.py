@@ -574,6 +574,7 @@ def load_preference_dataset(
     pairing: str = "best_worst",
     min_score_margin: float = 0.0,
     seed: int = 0,
+    config: str | None = None,
 ) -> Any:
     """Load preference pairs as a `datasets.Dataset` with columns prompt/chosen/rejected (and system if present).
 
@@ -586,10 +587,11 @@ def load_preference_dataset(
     ``on_invalid_row="skip"`` leaves such rows out, logs how many and remembers which (``dataset.info``, read by the
     trainers' data reports). Suspicious rows (duplicates, empty replies) are kept, counted and logged. The rows
     are validated here, once: the dataset also carries each row's number in the source (column ``source_row``) and
-    the source's name, so the trainers take it as it is and report rows by the same numbers.
+    the source's name, so the trainers take it as it is and report rows by the same numbers. ``config`` is a hub
+    dataset's configuration name.
     """
     raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row,
-                                    pairing=pairing, min_score_margin=min_score_margin, seed=seed)
+                                    pairing=pairing, min_score_margin=min_score_margin, seed=seed, config=config)
     log_kept(raw, problems)
     return as_dataset(raw)
 
