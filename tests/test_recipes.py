@@ -309,15 +309,17 @@ def test_lora_dpo_recipe_saves_adapter_and_merged_model(model_dir, prefs_dir, tm
 
 def test_lora_dpo_reference_is_the_adapter_disabled_base(model_dir, pairs, tmp_path, monkeypatch):
     import copy
+    import types
 
     from prefalign.commands.train import load_train_data, make_trainer
     from prefalign.options import build_config
     from prefalign.trainer import _is_peft
 
-    def no_copy(*args, **kwargs):
-        raise AssertionError("the policy was copied for a reference")
+    def no_model_copy(value, *args):
+        assert not isinstance(value, torch.nn.Module), "the policy was copied for a reference"
+        return copy.deepcopy(value, *args)
 
-    monkeypatch.setattr(copy, "deepcopy", no_copy)
+    monkeypatch.setattr("prefalign.trainer.copy", types.SimpleNamespace(deepcopy=no_model_copy))
     args = _args(tmp_path, f"method: dpo\nmodel: {model_dir}\ndataset: {pairs}\nuse_peft: true\nlora_r: 2\n"
                  "precompute_ref_log_probs: false\n")
     plan = resolve_plan(args)
