@@ -15,7 +15,9 @@ KTO trains on the same pairs, each split into a desirable and an undesirable row
 per step; its "pairs/s" are rows/s, its pair tokens prompt + completion + KL completion), both in TRL's sequential
 order so the losses compare (prefalign's default order is random).
 The "mixed" shape (prompt and reply lengths drawn per pair) adds a prefalign run with `packing=False`, so what
-packing buys is measured, not asserted.
+packing buys is measured, not asserted. `--lora` adds, per shape and method, both libraries with the same LoRA
+adapter (`LORA` below; DPO's reference is then the adapter-disabled base in both), so a LoRA run's peak RSS is
+measured next to the full fine-tune's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from pathlib import Path
 # (prompt tokens, answer tokens), each a (low, high) range drawn per pair; "mixed" is where packing matters
 WARMUP_STEPS = 2
 SHAPES = {"long": ((128, 128), (66, 66)), "short": ((16, 16), (66, 66)), "mixed": ((40, 256), (8, 128))}
+# The adapter both libraries train under --lora: TRL's ModelConfig defaults (r 16, alpha 32) on every linear layer,
+# without dropout so the two runs' losses stay comparable step by step.
+LORA = dict(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules="all-linear")
 WORDS = ("the river model data light paper green window stone music number table garden yellow quiet "
          "travel winter simple bright market letter answer reason summer silver forest ocean").split()
 
@@ -86,20 +91,26 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
                   learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
                   bf16=False, gradient_checkpointing=False, disable_tqdm=True)
     model = load_model()
+    peft = {}
+    if lib.endswith("-lora"):
+        from peft import LoraConfig
+
+        lib, peft = lib.removesuffix("-lora"), {"peft_config": LoraConfig(**LORA)}
     if lib == "trl":
         import trl
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         if method == "dpo":
-            # No ref_model: each library's default (TRL loads a second copy from the model's path).
-            return trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+            # No ref_model: each library's default (TRL loads a second copy from the model's path; with LoRA both
+            # use the adapter-disabled base).
+            return trl.DPOTrainer(model, args=trl.DPOConfig(**common), train_dataset=ds, processing_class=tok, **peft)
         if method == "cpo":
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-            return CPOTrainer(model, args=CPOConfig(**common), train_dataset=ds, processing_class=tok)
+            return CPOTrainer(model, args=CPOConfig(**common), train_dataset=ds, processing_class=tok, **peft)
         if method == "kto":  # no ref_model: TRL loads a second copy, prefalign precomputes with the policy
-            return trl.KTOTrainer(model, args=trl.KTOConfig(**common), train_dataset=ds, processing_class=tok)
-        return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok)
+            return trl.KTOTrainer(model, args=trl.KTOConfig(**common), train_dataset=ds, processing_class=tok, **peft)
+        return ORPOTrainer(model, args=ORPOConfig(**common), train_dataset=ds, processing_class=tok, **peft)
     import prefalign
 
     common["cpu_allocator_cache"] = True  # what the prefalign command does (process-wide; the library asks first)
@@ -110,15 +121,16 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
     if lib == "prefalign-gc":  # memory mode: also activations recomputed in backward, LM head in small chunks
         common.update(gradient_checkpointing=True, logprob_chunk_rows=256)
     if method == "dpo":
-        return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok)
+        return prefalign.DPOTrainer(model, args=prefalign.DPOConfig(**common), train_dataset=ds, processing_class=tok,
+                                    **peft)
     if method == "cpo":  # CPO's sigmoid loss + NLL of the chosen replies, TRL's tokens (trl_compat)
         return prefalign.CPOTrainer(model, args=prefalign.CPOConfig(**common, trl_compat=True), train_dataset=ds,
-                                    processing_class=tok)
+                                    processing_class=tok, **peft)
     if method == "kto":  # TRL's batch order, so the logged losses compare
         return prefalign.KTOTrainer(model, args=prefalign.KTOConfig(**common, train_sampling_strategy="sequential"),
-                                    train_dataset=ds, processing_class=tok)
+                                    train_dataset=ds, processing_class=tok, **peft)
     return prefalign.ORPOTrainer(model, args=prefalign.ORPOConfig(**common, trl_compat=True), train_dataset=ds,
-                                 processing_class=tok)
+                                 processing_class=tok, **peft)
 
 
 def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
@@ -197,6 +209,9 @@ def main() -> None:
     ap.add_argument("--memory-mode", action="store_true",
                     help="also run prefalign with release_cpu_memory_every=1, and in memory mode (that plus "
                          "gradient_checkpointing and logprob_chunk_rows=256): peak RSS vs speed")
+    ap.add_argument("--lora", action="store_true",
+                    help="also run both libraries with the same LoRA adapter (LORA): peak RSS next to the full "
+                         "fine-tune's")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -208,7 +223,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
             extra = (("prefalign-nopack",) if shape == "mixed" else ()) + (
-                ("prefalign-release", "prefalign-gc") if args.memory_mode else ())
+                ("prefalign-release", "prefalign-gc") if args.memory_mode else ()) + (
+                ("trl-lora", "prefalign-lora") if args.lora else ())
             for lib in ("trl", "prefalign") + extra:
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
@@ -226,15 +242,15 @@ def main() -> None:
         for method in args.methods.split(","):
             t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
                     for lib in ("trl", "prefalign"))
-            nopack, release, gc = (next((r for r in results if r["lib"] == lib and r["method"] == method
-                                         and r["shape"] == shape), None)
-                                   for lib in ("prefalign-nopack", "prefalign-release", "prefalign-gc"))
+            nopack, release, gc, trl_lora, lora = (
+                next((r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape), None)
+                for lib in ("prefalign-nopack", "prefalign-release", "prefalign-gc", "trl-lora", "prefalign-lora"))
             flops = minimal_flops(method, p["n_params"], p["prompt_tokens"], p["reply_tokens"], cfg.vocab_size,
                                   cfg.hidden_size)
             n = min(len(t["losses"]), len(p["losses"]))
             rows.append({
                 "shape": shape, "method": method, "trl": t, "prefalign": p, "prefalign_nopack": nopack,
-                "prefalign_release": release, "prefalign_gc": gc,
+                "prefalign_release": release, "prefalign_gc": gc, "trl_lora": trl_lora, "prefalign_lora": lora,
                 "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                 "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
@@ -275,6 +291,17 @@ def render(rows: list[dict], ceiling: float) -> str:
                 lines.append(f"\n{label}, {r['shape']} {r['method'].upper()}: {g['s_per_step']:.2f} s/step "
                              f"({t['s_per_step'] / g['s_per_step']:.2f}× TRL), peak RSS {g['peak_rss_gb']:.2f} GB "
                              f"({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× TRL), max |Δ loss| vs TRL {diff:.1e}")
+    for r in rows:
+        if r.get("prefalign_lora") and r.get("trl_lora"):
+            tl, pl, t, p = r["trl_lora"], r["prefalign_lora"], r["trl"], r["prefalign"]
+            n = min(len(tl["losses"]), len(pl["losses"]))
+            diff = max(abs(a - b) for a, b in zip(tl["losses"][:n], pl["losses"][:n], strict=True))
+            lines.append(f"\nLoRA (r {LORA['r']}, all-linear), {r['shape']} {r['method'].upper()}: TRL "
+                         f"{tl['s_per_step']:.2f} s/step, {tl['peak_rss_gb']:.2f} GB (full fine-tune "
+                         f"{t['peak_rss_gb']:.2f} GB); prefalign {pl['s_per_step']:.2f} s/step, "
+                         f"{pl['peak_rss_gb']:.2f} GB (full fine-tune {p['peak_rss_gb']:.2f} GB); speed-up "
+                         f"{tl['s_per_step'] / pl['s_per_step']:.2f}×, RSS ratio "
+                         f"{pl['peak_rss_gb'] / tl['peak_rss_gb']:.2f}, max |Δ loss| {diff:.1e}")
     return "\n".join(lines)
 
 

@@ -88,3 +88,29 @@ def token_logps(model, input_ids, attention_mask, target_mask, *, position_ids=N
         picked = target_logps(model, inputs, rows, src, targets, path or FastPath(chunk_rows=chunk_rows))
     out = torch.zeros(mask.shape, dtype=torch.promote_types(picked.dtype, torch.float32))
     return out.index_put((rows, cols), picked)
+
+
+def base_tokenizer():
+    """A small byte-level BPE tokenizer with no chat template and no ChatML tokens: a base model's, so
+    ``chat_template: chatml`` has tokens to add and embeddings to resize. Built offline in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"What is {i} plus {i}? {2 * i}. I think it is {2 * i + 1}, but I am not sure at all. user assistant "
+              "system Q: name a colour number. A: Blue. I refuse to answer question." for i in range(50)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def save_tiny_base(path, seed: int = 0) -> str:
+    """A tiny model over `base_tokenizer` (no chat template), saved as a loadable model directory."""
+    tok = base_tokenizer()
+    tiny_llama(tok, seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

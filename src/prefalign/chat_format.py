@@ -49,3 +49,51 @@ def setup_chat_format(model: Any, tokenizer: Any, format: str = "chatml",
             config.eos_token_id = tokenizer.eos_token_id
             config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
+
+
+def _is_jinja(spec: str) -> bool:
+    return "{%" in spec or "{{" in spec
+
+
+def check_chat_template_option(spec: str) -> None:
+    """The ``chat_template`` option's form, checked when the config is built (before anything loads)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    if spec in CHAT_FORMATS or _is_jinja(spec):
+        return
+    path = Path(spec).expanduser()
+    if path.suffix.lower() not in TEMPLATE_FILE_SUFFIXES or not path.is_file():
+        what = "no such file" if not path.exists() else "not a .jinja / .j2 / .txt file"
+        raise ConfigError(f"chat_template={spec!r}: {what}. Fix: use 'chatml', a Jinja template string, or the path "
+                          "of a .jinja / .j2 / .txt file holding one")
+
+
+def apply_chat_template_option(model: Any, tokenizer: Any, spec: str | None, *, source: str = "the model") -> bool:
+    """Set the ``chat_template`` option (see `prefalign.config.TrainConfig`) on ``tokenizer`` (and ``model``).
+
+    ``"chatml"`` is `setup_chat_format` (tokens added, embeddings resized); a Jinja string or file replaces the
+    template, as alignment-handbook and TRL do. Returns whether the vocabulary was resized.
+    """
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    if spec is None:
+        return False
+    check_chat_template_option(spec)
+    if spec in CHAT_FORMATS:
+        if getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"chat_template: {spec}: the tokenizer of {source} already has a chat template, which "
+                              "this would replace. Fix: remove chat_template to use the model's own, or give a Jinja "
+                              "string to replace it")
+        before = model.get_input_embeddings().weight.shape[0]
+        setup_chat_format(model, tokenizer, spec)
+        return model.get_input_embeddings().weight.shape[0] != before
+    text = spec if _is_jinja(spec) else Path(spec).expanduser().read_text(encoding="utf-8")
+    tokenizer.chat_template = text
+    return False

@@ -73,6 +73,9 @@ transformers.TrainingArguments), e.g.
   learning_rate: 5.0e-6
   max_length: 512
 
+TRL / alignment-handbook recipes work too (model_name_or_path, torch_dtype, dataset_name, dataset_mixture, use_peft,
+lora_r, ...; pass --method, which TRL takes from its subcommand); see the README's recipe section.
+
 Precedence: CONFIG.yaml < --set < the explicit flags. Defaults that differ from the library: logging_steps 1,
 report_to none, save_strategy no (the final model is saved anyway), cpu_allocator_cache true (this process is the
 run), use_cpu when there is no CUDA.

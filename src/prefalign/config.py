@@ -45,6 +45,18 @@ class TrainConfig(TrainingArguments):
         metadata={"help": "Plain-text rows are wrapped as a user turn and assistant replies and rendered with the "
                           "tokenizer's chat template, when it has one. False: tokenize the text as is and append EOS "
                           "to replies (TRL's behaviour for text rows)."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "The chat format, set on the tokenizer before any data is tokenised and saved with the run: "
+                          "None: the tokenizer's own; 'chatml': ChatML for a model without a template (its special "
+                          "tokens added, the embeddings resized, <|im_end|> as EOS and padding; "
+                          "prefalign.setup_chat_format); a Jinja string (it contains '{%' or '{{'; replaces the "
+                          "tokenizer's template, as alignment-handbook's chat_template); or a path to a .jinja / "
+                          ".j2 / .txt file holding one."})
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "TRL's name for the file form of chat_template (a .jinja / .j2 / .txt file); sets "
+                          "chat_template."})
     on_invalid_row: str = field(
         default="error",
         metadata={"help": "A row that cannot be trained on (unreadable, a missing or wrongly typed field, chosen == "
@@ -145,6 +157,19 @@ class TrainConfig(TrainingArguments):
         _check(self.pairing in ("best_worst", "best_random", "all_pairs"), "pairing", self.pairing,
                "must be 'best_worst', 'best_random' or 'all_pairs'")
         _check(self.min_score_margin >= 0, "min_score_margin", self.min_score_margin, "must be >= 0")
+        if self.chat_template_path is not None:
+            if self.chat_template not in (None, self.chat_template_path):
+                raise ConfigError("chat_template and chat_template_path are both given; chat_template_path is TRL's "
+                                  "name for its file form. Fix: keep one of them")
+            self.chat_template = self.chat_template_path
+        if self.chat_template is not None:
+            from .chat_format import check_chat_template_option
+
+            check_chat_template_option(self.chat_template)
+        if self.use_liger_kernel:
+            raise ConfigError("use_liger_kernel: true is not supported: prefalign computes log-probs with its own "
+                              "fused, chunked LM head (fast_path), which Liger's kernels would replace. Fix: remove "
+                              "use_liger_kernel")
         super().__post_init__()
 
 

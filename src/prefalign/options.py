@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import runs
+from . import adapters, recipe, runs
 from .errors import ConfigError, PrefalignError, one_line
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 METHODS = ("dpo", "orpo", "cpo", "simpo", "kto", "sft")
 RUN_KEYS = ("method", "model", "ref_model", "dataset", "split", "eval_dataset", "eval_split", "columns",
-            "dataset_mixture", "eval_split_size")
+            "dataset_mixture", "eval_split_size", "dataset_config", "dataset_test_split", *recipe.MODEL_KEYS,
+            *adapters.KEYS)  # the model keys and LoRA keys are TRL's (recipe.py, adapters.LoraOptions)
 RUN_DEFAULTS: dict[str, Any] = {"method": "dpo", "split": "train", "eval_split": "test"}
 # Config defaults of a CLI run that differ from the library's (the library stays TRL-like).
 CLI_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "report_to": "none", "save_strategy": "no",
@@ -94,8 +95,9 @@ class TrainPlan:
         """Inputs that may be local paths, which --overwrite must never delete."""
         paths = [str(v) for k in ("model", "ref_model", "dataset", "eval_dataset") if (v := self.run.get(k))]
         mixture = self.run.get("dataset_mixture")
-        members = mixture.get("datasets") if isinstance(mixture, dict) else None
-        return paths + [str(m["path"]) for m in members or [] if isinstance(m, dict) and m.get("path")]
+        members = [m for k in ("datasets", "eval_datasets") for m in (mixture.get(k) or [])] \
+            if isinstance(mixture, dict) else []
+        return paths + [str(m[k]) for m in members if isinstance(m, dict) for k in ("path", "id") if m.get(k)]
 
     def resolved_config(self) -> dict[str, Any]:
         """Run keys (local paths made absolute, so the file works from anywhere) and the config options."""
@@ -106,15 +108,21 @@ class TrainPlan:
                 continue
             if key in ("model", "ref_model", "dataset", "eval_dataset") and _is_local_path(str(value)):
                 value = str(Path(str(value)).expanduser().resolve())
-            if key == "dataset_mixture" and isinstance(value, dict) and isinstance(value.get("datasets"), list):
-                value = {**value, "datasets": [
-                    {**m, "path": str(Path(str(m["path"])).expanduser().resolve())}
-                    if isinstance(m, dict) and m.get("path") and _is_local_path(str(m["path"])) else m
-                    for m in value["datasets"]]}
+            if key == "dataset_mixture" and isinstance(value, dict):
+                value = {**value, **{part: [_absolute_member(m) for m in value[part]]
+                                     for part in ("datasets", "eval_datasets") if isinstance(value.get(part), list)}}
             out[key] = value
         out.update(sorted(self.options.items()))
         out["output_dir"] = str(self.output_dir.expanduser().resolve())  # a re-run must not write somewhere else
         return out
+
+
+def _absolute_member(member: Any) -> Any:
+    """A mixture member with its local path (``path``, or a local ``id``) made absolute."""
+    if not isinstance(member, dict):
+        return member
+    return {**member, **{k: str(Path(str(member[k])).expanduser().resolve()) for k in ("path", "id")
+                         if member.get(k) and _is_local_path(str(member[k]))}}
 
 
 def _is_local_path(value: str) -> bool:
@@ -173,11 +181,15 @@ def _flag_layer(args: argparse.Namespace, method: str) -> Layer:
     return Layer("from the flags", values)
 
 
-def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace) -> str:
+def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace, trl_recipe: bool = False) -> str:
     method = args.method
     if method is None:
         for layer in layers:
             method = layer.values.get("method", method)
+    if method is None and trl_recipe:
+        raise ConfigError(f"{layers[0].origin.removeprefix('in ')} is a TRL / alignment-handbook recipe "
+                          "(model_name_or_path) with no method; TRL picks it by subcommand. Fix: pass --method "
+                          f"{' / '.join(METHODS)} (e.g. --method dpo for a DPO recipe), or add 'method: dpo'")
     method = RUN_DEFAULTS["method"] if method is None else str(method).lower()
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not supported. Fix: use one of {', '.join(METHODS)}")
@@ -185,7 +197,7 @@ def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace) -> str:
 
 
 def _unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
-    valid = list(config_fields(config_class(method))) + list(RUN_KEYS)
+    valid = list(config_fields(config_class(method))) + list(RUN_KEYS) + list(recipe.EXTRA_KEYS)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"Did you mean '{close[0]}'?" if close else (
         f"Fix: use a run key ({', '.join(RUN_KEYS)}) or a field of {config_class(method).__name__}")
@@ -250,10 +262,14 @@ def coerce_option(cls: type, key: str, value: Any) -> Any:
 
 def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges."""
-    lower = [_config_file_layer(args.config), _set_layer(args.set_pairs)]
-    method = _resolve_method(lower, args)
+    given = [_config_file_layer(args.config), _set_layer(args.set_pairs)]
+    lower = [Layer(layer.origin, recipe.rename_layer(layer.values, layer.origin)) for layer in given]
+    method = _resolve_method(lower, args, recipe.is_trl_recipe(given[0].values))
     merged = _merge([*lower, _flag_layer(args, method)], method)
     run = {key: merged.pop(key, None) for key in RUN_KEYS}
+    run.update({k: coerce_option(adapters.LoraOptions, k, run[k]) for k in adapters.KEYS})
+    recipe.fold(run, merged)
+    adapters.lora_options(run)  # checks the LoRA keys now, before anything loads
     run = {key: RUN_DEFAULTS.get(key) if value is None else value for key, value in run.items()}
     run["method"] = method
     run["columns"] = parse_columns(run["columns"])
@@ -273,6 +289,9 @@ def resolve_plan(args: argparse.Namespace) -> TrainPlan:
     run.update({k: str(run[k]) for k in ("model", "ref_model", "split", "eval_split") if run[k] is not None})
     if method not in ("dpo", "kto") and run.get("ref_model") is not None:
         raise ConfigError(f"ref_model is a DPO / KTO option; method {method} uses no reference model. Fix: remove it")
+    if merged.get("chat_template") == "chatml" and run.get("ref_model") is not None:
+        raise ConfigError("chat_template: chatml adds tokens to the policy, which ref_model would lack. Fix: drop "
+                          "ref_model (the untrained policy is the reference), or give it the same chat format")
     options = {**CLI_DEFAULTS, **merged}
     options.setdefault("output_dir", str(runs.default_run_dir(method)))
     cls = config_class(method)

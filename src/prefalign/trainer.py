@@ -25,6 +25,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import speed
+from .chat_format import apply_chat_template_option
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import CPOConfig, DPOConfig, ORPOConfig, PreferenceConfig, TrainConfig
 from .data.collate import PairCollator, PrefixSharedCollator
@@ -92,6 +93,7 @@ class _Trainer(CheckpointMixin, Trainer):
         if processing_class is None:
             processing_class = load_tokenizer(model.name_or_path or model_name)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        apply_chat_template_option(model, tokenizer, args.chat_template, source=str(model_name))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer_ = tokenizer

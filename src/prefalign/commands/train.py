@@ -1,5 +1,5 @@
-"""``prefalign train``: resolve the options (`prefalign.options`), train (SFT, DPO, ORPO, CPO, SimPO), write a run
-directory."""
+"""``prefalign train``: resolve the options (`prefalign.options`), train (SFT, DPO, ORPO, CPO, SimPO, KTO; with LoRA
+when ``use_peft``), write a run directory; a recipe with ``stages:`` runs as a pipeline."""
 
 from __future__ import annotations
 
@@ -33,27 +33,42 @@ def load_train_data(plan: TrainPlan, config: TrainConfig) -> tuple[Any, Any]:
         rows["schema"] = SFT_ROWS
     load = load_unpaired_dataset if plan.method == "kto" else load_preference_dataset  # KTO: unpaired rows or pairs
     columns = plan.run["columns"]
+    hub_config = plan.run.get("dataset_config")  # TRL's dataset_config: the hub dataset's configuration name
     if plan.run.get("dataset_mixture") is not None:
         train, evaluation = load_mixture(plan.run["dataset_mixture"], options=rows)
     elif plan.run.get("eval_split_size") is not None:
         train, evaluation = load_with_split(plan.run["dataset"], plan.run["split"], columns,
-                                            plan.run["eval_split_size"], rows["seed"], rows)
+                                            plan.run["eval_split_size"], rows["seed"], rows, config=hub_config)
     else:
-        train, evaluation = load(plan.run["dataset"], plan.run["split"], columns, **rows), None
+        train = load(plan.run["dataset"], plan.run["split"], columns, config=hub_config, **rows)
+        evaluation = None
     if plan.run.get("eval_dataset"):
-        evaluation = load(plan.run["eval_dataset"], plan.run["eval_split"], columns, **rows)
+        same = plan.run["eval_dataset"] == plan.run.get("dataset")
+        evaluation = load(plan.run["eval_dataset"], plan.run["eval_split"], columns,
+                          config=hub_config if same else None, **rows)
     return train, evaluation
 
 
 def make_trainer(plan: TrainPlan, config: TrainConfig, train: Any, evaluation: Any) -> Any:
     """Load the model(s) and tokenize the data; remove the output directory again if this fails after creating it."""
+    from ..adapters import lora_config, lora_options, quantization_config
     from ..sft import SFTTrainer
     from ..trainer import CPOTrainer, DPOTrainer, ORPOTrainer
 
     out = plan.output_dir
     existed = out.exists()
-    common = {"model": plan.run["model"], "args": config, "train_dataset": train, "eval_dataset": evaluation}
+    lora = lora_options(plan.run)
+    init = dict(config.model_init_kwargs or {})
+    if lora.quantized:  # reached only with bitsandbytes and CUDA (recipe.check_start)
+        config.model_init_kwargs = {**init, "quantization_config": quantization_config(lora, init.get("dtype"))}
+    common = {"model": plan.run["model"], "args": config, "train_dataset": train, "eval_dataset": evaluation,
+              "peft_config": lora_config(lora)}
     try:
+        hub_kwargs = {k: init[k] for k in ("revision", "trust_remote_code") if init.get(k) is not None}
+        if hub_kwargs:  # the tokenizer from the same revision / remote code as the model
+            from ..models import load_tokenizer
+
+            common["processing_class"] = load_tokenizer(plan.run["model"], **hub_kwargs)
         if plan.method == "dpo":
             return DPOTrainer(ref_model=plan.run.get("ref_model"), **common)
         if plan.method == "kto":
@@ -92,12 +107,17 @@ def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) ->
 
 
 def save_run(trainer: Any, plan: TrainPlan, out: Path) -> None:
-    """Model, tokenizer, resolved config, data report and report.html: everything a finished run directory holds."""
+    """Model (with LoRA: the adapter, and with merge_adapter the merged model in merged/), tokenizer, resolved
+    config, data report and report.html: everything a finished run directory holds."""
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(str(out))
+    if plan.run.get("merge_adapter"):
+        from ..adapters import save_merged
+
+        save_merged(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out)
     runs.write_config(out, plan.resolved_config())
     runs.write_data_report(out, trainer.data_reports)
     from ..report.write import write_report_or_warn
@@ -129,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         return pipeline.run(args, recipe)
     plan = resolve_plan(args)
     config = build_config(plan)
+    from ..recipe import check_start
+
+    check_start(plan)  # what this machine cannot honour (k-bit, push_to_hub offline, ...) fails before any load
     out = plan.output_dir
     from ..checkpoints import latest_checkpoint
 

@@ -575,6 +575,7 @@ def load_preference_dataset(
     min_score_margin: float = 0.0,
     seed: int = 0,
     schema: RowSchema | None = None,
+    config: str | None = None,
 ) -> Any:
     """Load preference pairs as a `datasets.Dataset` with columns prompt/chosen/rejected (and system if present).
 
@@ -588,10 +589,12 @@ def load_preference_dataset(
     trainers' data reports). Suspicious rows (duplicates, empty replies) are kept, counted and logged. The rows
     are validated here, once: the dataset also carries each row's number in the source (column ``source_row``) and
     the source's name, so the trainers take it as it is and report rows by the same numbers. ``schema``: another
-    kind of rows (``prefalign.data.sft.SFT_ROWS`` for SFT data), validated as that kind.
+    kind of rows (``prefalign.data.sft.SFT_ROWS`` for SFT data), validated as that kind. ``config`` is a hub
+    dataset's configuration name.
     """
     raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row,
-                                    pairing=pairing, min_score_margin=min_score_margin, seed=seed, schema=schema)
+                                    pairing=pairing, min_score_margin=min_score_margin, seed=seed, schema=schema,
+                                    config=config)
     log_kept(raw, problems)
     return as_dataset(raw, schema)
 

@@ -11,6 +11,11 @@
       seed: 0
       test_split_size: 0.1                             # held out as the eval dataset
 
+TRL's mixture shape reads the same: a member's ``path`` (a hub id or a local path), ``name`` (= ``config``),
+``fraction`` (= ``weight``), ``data_files`` (one local file, with ``path`` a builder such as ``json``), and
+``streaming: false``. ``eval_datasets`` (members as above, taken in full) gives the evaluation set instead of
+``test_split_size``: the old handbook's ``dataset_mixer`` + ``dataset_splits`` becomes that (`prefalign.recipe`).
+
 Each member is read and validated as a single dataset would be (its errors name its own file and line); when
 members differ in format, text pairs become conversations (a user turn and assistant replies, as the chat template
 renders text rows anyway); ``weight``
@@ -32,9 +37,11 @@ from .format import is_messages, to_example
 from .load import PREFERENCE_ROWS, Problem, RawData, RowSchema, as_dataset, read_valid_rows
 
 _MEMBER_KEYS = {"id", "path", "split", "config", "columns", "weight"}
+_TRL_MEMBER_KEYS = {"name": "config", "fraction": "weight"}  # TRL's DatasetConfig names
+_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets.load_dataset builders that data_files go with
 
 
-def _member_columns(columns: Any, where: str, schema: RowSchema) -> dict[str, str] | None:
+def _member_columns(columns: Any, where: str, schema: RowSchema = PREFERENCE_ROWS) -> dict[str, str] | None:
     """alignment-handbook's list of columns to keep, or prefalign's mapping onto canonical names."""
     if columns is None:
         return None
@@ -73,30 +80,36 @@ def split_rows(raw: RawData, size: Any, seed: int, name: str = "eval_split_size"
     return part(False), part(True)
 
 
-def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
-    """``(train, test)`` datasets of a ``dataset_mixture`` (see the module docstring); ``test`` is None without
-    ``test_split_size``. ``options`` are read_valid_rows' row options (text_format, on_invalid_row, pairing, ...)."""
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
-        raise ConfigError("dataset_mixture needs a list under 'datasets'. Fix: dataset_mixture: {datasets: [{path: "
-                          "a.jsonl, weight: 0.5}, {id: org/name}]}")
-    unknown = set(spec) - {"datasets", "seed", "test_split_size"}
-    if unknown:
-        raise ConfigError(f"dataset_mixture: unknown key(s) {', '.join(sorted(unknown))}. Fix: use datasets, seed, "
-                          "test_split_size")
-    seed = spec.get("seed", 0)
-    schema = (options or {}).get("schema") or PREFERENCE_ROWS
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"dataset_mixture: seed={seed!r} is not an integer.")
+def _member(member: Any, where: str) -> dict[str, Any]:
+    """A member in handbook form: TRL's names mapped, ``data_files`` with a builder ``path`` read as that file."""
+    if not isinstance(member, Mapping):
+        raise ConfigError(f"{where}: {member!r} must be a mapping with id or path (and optionally split, config, "
+                          "columns, weight).")
+    out = {_TRL_MEMBER_KEYS.get(str(k), str(k)): v for k, v in member.items()}
+    files = out.pop("data_files", None)
+    if files is not None:
+        if isinstance(files, list) and len(files) == 1:
+            files = files[0]
+        if not isinstance(files, str) or str(out.get("path") or out.get("id")) not in _BUILDERS:
+            raise ConfigError(f"{where}: data_files={files!r} is read only as one file with path: json / csv / "
+                              "parquet. Fix: write path: FILE (prefalign reads .jsonl, .json, .csv, .parquet)")
+        out.pop("id", None)
+        out["path"] = files
+    if not (set(out) <= _MEMBER_KEYS) or not (out.get("id") or out.get("path")):
+        raise ConfigError(f"{where}: {member!r} must be a mapping with id or path (and optionally split, config, "
+                          "columns, weight; TRL's name, fraction, data_files).")
+    return out
+
+
+def _mix(members: list[Any], part: str, seed: int, options: Mapping[str, Any] | None) -> RawData:
+    """The members' rows (each validated as a single dataset), weighted, concatenated and shuffled with the seed."""
     rows: list[dict[str, Any]] = []
     numbers: list[int] = []
     skipped: list[Problem] = []
     sources, labels = [], set()
-    for i, member in enumerate(spec["datasets"], start=1):
-        where = f"dataset_mixture.datasets[{i}]"
-        if not isinstance(member, Mapping) or not (set(member) <= _MEMBER_KEYS) or not (member.get("id") or
-                                                                                        member.get("path")):
-            raise ConfigError(f"{where}: {member!r} must be a mapping with id or path (and optionally split, config, "
-                              "columns, weight).")
+    for i, given in enumerate(members, start=1):
+        where = f"dataset_mixture.{part}[{i}]"
+        member = _member(given, where)
         source = str(member.get("path") or member["id"])
         weight = member.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
@@ -104,7 +117,8 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
                               "dataset's rows")
         config = member.get("config")
         raw, _ = read_valid_rows(source, str(member.get("split", "train")),
-                                 _member_columns(member.get("columns"), where, schema),
+                                 _member_columns(member.get("columns"), where,
+                                                 (options or {}).get("schema") or PREFERENCE_ROWS),
                                  config=None if config is None else str(config), **dict(options or {}))
         order = list(range(len(raw.rows)))
         random.Random(seed * 7919 + i).shuffle(order)
@@ -121,20 +135,46 @@ def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tupl
                     labels.pop() if len(labels) == 1 else "row", numbers, skipped=skipped)
     order = list(range(len(mixed.rows)))
     random.Random(seed).shuffle(order)
-    mixed = replace(mixed, rows=[mixed.rows[j] for j in order], row_numbers=[mixed.row_numbers[j] for j in order])
+    return replace(mixed, rows=[mixed.rows[j] for j in order], row_numbers=[mixed.row_numbers[j] for j in order])
+
+
+def load_mixture(spec: Any, *, options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(train, test)`` datasets of a ``dataset_mixture`` (see the module docstring); ``test`` is None without
+    ``test_split_size`` or ``eval_datasets``. ``options`` are read_valid_rows' row options (text_format,
+    on_invalid_row, pairing, ...)."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
+        raise ConfigError("dataset_mixture needs a list under 'datasets'. Fix: dataset_mixture: {datasets: [{path: "
+                          "a.jsonl, weight: 0.5}, {id: org/name}]}")
+    unknown = set(spec) - {"datasets", "seed", "test_split_size", "eval_datasets", "streaming"}
+    if unknown:
+        raise ConfigError(f"dataset_mixture: unknown key(s) {', '.join(sorted(unknown))}. Fix: use datasets, seed, "
+                          "test_split_size, eval_datasets")
+    if spec.get("streaming"):
+        raise ConfigError("dataset_mixture: streaming: true: prefalign validates every row before training and does "
+                          "not stream. Fix: remove it")
+    seed = spec.get("seed", 0)
+    schema = (options or {}).get("schema") or PREFERENCE_ROWS
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"dataset_mixture: seed={seed!r} is not an integer.")
+    evals = spec.get("eval_datasets")
+    if evals is not None and (not isinstance(evals, list) or not evals or spec.get("test_split_size") is not None):
+        raise ConfigError("dataset_mixture: eval_datasets must be a non-empty list, and holds the evaluation set "
+                          "instead of test_split_size. Fix: keep one of them")
+    mixed = _mix(spec["datasets"], "datasets", seed, options)
+    if evals:
+        return as_dataset(mixed, schema), as_dataset(_mix(evals, "eval_datasets", seed, options), schema)
     if spec.get("test_split_size") is None:
         return as_dataset(mixed, schema), None
     train, test = split_rows(mixed, spec["test_split_size"], seed, "dataset_mixture.test_split_size")
     return as_dataset(train, schema), as_dataset(test, schema)
 
 
-
 def load_with_split(source: Any, split: str, columns: Mapping[str, str] | None, size: Any, seed: int,
-                    options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+                    options: Mapping[str, Any] | None = None, config: str | None = None) -> tuple[Any, Any]:
     """``(train, test)`` datasets of one source with ``size`` rows held out (``eval_split_size``)."""
     from .load import log_kept
 
-    raw, problems = read_valid_rows(source, split, columns, **dict(options or {}))
+    raw, problems = read_valid_rows(source, split, columns, config=config, **dict(options or {}))
     log_kept(raw, problems)
     train, test = split_rows(raw, size, seed)
     schema = (options or {}).get("schema")

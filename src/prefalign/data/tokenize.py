@@ -109,8 +109,9 @@ def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool,
     if conversational:
         if not has_chat_template(tokenizer):
             raise DataError("conversational data needs a chat template, and this tokenizer has none.", **where,
-                            fix="give a base model ChatML with `model, tokenizer = prefalign.setup_chat_format(model, "
-                                "tokenizer)`, use a chat model's tokenizer, or give plain-text rows")
+                            fix="give a base model ChatML with `chat_template: chatml` (`--set chat_template=chatml`; "
+                                "in Python `model, tokenizer = prefalign.setup_chat_format(model, tokenizer)`), a "
+                                "Jinja chat_template, a chat model's tokenizer, or plain-text rows")
         # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
         prompt_ids = _template(tokenizer, prompt, add_generation_prompt=True)
         full = {k: _template(tokenizer, prompt + v) for k, v in replies.items()}

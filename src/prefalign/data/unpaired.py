@@ -265,7 +265,7 @@ def weight_advice(desirable: int, undesirable: int, desirable_weight: float = 1.
 def load_unpaired_dataset(source: str | os.PathLike | Any, split: str = "train",
                           columns: Mapping[str, str] | None = None, *, text_format: str = "auto",
                           on_invalid_row: str = "error", pairing: str = "best_worst", min_score_margin: float = 0.0,
-                          seed: int = 0) -> Any:
+                          seed: int = 0, config: str | None = None) -> Any:
     """Load unpaired feedback as a `datasets.Dataset` with columns prompt / completion / label (and system).
 
     As `load_preference_dataset` (same sources, column mapping, HH-RLHF conversion, scored pairing and invalid-row
@@ -273,6 +273,6 @@ def load_unpaired_dataset(source: str | os.PathLike | Any, split: str = "train",
     their source number (a split pair: both rows the pair's), so KTOTrainer takes the dataset as it is."""
     raw, problems = read_valid_rows(source, split, columns, text_format=text_format, on_invalid_row=on_invalid_row,
                                     pairing=pairing, min_score_margin=min_score_margin, seed=seed,
-                                    schema=UNPAIRED_ROWS)
+                                    schema=UNPAIRED_ROWS, config=config)
     log_kept(raw, problems)
     return as_dataset(unpair_rows(raw), UNPAIRED_ROWS)
