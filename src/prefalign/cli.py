@@ -3,7 +3,8 @@
 ``prefalign train [CONFIG.yaml] [--set key=value ...] [flags]`` trains with DPO or ORPO and writes a run directory
 (see `prefalign.runs`; options resolved by `prefalign.options`); ``prefalign data check SOURCE`` reports a preference
 dataset's format, problems and token lengths without training; ``data generate``, ``eval`` and ``demo`` build pairs,
-evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html. User errors print
+evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``chat RUN_DIR`` tries a
+model by hand (optionally next to a reference). User errors print
 ``prefalign: error: <one line>`` and exit with code 2.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from .commands import PROG, print_error
+from .commands import chat as chat_command
 from .commands import data as data_command
 from .commands import demo as demo_command
 from .commands import eval as eval_command
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_demo_parser(sub)
     _add_report_parser(sub)
+    _add_chat_parser(sub)
     return parser
 
 
@@ -228,6 +231,41 @@ def _add_report_parser(sub: Any) -> None:
                                    "and the curves as RUN_DIR/plots/*.png. prefalign train does this at its end.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the output_dir of a training run)")
     p.set_defaults(func=report_command.run)
+
+
+CHAT_EPILOG = """\
+Interactive commands: /reset (forget the conversation), /quit (also Ctrl-D, or Ctrl-C at the prompt), /help.
+Each model keeps its own history (its own replies); --prompt / --prompts answer each prompt from a fresh
+conversation and exit. Output: with --layout stacked (default) each reply streams as it is generated, in labelled
+blocks one after the other (policy>, then reference>); --layout columns (with --against, in a terminal at least
+60 columns wide, else stacked) prints both replies side by side once both are complete, without streaming."""
+
+
+def _add_chat_parser(sub: Any) -> None:
+    p = sub.add_parser("chat", help="talk to a model by hand, optionally next to its reference",
+                       epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="An interactive session with a model (its chat template, streamed replies, "
+                                   "history), showing with --against the reference model's reply to the same "
+                                   "prompt: for trying diverse prompts and edge cases (empty, very long, off-task).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, saved model or PEFT adapter directory, "
+                                                      "embedded model name or hub id")
+    p.add_argument("--against", metavar="REF", help="reference model to answer the same prompts (e.g. the base)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="answer TEXT and exit (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="answer each prompt and exit: .txt one per line, or rows with "
+                                                     "'prompt' (text or messages) in .jsonl/.json/.csv/...")
+    p.add_argument("--json", action="store_true", help="with --prompt/--prompts: one JSON object per prompt "
+                                                       "(prompt, reply, reference_reply)")
+    p.add_argument("--system", metavar="TEXT", help="a system message at the start of every conversation")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="reply length limit (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default), else sample")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest tokens (default: "
+                                                                     "0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="> 0; 1 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--layout", choices=("stacked", "columns"), default="stacked",
+                   help="how replies are shown next to the reference's (see below)")
+    p.set_defaults(func=chat_command.run)
 
 
 # ----- logging and dispatch --------------------------------------------------------------------------------------
