@@ -11,24 +11,20 @@ attention) gives the two sequences TRL runs. So the fast path, packing, the refe
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-import datasets
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, TrainerCallback
 
-from .config import KTOConfig
-from .data.load import ROW_COLUMN, skipped_entries, validated_rows
+from .config import KTOConfig, TrainConfig
+from .data.load import RawData
+from .data.tokenize import TokenizeReport
 from .data.unpaired import UNPAIRED_ROWS, tokenize_unpaired, unpair_rows, weight_advice
-from .errors import DataError
 from .logps import PairLogps
 from .losses import kto_loss
-from .trainer import TOKENIZED_COLUMNS, DPOTrainer, row_options
-
-logger = logging.getLogger("prefalign")
+from .trainer import TOKENIZED_COLUMNS, DPOTrainer
 
 
 @dataclass
@@ -59,6 +55,8 @@ class KTOTrainer(DPOTrainer):
 
     config_class = KTOConfig
     method = "kto"
+    schema = UNPAIRED_ROWS
+    tokenized_columns = TOKENIZED_COLUMNS + ["label"]
     args: KTOConfig
 
     def __init__(self, model: str | PreTrainedModel | None = None, ref_model: str | PreTrainedModel | None = None,
@@ -71,40 +69,22 @@ class KTOTrainer(DPOTrainer):
         if data_collator is None:  # the reference precompute above needed only the pair layout
             self.data_collator = UnpairedCollator(self.data_collator)
 
-    def _prepare_dataset(self, dataset: Any, name: str, args: KTOConfig) -> datasets.Dataset | None:  # type: ignore[override]
-        """Unpaired rows (pairs split), validated once, tokenized with each row's KL completion; the class balance
-        and TRL's weight check are logged for the training set."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, datasets.Dataset) and {*TOKENIZED_COLUMNS, "label"} <= set(dataset.column_names):
-            return dataset
-        raw = unpair_rows(validated_rows(dataset, name=f"{name} dataset", schema=UNPAIRED_ROWS, **row_options(args)))
-        rows, report = tokenize_unpaired(
+    def _rows(self, raw: RawData, args: TrainConfig) -> RawData:
+        return unpair_rows(raw)  # preference pairs become one desirable and one undesirable row
+
+    def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
+        """Each row tokenized with its KL completion (its neighbour's, within chunks of the train batch size)."""
+        return tokenize_unpaired(
             raw.rows, self.tokenizer_, self._tokenize_settings(args),
             kl_chunk=args.per_device_train_batch_size if args.calculate_kl else None, source=raw.source,
             row_numbers=raw.row_numbers, row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
-        dropped = {s.pop("index") for s in report.skipped}
-        numbers = [n for i, n in enumerate(raw.row_numbers) if i not in dropped]
-        if not rows:
-            raise DataError(f"every row is invalid ({len(report.skipped) + len(raw.skipped)} skipped under "
-                            "on_invalid_row=skip); nothing is left to train on.", source=raw.source,
-                            fix="run `prefalign data check` on the data to list the problems")
-        report.skipped = sorted(skipped_entries(raw) + report.skipped, key=lambda s: s["row"])
-        report.rows += len(raw.skipped)
-        report.converted_from, report.pairing = raw.converted_from, raw.pairing
-        self.data_reports[name] = report
-        for line in report.lines():
-            logger.warning("%s: %s", raw.source, line)
-        if name == "train":
-            advice = weight_advice(report.desirable, report.undesirable, args.desirable_weight,
-                                   args.undesirable_weight)
-            if advice:
-                logger.warning("%s: %s", raw.source, advice)
-        return datasets.Dataset.from_list([{**r, ROW_COLUMN: n} for r, n in zip(rows, numbers, strict=True)])
 
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = TOKENIZED_COLUMNS + ["label", "ref_chosen_logps", "ref_rejected_logps"]
+    def _advice(self, report: TokenizeReport, name: str, args: TrainConfig) -> list[str]:
+        """TRL's check of the class weights against the class balance, for the training set."""
+        if name != "train":
+            return []
+        advice = weight_advice(report.desirable, report.undesirable, args.desirable_weight, args.undesirable_weight)
+        return [advice] if advice else []
 
     def _weighted(self, out: PairLogps) -> tuple[Tensor, Tensor]:
         return out.chosen, out.rejected  # summed log-probs of the completion and of the KL completion

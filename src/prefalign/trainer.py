@@ -168,9 +168,17 @@ class _Trainer(CheckpointMixin, Trainer):
     def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig) -> Any:
         raise NotImplementedError
 
+    def _rows(self, raw: RawData, args: TrainConfig) -> RawData:
+        """Validated rows as the trainer tokenizes them (KTO splits pairs into unpaired rows); as they are here."""
+        return raw
+
     def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
         """Validated rows → token-id examples and what tokenisation cut or skipped."""
         raise NotImplementedError
+
+    def _advice(self, report: TokenizeReport, name: str, args: TrainConfig) -> list[str]:
+        """Warnings about a prepared dataset beyond its report's own lines (KTO: TRL's class-weight check)."""
+        return []
 
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
@@ -178,7 +186,8 @@ class _Trainer(CheckpointMixin, Trainer):
             return None
         if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) <= set(dataset.column_names):
             return dataset
-        raw = validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args))
+        raw = self._rows(validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args)),
+                         args)
         pairs, report = self._tokenize(raw, args)
         dropped = {s.pop("index") for s in report.skipped}
         numbers = [n for i, n in enumerate(raw.row_numbers) if i not in dropped]
@@ -190,7 +199,7 @@ class _Trainer(CheckpointMixin, Trainer):
         report.rows += len(raw.skipped)
         report.converted_from, report.pairing = raw.converted_from, raw.pairing
         self.data_reports[name] = report
-        for line in report.lines():
+        for line in report.lines() + self._advice(report, name, args):
             logger.warning("%s: %s", raw.source, line)
         return datasets.Dataset.from_list([{**p, ROW_COLUMN: n} for p, n in zip(pairs, numbers, strict=True)])
 
