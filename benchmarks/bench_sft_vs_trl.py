@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import statistics
 import subprocess
@@ -31,29 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_vs_trl import synthetic_conversations  # this directory is on sys.path when run as a script
+
 WARMUP_STEPS = 2
 SHAPES = {"mixed": ((16, 256), (8, 256)), "long": ((128, 128), (128, 128)), "short": ((16, 16), (48, 48))}
 CONFIGS = ("trl", "trl-packing", "prefalign", "prefalign-nopack")
-WORDS = ("the river model data light paper green window stone music number table garden yellow quiet "
-         "travel winter simple bright market letter answer reason summer silver forest ocean").split()
 
 
 def synthetic_rows(tok, n: int, prompt_tokens: tuple[int, int], completion_tokens: tuple[int, int],
                    seed: int = 0) -> list[dict]:
-    """Conversational prompt-completion rows of about the requested token lengths (drawn per row)."""
-    rng = random.Random(seed)
-
-    def text(tokens: int) -> str:
-        words: list[str] = []
-        while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
-            words.append(rng.choice(WORDS))
-        return " ".join(words)
-
-    overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"])
-    return [{"prompt": [{"role": "user", "content": text(max(1, rng.randint(*prompt_tokens) - overhead))}],
-             "completion": [{"role": "assistant", "content": text(max(1, rng.randint(*completion_tokens) - 2))}]}
-            for _ in range(n)]
+    """Conversational prompt-completion rows of about the requested token lengths (drawn per row): the DPO
+    benchmark's generator with one reply."""
+    return synthetic_conversations(tok, n, prompt_tokens, completion_tokens, ("completion",), seed)
 
 
 def make_trainer(config: str, rows: list[dict], steps: int, batch: int):

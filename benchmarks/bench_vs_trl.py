@@ -44,10 +44,10 @@ WORDS = ("the river model data light paper green window stone music number table
          "travel winter simple bright market letter answer reason summer silver forest ocean").split()
 
 
-def synthetic_pairs(tok, n: int, prompt_tokens: tuple[int, int], answer_tokens: tuple[int, int],
-                    seed: int = 0) -> list[dict]:
-    """Conversational pairs whose prompt and answers are about the requested token lengths (drawn per pair and per
-    answer from the given inclusive ranges)."""
+def synthetic_conversations(tok, n: int, prompt_tokens: tuple[int, int], reply_tokens: tuple[int, int],
+                            replies: tuple[str, ...], seed: int = 0) -> list[dict]:
+    """Conversational rows: a user prompt and one assistant reply per name in ``replies``, each about the requested
+    token length (drawn per row and per reply from the given inclusive ranges)."""
     rng = random.Random(seed)
 
     def text(tokens: int) -> str:
@@ -59,10 +59,19 @@ def synthetic_pairs(tok, n: int, prompt_tokens: tuple[int, int], answer_tokens: 
     # The chat template adds ~30 tokens of system prompt and markers: subtract them from the user text.
     overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True)["input_ids"])
-    return [{"prompt": [{"role": "user", "content": text(max(1, rng.randint(*prompt_tokens) - overhead))}],
-             "chosen": [{"role": "assistant", "content": text(max(1, rng.randint(*answer_tokens) - 2))}],
-             "rejected": [{"role": "assistant", "content": text(max(1, rng.randint(*answer_tokens) - 2))}]}
-            for _ in range(n)]
+    rows = []
+    for _ in range(n):
+        row = {"prompt": [{"role": "user", "content": text(max(1, rng.randint(*prompt_tokens) - overhead))}]}
+        for name in replies:
+            row[name] = [{"role": "assistant", "content": text(max(1, rng.randint(*reply_tokens) - 2))}]
+        rows.append(row)
+    return rows
+
+
+def synthetic_pairs(tok, n: int, prompt_tokens: tuple[int, int], answer_tokens: tuple[int, int],
+                    seed: int = 0) -> list[dict]:
+    """Conversational pairs (prompt, chosen, rejected) of about the requested token lengths."""
+    return synthetic_conversations(tok, n, prompt_tokens, answer_tokens, ("chosen", "rejected"), seed)
 
 
 def matmul_ceiling() -> float:
