@@ -425,14 +425,19 @@ def validate_rows(raw: RawData) -> list[Problem]:
                                             f"{kinds[1]}; a dataset must use one format.",
                                             "convert all rows to text or all rows to messages"))
         if not any(p.fatal for p in row_problems):
-            key = json.dumps([r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]], sort_keys=True)
-            if key in seen:
-                row_problems.append(Problem(n, None, f"duplicates {raw.row_label} {seen[key]}.", "deduplicate",
-                                            fatal=False))
-            else:
-                seen[key] = n
+            row_problems.extend(duplicate_of(seen, [r.get("system"), r.get("prompt"), r["chosen"], r["rejected"]],
+                                             n, raw.row_label))
         problems.extend(row_problems)
     return problems
+
+
+def duplicate_of(seen: dict[str, int], fields: list[Any], row: int, row_label: str) -> list[Problem]:
+    """A warning when ``fields`` repeat an earlier row's (recorded in ``seen``); duplicates are kept, not fatal."""
+    key = json.dumps(fields, sort_keys=True)
+    if key in seen:
+        return [Problem(row, None, f"duplicates {row_label} {seen[key]}.", "deduplicate", fatal=False)]
+    seen[key] = row
+    return []
 
 
 PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS, (REQUIRED_COLUMNS,), validate_rows, _ALIASES,

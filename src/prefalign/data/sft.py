@@ -15,14 +15,13 @@ source row, and a row left with no loss token is an error (or skipped under ``on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
 from .format import is_messages, to_example
-from .load import Problem, RawData, RowSchema, _check_messages, _type_name, validate_rows
+from .load import Problem, RawData, RowSchema, _check_messages, _type_name, duplicate_of, validate_rows
 from .tokenize import TokenizeReport, _template, has_chat_template, tokenize_replies
 
 SFT_KINDS = ("text", "messages", "prompt_completion", "preference")
@@ -103,13 +102,8 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
         row_problems = {"text": _text_problems, "messages": _messages_problems,
                         "prompt_completion": _prompt_completion_problems}[kind](r, n)
         if not any(p.fatal for p in row_problems):
-            key = json.dumps([r.get(c) for c in ("system", "text", "messages", "prompt", "completion")],
-                             sort_keys=True)
-            if key in seen:
-                row_problems.append(Problem(n, None, f"duplicates {raw.row_label} {seen[key]}.", "deduplicate",
-                                            fatal=False))
-            else:
-                seen[key] = n
+            row_problems.extend(duplicate_of(seen, [r.get(c) for c in ("system", "text", "messages", "prompt",
+                                                                       "completion")], n, raw.row_label))
         problems.extend(row_problems)
     return problems
 
