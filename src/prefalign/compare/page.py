@@ -72,7 +72,8 @@ def _score(scores: Sequence[float | None] | None, i: int) -> str:
 
 def replies_section(rows: Sequence[Row], held: Heldout, samples: int) -> str:
     """Replies of the base and every scored run to a sample of held-out prompts and to the edge-case prompts."""
-    scored = [r for r in rows if r.entry.scores is not None and r.entry.scores.replies is not None]
+    scored = sorted((r for r in rows if r.entry.scores is not None and r.entry.scores.replies is not None),
+                    key=lambda r: r.values["status"] != "reference")  # the base first, then runs as ranked
     if not scored:
         return ""
     parts = ["<h2>Replies to held-out prompts</h2>"]

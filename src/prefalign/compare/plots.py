@@ -48,13 +48,18 @@ def tradeoff_plot(rows: Sequence[Row], quality: str) -> Plot | None:
     if not points:
         return None
     fig, ax = _figure()
+    xs = [p[0] for pts in points.values() for p in pts]
+    middle = (min(xs) + max(xs)) / 2
     for i, (method, pts) in enumerate(points.items()):
         pts.sort()
         color = RUN_COLORS[i % len(RUN_COLORS)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=method.upper(), linewidth=1.6)
-        for x, y, label in pts:
-            ax.annotate(label.replace(", ", "\n"), (x, y), textcoords="offset points", xytext=(4, 4),
+        for k, (x, y, label) in enumerate(pts):  # alternate above / below: neighbouring runs often coincide
+            right = x > middle  # labels of the right half point left, so none runs off the axes
+            ax.annotate(label.replace(", ", "\n"), (x, y), textcoords="offset points",
+                        xytext=(-5 if right else 5, 5 if k % 2 == 0 else -12), ha="right" if right else "left",
                         fontsize=FONT - 3, color=color)
+    ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
     if quality == "win_rate":
         ax.axhline(0.5, color="#888", linestyle=":", linewidth=1.2, label="base (50%)")
     header = dict((k, h) for k, h, _ in COLUMNS)[quality]
@@ -79,11 +84,12 @@ def category_plot(rows: Sequence[Row]) -> Plot | None:
         xs = [g + (i - (len(shown) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [row.by_group.get(g, float("nan")) for g in groups], width, color=color, label=row.entry.name)
     ax.set_xticks(range(len(groups)), [g.replace("_", " ") for g in groups], fontsize=FONT - 2, rotation=20)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.0 + 0.12 * math.ceil(len(shown) / 3))  # the legend sits above the bars, not on them
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_title("Pass rate per category", fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT - 1)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=FONT - 3, framealpha=0.8, ncol=2)
+    ax.legend(fontsize=FONT - 3, framealpha=0.9, ncol=3, loc="upper center")
     return Plot("categories", "Pass rate per category", _png(fig))
 
 

@@ -137,6 +137,6 @@ def run_compare(spec: CompareSpec, *, resume: bool = False, overwrite: bool = Fa
              ("held-out pairs", f"{spec.eval_dataset} ({len(pairs)})" if pairs else "—"),
              ("held-out prompts", f"{spec.eval_prompts} ({len(prompts)})" if prompts else "—"),
              ("judge", judge.name if s["judge"] else "— (none)"), ("runs", str(total))]
-    base = Entry("base", "—", spec.model, base_scores)
+    base = Entry("base", "—", "untrained", base_scores)
     return report_files(spec.output_dir, f"Compare: {spec.output_dir.name}", facts, entries, base, held, tokenizer,
                         float(s["reward_beta"]), int(s["samples"]))

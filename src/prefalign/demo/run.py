@@ -168,7 +168,7 @@ def run_demo(s: DemoSettings | None = None) -> dict[str, Any]:
     page = report_files(out, "Demo: base vs DPO vs ORPO on the bundled task", [
         ("output directory", str(out.resolve())), ("base model (reference)", s.model),
         ("held-out pairs", str(len(pairs))), ("held-out prompts", str(len(prompts))), ("judge", judge.name)],
-        entries, Entry("base", "—", s.model, _scores(base_pair_logps, base_run)), held, tok, s.reward_beta,
+        entries, Entry("base", "—", "untrained", _scores(base_pair_logps, base_run)), held, tok, s.reward_beta,
         samples=8).report
     print(table)
     print(f"\ndemo finished in {result['seconds'] / 60:.1f} min; reports in {out}/ (demo.md, dpo/eval.md, "
