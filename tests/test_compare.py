@@ -62,8 +62,8 @@ def test_grid_is_the_cartesian_product_per_method(tmp_path, files):
     assert len(names) == 6 + 2 + 1 and names[-3:] == ["orpo-orpo_alpha0.05", "orpo-orpo_alpha0.2", "sft"]
     dpo = spec.runs[1].plan
     assert dpo.options["beta"] == 0.05 and dpo.options["learning_rate"] == 2e-3 and dpo.options["max_steps"] == 2
-    assert dpo.output_dir == tmp_path / "cmp" / names[1] and "eval_dataset" not in spec.runs[0].plan.run or \
-        spec.runs[0].plan.run["eval_dataset"] is None  # held-out pairs are the compare's, not evaluated in training
+    assert dpo.output_dir == tmp_path / "cmp" / names[1]
+    assert dpo.run["eval_dataset"] is None  # the held-out pairs are the compare's, not evaluated in training
     assert spec.runs[-1].plan.method == "sft" and spec.runs[-2].plan.options["orpo_alpha"] == 0.2
 
 
@@ -105,7 +105,6 @@ def test_compare_end_to_end_resume_and_failure_row(tmp_path, files, capsys, monk
     captured = capsys.readouterr()
     assert f"compare report: {out / 'report.html'}" in captured.out
     rows = _csv(out / "summary.csv")
-    assert list(rows) == [rows_name for rows_name in rows]  # ranked order kept
     assert set(rows) == {"dpo-beta0.1", "orpo", "base", "dpo-beta0.5"}
     assert list(rows)[-1] == "dpo-beta0.5" and rows["dpo-beta0.5"]["status"] == "failed"
     assert rows["dpo-beta0.5"]["reason"] == "RuntimeError: boom at beta 0.5"
@@ -154,9 +153,6 @@ def test_compare_end_to_end_resume_and_failure_row(tmp_path, files, capsys, monk
     again = _csv(out / "summary.csv")
     assert again["dpo-beta0.5"]["status"] == "ok" and again["orpo"]["reward_accuracy"] == rows["orpo"][
         "reward_accuracy"]
-    if CHROMIUM:
-        verdict, images, errors = check_page((out / "report.html").read_text(encoding="utf-8"), tmp_path)
-        assert verdict == "ok" and images >= 5 and errors == []
 
 
 # ----- the numbers --------------------------------------------------------------------------------------------------
@@ -203,3 +199,53 @@ def test_kl_estimate_against_a_hand_computation():
                       0.1)
     assert row.values["kl"] == pytest.approx(hand, abs=1e-5)
     assert re.fullmatch(r"-?\d+\.\d+(e-?\d+)?", repr(row.values["kl"]))
+
+
+# ----- the page -----------------------------------------------------------------------------------------------------
+def _synthetic_report(tmp_path):
+    """A compare page from hand-made scores and metrics (no training): base and two DPO runs, one failed run."""
+    from prefalign.compare.run import report_files
+    from prefalign.report.metrics import Run
+    from tiny import smollm2_tokenizer
+
+    prompts = [p.as_row() for p in make_prompts("heldout", 1, seed=0)]
+    held = Heldout([{}] * 4, prompts, load_judge("demo"), edge_cases=("", "asdf"))
+    base = Scores([-10.0, -12.0, -9.0, -11.0], [-11.0, -11.0, -10.0, -12.0], ["I do not know."] * 6,
+                  [0.0, 0.0, 0.5, 0.0, 1.0, 0.0], ["Hello.", "Hm."])
+
+    def run(name, lift, scores):
+        records = [{"step": s, "loss": 0.69 - lift * s, "rewards/accuracies": min(1.0, 0.5 + lift * s),
+                    "rewards/margins": lift * s, "logps/chosen": -10 + lift * s, "logps/rejected": -11 - lift * s}
+                   for s in range(1, 9)] + [{"step": 8, "train_runtime": 4.0, "train_samples_per_second": 16.0}]
+        s = Scores([c + lift for c in base.pair_chosen], list(base.pair_rejected), ["4", "No.", "Yes.", "Tea",
+                   "I can't help with that.", "Snow falls."], scores, ["I can't help with that.", "Hi."],
+                   [-3.0] * 6, [-3.0 - 10 * lift] * 6, [3] * 6)
+        return Entry(name, "dpo", f"beta={lift}", s, Run(name, tmp_path / name, records))
+
+    entries = [run("dpo-beta0.1", 0.05, [1.0, 0.0, 0.5, 1.0, 1.0, 1.0]),
+               run("dpo-beta0.5", 0.02, [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]),
+               Entry("dpo-beta9", "dpo", "beta=9", None, failure="RuntimeError: boom")]
+    facts = [("base model (reference)", "tiny")]
+    return report_files(tmp_path / "out", "Compare: synthetic", facts, entries, Entry("base", "—", "untrained", base),
+                        held, smollm2_tokenizer(), 0.1, 3)
+
+
+def test_synthetic_report_ranks_by_win_rate_and_names_failures(tmp_path):
+    outcome = _synthetic_report(tmp_path)
+    rows = _csv(tmp_path / "out" / "summary.csv")
+    assert list(rows) == ["dpo-beta0.1", "dpo-beta0.5", "base", "dpo-beta9"] and outcome.failed == 1
+    # dpo-beta0.1 against the base: wins on prompts 0, 3, 5; ties on 1, 2, 4 -> (3 + 1.5) / 6
+    assert float(rows["dpo-beta0.1"]["win_rate"]) == pytest.approx(4.5 / 6)
+    assert float(rows["dpo-beta0.1"]["win_low"]) == pytest.approx(wilson_interval(4.5, 6)[0])
+    assert float(rows["dpo-beta0.1"]["kl"]) == pytest.approx(10 * 0.05 * 6 / 18)
+    assert float(rows["dpo-beta0.1"]["chosen_change"]) == pytest.approx(0.05, abs=1e-5)  # float32 log-probs
+    assert float(rows["dpo-beta0.1"]["reward_accuracy"]) == 1.0 and rows["dpo-beta9"]["reason"] == "RuntimeError: boom"
+    assert float(rows["dpo-beta0.1"]["pairs_per_second"]) == 16.0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_the_compare_page_loads_in_a_browser(tmp_path):
+    html = _synthetic_report(tmp_path).report.read_text(encoding="utf-8")
+    verdict, images, errors = check_page(html, tmp_path)
+    # loss, reward accuracy, margins, log-probs, trade-off, categories
+    assert (verdict, images, errors) == ("ok", 6, [])

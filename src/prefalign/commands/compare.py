@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import PROG
+from . import PROG, print_error
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +17,12 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other. Fix: pass one of them.")
     spec = load_spec(args.config, args.set_pairs, overwrite=args.overwrite)
-    outcome = run_compare(spec, resume=args.resume, overwrite=args.overwrite)
+    try:
+        outcome = run_compare(spec, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print_error(f"interrupted; finished runs are kept in {spec.output_dir}. Continue with: {PROG} compare "
+                    f"{args.config} --resume")
+        return 130
     print((spec.output_dir / "report.md").read_text(encoding="utf-8"))
     print(f"{PROG}: compare report: {outcome.report}")
     if outcome.failed:
