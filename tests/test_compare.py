@@ -65,6 +65,9 @@ def test_grid_is_the_cartesian_product_per_method(tmp_path, files):
     assert dpo.output_dir == tmp_path / "cmp" / names[1]
     assert dpo.run["eval_dataset"] is None  # the held-out pairs are the compare's, not evaluated in training
     assert spec.runs[-1].plan.method == "sft" and spec.runs[-2].plan.options["orpo_alpha"] == 0.2
+    assert "beta" not in spec.runs[-1].plan.options  # a base key goes to the methods that have it
+    again = load_spec(_recipe(tmp_path, files, {"dpo": {"beta": [0.1, 0.2]}}, beta=0.3), ["max_steps=5"])
+    assert [(r.plan.options["max_steps"], r.plan.options["beta"]) for r in again.runs] == [(5, 0.1), (5, 0.2)]
 
 
 @pytest.mark.parametrize(("grid", "extra", "words"), [
@@ -148,6 +151,8 @@ def test_compare_end_to_end_resume_and_failure_row(tmp_path, files, capsys, monk
     assert main(["compare", path]) == 2  # without --resume the output directory is refused
     capsys.readouterr()
     assert main(["compare", path, "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert "run 1/3 dpo-beta0.1: finished earlier, reused" in resumed and "run 2/3 dpo-beta0.5: finished" not in resumed
     assert {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in stamps} == stamps
     assert {n: (out / n / SCORES_FILE).stat().st_mtime_ns for n in stamps} == score_stamps
     again = _csv(out / "summary.csv")

@@ -3,7 +3,8 @@
 ``prefalign train [CONFIG.yaml] [--set key=value ...] [flags]`` trains with DPO or ORPO and writes a run directory
 (see `prefalign.runs`; options resolved by `prefalign.options`); ``prefalign data check SOURCE`` reports a preference
 dataset's format, problems and token lengths without training; ``data generate``, ``eval`` and ``demo`` build pairs,
-evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``chat RUN_DIR`` tries a
+evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``compare CONFIG.yaml``
+trains a grid of runs and writes one report; ``chat RUN_DIR`` tries a
 model by hand (optionally next to a reference). User errors print
 ``prefalign: error: <one line>`` and exit with code 2.
 """

@@ -91,6 +91,7 @@ def run_compare(spec: CompareSpec, *, resume: bool = False, overwrite: bool = Fa
     from ..generate import EDGE_CASE_PROMPTS, read_prompt_rows
     from ..judges import load_judge
     from ..models import load_model, load_tokenizer
+    from ..pipeline import is_finished
 
     s = spec.settings
     if not resume:
@@ -118,6 +119,8 @@ def run_compare(spec: CompareSpec, *, resume: bool = False, overwrite: bool = Fa
     for i, run in enumerate(spec.runs, 1):
         label = f"run {i}/{total} {run.name}"
         out = run.plan.output_dir
+        if resume and is_finished(out):
+            say(f"{label}: finished earlier, reused {out}")
         failure = _train(run, resume, label)
         scores = None
         if failure is None:
@@ -128,7 +131,6 @@ def run_compare(spec: CompareSpec, *, resume: bool = False, overwrite: bool = Fa
                 write_scores(out / SCORES_FILE, scores, key)
                 del policy
                 gc.collect()
-            say(f"{label}: done")
         else:
             say(f"{label}: failed: {failure}")
         entries.append(Entry(run.name, run.method, run.label, scores, None if failure else load_run(out),
