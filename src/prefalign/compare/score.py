@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import GenerationRun, run_generations, sequence_logps
+from ..evaluate import run_generations, sequence_logps
 
 SCORES_FILE = "scores.json"
 BASE_SCORES_FILE = "base_scores.json"
@@ -35,10 +35,6 @@ class Scores:
     reply_logps: list[float] | None = None  # the policy's replies under the policy
     reply_ref_logps: list[float] | None = None  # ... and under the reference
     reply_tokens: list[int] | None = None
-
-    def generation(self) -> GenerationRun | None:
-        return None if self.replies is None else GenerationRun(self.replies, list(self.scores or []),
-                                                              self.edge_replies)
 
     def kl(self) -> float | None:
         """Mean per-token KL estimate of the policy from the reference on the policy's replies (see module)."""
