@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -49,6 +50,16 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_dir, capsys):
         assert (tmp_path / "demo" / name / "config.json").exists()  # the trained model was saved
     out = capsys.readouterr().out
     assert "| base |" in out and "| DPO |" in out and "| ORPO |" in out
+    page = tmp_path / "demo" / "report.html"
+    assert out.strip().splitlines()[-1] == f"demo report with plots: {page}"
+    html = page.read_text(encoding="utf-8")
+    assert 'id="plot-tradeoff"' in html and 'id="plot-categories"' in html  # 2 steps log no curve at logging_steps 5
+    with open(tmp_path / "demo" / "summary.csv", newline="") as f:
+        summary = {r["name"]: r for r in csv.DictReader(f)}
+    assert list(summary)[-1] == "base" and set(summary) == {"dpo", "orpo", "base"}
+    for name in ("dpo", "orpo"):  # the page's numbers agree with the demo's own table
+        assert float(summary[name]["win_rate"]) == pytest.approx(rows[name]["win_rate_vs_base"])
+        assert float(summary[name]["reward_accuracy"]) == pytest.approx(rows[name]["reward_accuracy"])
     assert (tmp_path / "demo" / "demo.md").read_text().strip() == render_table(rows)
 
 

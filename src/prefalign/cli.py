@@ -3,7 +3,8 @@
 ``prefalign train [CONFIG.yaml] [--set key=value ...] [flags]`` trains with DPO or ORPO and writes a run directory
 (see `prefalign.runs`; options resolved by `prefalign.options`); ``prefalign data check SOURCE`` reports a preference
 dataset's format, problems and token lengths without training; ``data generate``, ``eval`` and ``demo`` build pairs,
-evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``chat RUN_DIR`` tries a
+evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``compare CONFIG.yaml``
+trains a grid of runs and writes one report; ``chat RUN_DIR`` tries a
 model by hand (optionally next to a reference). User errors print
 ``prefalign: error: <one line>`` and exit with code 2.
 """
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 
 from .commands import PROG, print_error
 from .commands import chat as chat_command
+from .commands import compare as compare_command
 from .commands import data as data_command
 from .commands import demo as demo_command
 from .commands import eval as eval_command
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_demo_parser(sub)
     _add_report_parser(sub)
+    _add_compare_parser(sub)
     _add_chat_parser(sub)
     return parser
 
@@ -231,6 +234,20 @@ def _add_report_parser(sub: Any) -> None:
                                    "and the curves as RUN_DIR/plots/*.png. prefalign train does this at its end.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the output_dir of a training run)")
     p.set_defaults(func=report_command.run)
+
+
+def _add_compare_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="train a grid of methods and options, score them on held-out data, report",
+                       description="Train every run of CONFIG.yaml's grid (a base recipe plus grid: {method: {option: "
+                                   "[values]}}) into OUTPUT_DIR/<run>, score each against the base model on the "
+                                   "held-out pairs and prompts, and write OUTPUT_DIR/report.html, report.md and "
+                                   "summary.csv. Exit code 1 if a run failed (its row says why), 2 for bad input.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the compare recipe (see the README's Comparing runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_pairs",
+                   help="set a key of the base recipe (every run) or of the compare; VALUE is YAML. Repeatable")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs and cached scores, train the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory's runs")
+    p.set_defaults(func=compare_command.run)
 
 
 CHAT_EPILOG = """\

@@ -9,6 +9,7 @@ plus a handful of edge-case prompts shown as generated.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,6 +117,24 @@ class WinRate:
     def win_rate(self) -> float:
         n = self.wins + self.losses + self.ties
         return (self.wins + 0.5 * self.ties) / n if n else float("nan")
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Wilson score interval of the win rate (95% for z = 1.96), a tie counting as half a win: unlike the
+        normal approximation it stays inside [0, 1] and is honest for the few dozen prompts of a held-out set."""
+        return wilson_interval(self.wins + 0.5 * self.ties, self.wins + self.losses + self.ties, z)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """``(low, high)`` of the Wilson score interval for ``successes`` out of ``n``; (nan, nan) when n is 0.
+
+    ``p = s / n``; centre ``(p + z²/2n) / (1 + z²/n)``, half-width ``z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n)``.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(policy: Sequence[float | None], reference: Sequence[float | None]) -> WinRate:
@@ -227,6 +246,12 @@ def run_generations(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: J
     return GenerationRun(replies, scores, edge)
 
 
+def sample_indices(n: int, k: int) -> list[int]:
+    """At most ``k`` of ``n`` items, evenly spaced from the first: the prompts a report shows replies for, the
+    same ones for every model so they can be read side by side."""
+    return list(range(0, n, max(1, n // k)))[:k] if k > 0 else []
+
+
 def build_report(*, policy_name: str, reference_name: str, judge: Judge, tokenizer: Any,
                  prompt_rows: Sequence[dict[str, Any]], policy_run: GenerationRun | None,
                  reference_run: GenerationRun | None, pairs: PairMetrics | None,
@@ -241,10 +266,9 @@ def build_report(*, policy_name: str, reference_name: str, judge: Judge, tokeniz
         gen_a = generation_metrics(prompts, policy_run.replies, policy_run.scores, judge, tokenizer, groups)
         gen_b = generation_metrics(prompts, reference_run.replies, reference_run.scores, judge, tokenizer, groups)
         win = win_rate(policy_run.scores, reference_run.scores)
-        step = max(1, len(prompts) // n_samples)
         samples = [{"prompt": prompts[i], "policy": policy_run.replies[i], "policy_score": policy_run.scores[i],
                     "reference": reference_run.replies[i], "reference_score": reference_run.scores[i]}
-                   for i in range(0, len(prompts), step)][:n_samples]
+                   for i in sample_indices(len(prompts), n_samples)]
         if edge_cases:
             edges = [{"prompt": p, "policy": a, "reference": b} for p, a, b in
                      zip(edge_cases, policy_run.edge_replies, reference_run.edge_replies, strict=True)]

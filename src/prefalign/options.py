@@ -260,9 +260,19 @@ def coerce_option(cls: type, key: str, value: Any) -> Any:
     return value
 
 
-def resolve_plan(args: argparse.Namespace) -> TrainPlan:
-    """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges."""
-    given = [_config_file_layer(args.config), _set_layer(args.set_pairs)]
+def no_flags(**values: Any) -> argparse.Namespace:
+    """The arguments of a ``prefalign train`` given no flags (``values`` set some), for commands that resolve runs
+    of their own, such as ``prefalign compare``, through `resolve_plan`."""
+    flags = {flag: None for flag in FLAG_KEYS} | {"method": None, "columns": None, "beta": None}
+    return argparse.Namespace(**{"config": None, "set_pairs": [], "overwrite": False, "resume": False,
+                                 "explicit": set(), **flags, **values})
+
+
+def resolve_plan(args: argparse.Namespace, recipe_layer: Layer | None = None) -> TrainPlan:
+    """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges.
+
+    ``recipe_layer`` takes the config file's place: a recipe built in memory (a compare grid's run)."""
+    given = [recipe_layer or _config_file_layer(args.config), _set_layer(args.set_pairs)]
     lower = [Layer(layer.origin, recipe.rename_layer(layer.values, layer.origin)) for layer in given]
     method = _resolve_method(lower, args, recipe.is_trl_recipe(given[0].values))
     merged = _merge([*lower, _flag_layer(args, method)], method)

@@ -147,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = pipeline.read_recipe(args.config)
     if recipe is not None:
         return pipeline.run(args, recipe)
-    plan = resolve_plan(args)
-    config = build_config(plan)
+    return train_plan(resolve_plan(args), getattr(args, "progress_desc", "training"))
+
+
+def train_plan(plan: TrainPlan, progress_desc: str = "training", config: TrainConfig | None = None) -> int:
+    """Train one resolved run and write its run directory: `prefalign train`'s whole path after option resolution,
+    shared by ``prefalign compare``; returns the exit code (bad input raises a `PrefalignError`)."""
+    config = config or build_config(plan)
     from ..recipe import check_start
 
     check_start(plan)  # what this machine cannot honour (k-bit, push_to_hub offline, ...) fails before any load
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = make_trainer(plan, config, train, evaluation)
     from ..progress import use_progress_bar
 
-    progress = use_progress_bar(trainer, getattr(args, "progress_desc", "training"))
+    progress = use_progress_bar(trainer, progress_desc)
     if plan.overwrite and trainer.is_world_process_zero():
         runs.clear_dir(out)  # only now that every input has loaded: a bad input leaves the old run intact
     try:

@@ -2,7 +2,9 @@
 
 Steps: score the base model's greedy replies to held-out prompts with the deterministic judge; train DPO and ORPO
 from the base model on the bundled training pairs (recipes below); score each trained model the same way and on
-held-out pairs against the base model as reference; print one table. Seeded; progress shown throughout.
+held-out pairs against the base model as reference; print one table, and write ``report.html`` (with
+``report.md``, ``summary.csv``, ``plots/``) through the compare report's code, from the scores already computed
+(plus one no-grad pass per trained model for its KL from the base). Seeded; progress shown throughout.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..compare.run import report_files
+from ..compare.score import Heldout, Scores, add_kl
+from ..compare.table import Entry
 from ..config import DPOConfig, ORPOConfig
 from ..evaluate import GenerationRun, build_report, pair_metrics, run_generations, sequence_logps
 from ..generate import EDGE_CASE_PROMPTS
 from ..judges import load_judge
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 from ..progress import counter
+from ..report.metrics import load_run
 from ..trainer import DPOTrainer, ORPOTrainer
 
 
@@ -131,11 +137,19 @@ def run_demo(s: DemoSettings | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {"base": {
         "pass_rate": base_gen.policy_generation.pass_rate, "mean_score": base_gen.policy_generation.mean_score,
         "win_rate_vs_base": None, "reward_accuracy": None, "train_seconds": None, "pairs_per_second": None}}
+    held = Heldout(pairs, prompts, judge, EDGE_CASE_PROMPTS if s.edge_cases else (), max_new_tokens=s.max_new_tokens,
+                   max_length=s.max_length, batch_size=s.eval_batch_size)
+    entries: list[Entry] = []
     for method in ("dpo", "orpo"):
         policy, seconds, n_pairs = _train(method, base, tok, train_rows, s)
         run = _generations(policy, tok, prompts, judge, s, f"{method.upper()}: generating held-out replies")
-        pm = pair_metrics(sequence_logps(policy, tok, pairs, max_length=s.max_length), base_pair_logps,
-                          s.reward_beta)
+        policy_pair_logps = sequence_logps(policy, tok, pairs, max_length=s.max_length)
+        pm = pair_metrics(policy_pair_logps, base_pair_logps, s.reward_beta)
+        scores = _scores(policy_pair_logps, run)
+        add_kl(scores, policy, base, tok, held)  # one no-grad pass of each model over the replies just generated
+        r = s.recipes[method]
+        swept = f"{'beta' if method == 'dpo' else 'orpo_alpha'}={r.beta}, learning_rate={r.learning_rate}"
+        entries.append(Entry(method, method, swept, scores, load_run(out / method), path=str(out / method)))
         report = build_report(policy_name=f"{method} ({out / method})", reference_name=f"base ({s.model})",
                               judge=judge, tokenizer=tok, prompt_rows=prompts, policy_run=run,
                               reference_run=base_run, pairs=pm, edge_cases=EDGE_CASE_PROMPTS if s.edge_cases else ())
@@ -151,10 +165,22 @@ def run_demo(s: DemoSettings | None = None) -> dict[str, Any]:
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     table = render_table(rows)
     (out / "demo.md").write_text(table + "\n", encoding="utf-8")
+    page = report_files(out, "Demo: base vs DPO vs ORPO on the bundled task", [
+        ("output directory", str(out.resolve())), ("base model (reference)", s.model),
+        ("held-out pairs", str(len(pairs))), ("held-out prompts", str(len(prompts))), ("judge", judge.name)],
+        entries, Entry("base", "—", "untrained", _scores(base_pair_logps, base_run)), held, tok, s.reward_beta,
+        samples=8).report
     print(table)
     print(f"\ndemo finished in {result['seconds'] / 60:.1f} min; reports in {out}/ (demo.md, dpo/eval.md, "
           "orpo/eval.md)")
+    print(f"demo report with plots: {page}")
     return result
+
+
+def _scores(pair_logps: Any, run: GenerationRun) -> Scores:
+    """The demo's held-out results in the compare report's form, from what it has already computed."""
+    return Scores(pair_chosen=pair_logps[0].tolist(), pair_rejected=pair_logps[1].tolist(), replies=run.replies,
+                  scores=run.scores, edge_replies=run.edge_replies)
 
 
 def render_table(rows: dict[str, dict[str, Any]]) -> str:

@@ -140,7 +140,8 @@ def plot_panel(panel: Panel, runs: Mapping[str, Run]) -> Plot:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     handles, labels = ax.get_legend_handles_labels()
     if len(labels) > 1 or several or any("eval" in label for label in labels):
-        ax.legend(fontsize=FONT - 1, framealpha=0.8)
+        many = len(labels) > 6  # several runs times chosen / rejected: two small columns, not one tall box
+        ax.legend(fontsize=FONT - (4 if many else 1), framealpha=0.8, ncol=2 if many else 1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return Plot(panel.name, panel.title, buf.getvalue(), tuple(notes))
