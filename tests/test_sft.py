@@ -173,6 +173,79 @@ def test_packed_example_logps_equal_alone():
     torch.testing.assert_close(got, torch.cat([want_long, want_short, want_short]), atol=1e-5, rtol=0)
 
 
+def _loss_and_grads(model, batch, path):
+    model.zero_grad(set_to_none=True)
+    logps = lm_logps(model, batch, path)
+    (-logps.sum()).backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_flat_packing_runs_each_example_alone(monkeypatch):
+    """One row of spans (``flat``) under the speed boundary: one causal SDPA call per example and layer, and the
+    same log-probs and gradients as the masked rows and as each example alone; off the boundary (plain SDPA) the
+    spans become a block mask with the same numbers."""
+    import torch.nn.functional as F
+
+    from prefalign import speed
+    from prefalign.speed.attention import ATTENTION_NAME
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, 5)
+    model.train()
+    settings = SFTTokenizeSettings()
+    examples = [tokenize_sft_row(r, tok, settings)[0] for r in _prompt_completion_rows(4) + _text_rows(3)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    flat = LMCollator(tok.pad_token_id, pad_to_multiple_of=64, pack=True, flat=True)(examples)
+    total = -(-sum(lengths) // 64) * 64
+    assert flat["input_ids"].shape == (1, total) and sum(lengths) < total  # a padding span at the end
+    assert flat["cu_seq_lens"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist(), total]
+    assert flat["position_ids"][0, lengths[0]] == 0  # positions restart at every example
+    rows = LMCollator(tok.pad_token_id, pack=True)(examples)
+    alone = torch.cat([lm_logps(model, LMCollator(tok.pad_token_id, pack=False)([e]), None).detach()
+                       for e in examples])
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], kw.get("is_causal"), kw.get("attn_mask") is None))
+        return sdpa(q, k, v, **kw)
+
+    with speed.enable(model, SFTConfig(output_dir="unused", use_cpu=True)) as handle:
+        assert model.config._attn_implementation == ATTENTION_NAME
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        got, got_grads = _loss_and_grads(model, flat, handle.path)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+        want, want_grads = _loss_and_grads(model, rows, handle.path)
+    spans = [*lengths, total - sum(lengths)]
+    assert calls == [(n, True, True) for _ in range(model.config.num_hidden_layers) for n in spans]
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)  # flat keeps the input order
+    torch.testing.assert_close(got.sort().values, want.sort().values, atol=1e-5, rtol=0)
+    assert got_grads.keys() == want_grads.keys()
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert model.config._attn_implementation == "sdpa"
+    plain, plain_grads = _loss_and_grads(model, flat, None)  # plain SDPA: the spans' block mask
+    torch.testing.assert_close(plain, alone, atol=1e-5, rtol=0)
+    for name in got_grads:
+        torch.testing.assert_close(plain_grads[name], got_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_trainer_packs_flat_only_where_attention_runs_spans(tmp_path):
+    rows = datasets.Dataset.from_list(_text_rows(4))
+    tok = smollm2_tokenizer()
+    kinds = {}
+    for name, model, options in (("sdpa", tiny_llama(tok, 0), {}), ("no_fast_path", tiny_llama(tok, 0),
+                                                                    {"fast_path": False}),
+                                 ("eager", tiny_llama(tok, 0, attn_implementation="eager"), {}),
+                                 ("unpacked", tiny_llama(tok, 0), {"packing": False})):
+        args = SFTConfig(output_dir=str(tmp_path / name), report_to=[], use_cpu=True, **options)
+        collator = SFTTrainer(model, args=args, train_dataset=rows, processing_class=tok).data_collator
+        kinds[name] = (collator.pack, collator.flat)
+    assert kinds == {"sdpa": (True, True), "no_fast_path": (True, False), "eager": (True, False),
+                     "unpacked": (False, False)}
+
+
 def test_top_hits_match_argmax():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

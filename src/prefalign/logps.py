@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 from .models import unwrap
+from .speed.attention import ATTENTION_NAME
 from .speed.forward import FastPath, target_logps
 from .speed.head import TopHits, gather_logps
 
 # attention implementations that take a custom mask, and in which form (see model_attention_mask)
-_MASK_KINDS = {"sdpa": "float", "eager": "float", "prefalign_grouped_sdpa": "float", "flex_attention": "block"}
+_MASK_KINDS = {"sdpa": "float", "eager": "float", ATTENTION_NAME: "float", "flex_attention": "block"}
 
 
 @dataclass
@@ -78,6 +79,15 @@ def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> 
         rows, length = dense.shape[0], dense.shape[-1]
         return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
     return mask
+
+
+def segment_mask(cu_seq_lens: Tensor) -> Tensor:
+    """The boolean ``[1, 1, T, T]`` causal mask of one row made of the spans ``cu_seq_lens`` (each sees itself)."""
+    bounds = cu_seq_lens.long()
+    owner = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds[1:] - bounds[:-1])
+    length = len(owner)
+    causal = torch.ones(length, length, dtype=torch.bool, device=bounds.device).tril()
+    return (causal & (owner[:, None] == owner[None, :]))[None, None]
 
 
 def nll_mask(batch: dict[str, Tensor], nll_on_prompt: bool) -> Tensor:
@@ -168,9 +178,18 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     targets = labels[rows, cols]
     mask = batch["attention_mask"]
+    segments: dict[str, Any] = {}
+    if "cu_seq_lens" in batch:  # one packed row: spans for attention that takes them, else their block mask
+        if getattr(unwrap(model).config, "_attn_implementation", None) == ATTENTION_NAME:
+            cu = batch["cu_seq_lens"]
+            longest = int((cu[1:] - cu[:-1]).max())
+            segments = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        else:
+            mask = segment_mask(batch["cu_seq_lens"])
     if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
         mask = model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+              **segments}
     if path is not None:
         return target_logps(model, inputs, rows, cols - 1, targets, path, top=top)
     logits = model(**inputs, use_cache=False).logits[rows, cols - 1]

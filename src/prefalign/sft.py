@@ -22,6 +22,8 @@ from .data.load import RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
 from .logps import lm_logps, mask_kind
+from .models import unwrap
+from .speed.attention import takes_segments
 from .speed.head import TopHits
 from .trainer import _Trainer
 
@@ -80,8 +82,10 @@ class SFTTrainer(_Trainer):
                                  row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
 
     def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig) -> Any:
-        return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of,
-                          pack=args.packing and mask_kind(model) is not None)
+        pack = args.packing and mask_kind(model) is not None
+        # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA), else masked rows
+        flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
+        return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:

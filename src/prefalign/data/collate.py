@@ -160,19 +160,27 @@ class LMCollator:
 
     With ``pack``, examples share rows (first-fit decreasing into rows no longer than the batch's longest example):
     a boolean ``[R, 1, L, L]`` block-diagonal causal mask keeps every example to its own tokens and position ids
-    restart at each example, so an example's loss is the same alone and packed (tests/test_sft.py). Without it,
+    restart at each example, so an example's loss is the same alone and packed (tests/test_sft.py). With ``flat``
+    as well, all examples go into one row with no padding, described by ``cu_seq_lens`` (the span boundaries, as
+    flash-attention's variable-length kernels take them) instead of a mask: for attention that runs each span on its
+    own (speed/attention.py), where a dense mask would cost the row's length squared. Without ``pack``,
     right-padded rows with a 2-D padding mask (attention kernels that take no custom mask).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     pack: bool = True
+    flat: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
-        longest = max(lengths)
+        flat = self.pack and self.flat
+        longest = sum(lengths) if flat else max(lengths)
         length = _round_up(longest, self.pad_to_multiple_of)
-        rows = pack_rows(lengths, longest) if self.pack else [[i] for i in range(len(examples))]
+        if flat:
+            rows = [list(range(len(examples)))]
+        else:
+            rows = pack_rows(lengths, longest) if self.pack else [[i] for i in range(len(examples))]
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         segment = torch.full((len(rows), length), -1, dtype=torch.long)  # which example owns the position
@@ -191,7 +199,11 @@ class LMCollator:
                 start += len(ids)
         batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
                  "token_count": torch.tensor(sum(lengths))}
-        if self.pack:
+        if flat:  # one row; padding from pad_to_multiple_of is a span of its own
+            ends = torch.tensor([0, *lengths, length - sum(lengths)]).cumsum(0)
+            batch["cu_seq_lens"] = ends.unique_consecutive().to(torch.int32)
+            batch["attention_mask"] = torch.ones((1, length), dtype=torch.long)
+        elif self.pack:
             causal = torch.ones(length, length, dtype=torch.bool).tril()
             same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(1) >= 0)
             pad_rows = (segment < 0).unsqueeze(2) & torch.eye(length, dtype=torch.bool)  # padding sees itself
