@@ -550,3 +550,14 @@ def test_cpo_simpo_and_alphapo_against_hand_values():
     assert m["rewards/chosen"].item() == pytest.approx(2.0 * rw)
     with pytest.raises(ValueError, match="needs alpha != 0"):
         L.cpo_loss(cw, cl, loss_type="alphapo")
+
+
+def test_wpo_weights_by_hand():
+    """w = exp(mean_t(log p - log sum p^2) of the chosen + the same of the rejected), detached."""
+    chosen, rejected = torch.tensor([-2.0, -6.0], requires_grad=True), torch.tensor([-3.0, -1.0])
+    sq_c, sq_r = torch.tensor([-1.0, -3.0]), torch.tensor([-0.5, -0.5])
+    n_c, n_r = torch.tensor([2, 3]), torch.tensor([1, 0])  # a zero count is clamped to 1
+    w = L.wpo_weights(chosen, rejected, sq_c, sq_r, n_c, n_r)
+    expected = [math.exp((-2 + 1) / 2 + (-3 + 0.5) / 1), math.exp((-6 + 3) / 3 + (-1 + 0.5) / 1)]
+    assert w.tolist() == pytest.approx(expected, rel=1e-6)
+    assert not w.requires_grad

@@ -17,7 +17,7 @@ from tiny import conversational_rows, row_reply_mask, smollm2_tokenizer, tiny_ll
 def pair_token_logps(model, batch, wanted, attention_mask=None):
     """The fast path on a collated batch with the given mask: pair-layout log-probs of the wanted tokens."""
     mask = batch["attention_mask"] if attention_mask is None else attention_mask
-    return fast_token_logps(model, {**batch, "attention_mask": mask}, wanted.bool(), FastPath())
+    return fast_token_logps(model, {**batch, "attention_mask": mask}, wanted.bool(), FastPath())[0]
 
 
 def _rows():
@@ -269,4 +269,4 @@ def test_plain_path_is_the_oracle_for_every_layout(collate):
     p, c = (len(examples[0][k]) for k in ("prompt_ids", "chosen_ids"))
     assert fast.nll_tokens[0].item() == p - 1 + c  # the prompt after its first token, and the chosen reply
     wanted = batch["chosen_mask"].bool()
-    torch.testing.assert_close(plain_token_logps(model, batch, wanted).sum(-1), plain.chosen, atol=0, rtol=0)
+    torch.testing.assert_close(plain_token_logps(model, batch, wanted)[0].sum(-1), plain.chosen, atol=0, rtol=0)

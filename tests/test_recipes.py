@@ -430,3 +430,79 @@ def test_hub_keys_without_push_are_inert_and_said_so(model_dir, pairs, tmp_path)
     with pytest.raises(ConfigError, match="dataset_test_split names a split"):
         resolve_plan(_args(tmp_path, f"method: dpo\nmodel: {model_dir}\ndataset_test_split: test\n"
                            f"dataset_mixture: {{datasets: [{{path: {pairs}}}]}}\n"))
+
+
+# recipes/smollm2/sft/config.yaml, verbatim but for the model, the dataset, the output directory, flash attention
+# (no CPU kernel) and push_to_hub (no network here: its failure at start is tested above)
+SMOLLM2_SFT = """\
+# Model arguments
+model_name_or_path: {model}
+model_revision: main
+torch_dtype: bfloat16
+attn_implementation: sdpa
+
+# Data training arguments
+chat_template: {template}
+dataset_name: {data}
+dataset_config: all
+dataset_train_split: train
+dataset_test_split: test
+dataset_num_proc: 24
+
+# SFT trainer config
+bf16: true
+do_eval: true
+eval_strategy: epoch
+gradient_accumulation_steps: 4
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+hub_model_id: smollm2-1.7B-sft
+hub_strategy: every_save
+learning_rate: 3.0e-04
+log_level: info
+logging_steps: 5
+logging_strategy: steps
+lr_scheduler_type: cosine
+max_length: 8192
+max_steps: -1
+num_train_epochs: 2
+output_dir: {out}
+overwrite_output_dir: true
+per_device_eval_batch_size: 4
+per_device_train_batch_size: 4
+push_to_hub: false
+remove_unused_columns: true
+report_to:
+- tensorboard
+save_strategy: "no"
+seed: 42
+warmup_ratio: 0.1
+"""
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+
+
+def test_handbook_sft_recipe_runs(model_dir, tmp_path, capsys):
+    """smoltalk's shape (a `messages` column, train / test splits) under the SmolLM2 SFT recipe: trains on the
+    train split, evaluates on the test split, saves the recipe's chat template."""
+    import datasets
+
+    chats = [r["prompt"] + r["chosen"] for r in conversational_rows(8)]
+    data = tmp_path / "smoltalk"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"messages": m} for m in chats[:6]]),
+                          "test": datasets.Dataset.from_list([{"messages": m} for m in chats[6:]])}
+                         ).save_to_disk(str(data))
+    out = tmp_path / "run"
+    path = _recipe(tmp_path, SMOLLM2_SFT, model=model_dir, data=data, out=out, template=json.dumps(SMOL_TEMPLATE))
+    assert main(["train", str(path), "--method", "sft", "--max-steps", "1"]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records) and any("train_loss" in r for r in records)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "sft" and saved["eval_split"] == "test" and saved["bf16"] is True
+    assert saved["model_init_kwargs"] == {"revision": "main", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+    assert AutoTokenizer.from_pretrained(out).chat_template == SMOL_TEMPLATE
+    assert list((out / "runs").glob("**/events.out.tfevents.*")) or list(out.glob("**/events.out.tfevents.*"))

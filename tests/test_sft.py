@@ -14,7 +14,7 @@ from prefalign.data.load import RawData
 from prefalign.data.sft import SFTTokenizeSettings, tokenize_sft_row, validate_sft_rows
 from prefalign.logps import lm_logps
 from prefalign.speed.forward import FastPath
-from prefalign.speed.head import TopHits, chunked_head_logps
+from prefalign.speed.head import HeadStats, chunked_head_logps
 from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
 TOL = 1e-4
@@ -246,16 +246,18 @@ def test_trainer_packs_flat_only_where_attention_runs_spans(tmp_path):
                      "unpacked": (False, False)}
 
 
-def test_top_hits_match_argmax():
+def test_head_statistics_match_full_logits():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
     hidden = torch.randn(30, 8)
     logits = head(hidden)
     targets = torch.where(torch.arange(30) % 2 == 0, logits.argmax(-1), (logits.argmax(-1) + 1) % 50)
-    for rows in (7, 100):
-        top = TopHits()
-        chunked_head_logps(head, hidden, targets, chunk_rows=rows, top=top)
-        assert top.hits().tolist() == (torch.arange(30) % 2 == 0).tolist()
+    for rows, module in ((7, head), (100, head), (7, torch.nn.Sequential(head))):  # fused, one chunk, generic
+        stats = HeadStats("hits", "log_sum_sq")
+        chunked_head_logps(module, hidden, targets, chunk_rows=rows, stats=stats)
+        assert stats.get("hits").tolist() == (torch.arange(30) % 2 == 0).tolist()
+        probs = logits.softmax(-1)
+        torch.testing.assert_close(stats.get("log_sum_sq"), probs.square().sum(-1).log(), atol=1e-5, rtol=0)
 
 
 def test_dft_loss_weights_each_token_by_its_probability(tmp_path):

@@ -218,6 +218,22 @@ class DPOConfig(PreferenceConfig):
         default=0.5, metadata={"help": "alpha of f_divergence_type 'alpha_divergence'."})
     discopop_tau: float = field(
         default=0.05, metadata={"help": "Temperature of loss_type 'discopop' (the paper's default, 0.05)."})
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO (Zhou et al. 2024): weight each pair's loss by how likely the current policy is to "
+                          "produce its two replies (each reply's exp of its mean per-token log-prob, normalised by the "
+                          "token distribution's sum of squared probabilities; detached), so off-policy pairs count "
+                          "less. Not with loss_type 'aot' / 'aot_unpaired' (they sort the batch)."})
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={"help": "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps optimizer steps the reference "
+                          "becomes ref_model_mixup_alpha * policy + (1 - alpha) * reference. The reference then "
+                          "changes, so it is held in memory and run live (precompute_ref_log_probs is turned off). "
+                          "Not with PEFT (its reference is the adapter-disabled policy)."})
+    ref_model_mixup_alpha: float = field(
+        default=0.6, metadata={"help": "TR-DPO's alpha in [0, 1]: the policy's share of the synced reference."})
+    ref_model_sync_steps: int = field(
+        default=512, metadata={"help": "TR-DPO: optimizer steps between reference updates."})
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={"help": "Compute the reference log-probs of every train/eval pair once before training (cached on "
@@ -249,6 +265,16 @@ class DPOConfig(PreferenceConfig):
                "must be > 0 for loss_type 'exo_pair' (the EXO paper suggests 1e-3)")
         _check(self.discopop_tau > 0, "discopop_tau", self.discopop_tau, "must be > 0")
         _check(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, "ld_alpha", self.ld_alpha, "must be in [0, 1]")
+        sorted_types = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorted_types:
+            raise ConfigError(f"use_weighting (WPO) cannot weight loss_type {', '.join(sorted_types)}: it sorts the "
+                              "batch's margins, so per-pair weights would not line up. Fix: drop use_weighting or "
+                              "that loss type.")
+        _check(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", self.ref_model_mixup_alpha,
+               "must be in [0, 1]")
+        _check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1")
+        if self.sync_ref_model:
+            self.precompute_ref_log_probs = False  # the reference changes during training: nothing to cache
         super().__post_init__()
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from .models import unwrap
 from .speed.attention import ATTENTION_NAME
 from .speed.forward import FastPath, target_logps
-from .speed.head import TopHits, gather_logps
+from .speed.head import HeadStats, gather_logps
 
 # attention implementations that take a custom mask, and in which form (see model_attention_mask)
 _MASK_KINDS = {"sdpa": "float", "eager": "float", ATTENTION_NAME: "float", "flex_attention": "block"}
@@ -49,6 +49,9 @@ class PairLogps:
     # the first min(|chosen|, |rejected|) tokens of each reply: LD-DPO's shared length (Liu et al. 2024)
     chosen_shared: Tensor | None = None
     rejected_shared: Tensor | None = None
+    # sums over each reply's tokens of log sum_v p_v^2, WPO's normaliser (Zhou et al. 2024), when asked for
+    chosen_log_sum_sq: Tensor | None = None
+    rejected_log_sum_sq: Tensor | None = None
 
 
 def mask_kind(model: Any) -> str | None:
@@ -101,36 +104,48 @@ def nll_mask(batch: dict[str, Tensor], nll_on_prompt: bool) -> Tensor:
 
 
 def pair_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None, *,
-               nll_on_prompt: bool = False) -> PairLogps:
-    """The contract: per-pair log-probs of a collated batch under ``model`` (fast path, or plain with None)."""
+               nll_on_prompt: bool = False, log_sum_sq: bool = False) -> PairLogps:
+    """The contract: per-pair log-probs of a collated batch under ``model`` (fast path, or plain with None);
+    ``log_sum_sq`` also sums each reply's ``log sum_v p_v^2`` (WPO)."""
     nll = nll_mask(batch, nll_on_prompt)
     wanted = nll | batch["rejected_mask"].bool()
+    stats = HeadStats("log_sum_sq") if log_sum_sq else None
     if path is None:
-        tok = plain_token_logps(model, batch, wanted)
+        tok, sq = plain_token_logps(model, batch, wanted, stats)
     else:
         mask = batch["attention_mask"]
         if mask.dim() == 4 and mask.dtype == torch.bool:  # the collators' boolean mask, in the kernel's form
             batch = {**batch, "attention_mask": model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)}
-        tok = fast_token_logps(model, batch, wanted, path)
+        tok, sq = fast_token_logps(model, batch, wanted, path, stats)
     chosen, rejected = batch["chosen_mask"].bool(), batch["rejected_mask"].bool()
     shared = torch.minimum(chosen.sum(-1), rejected.sum(-1))[:, None]
     return PairLogps(chosen=(tok * chosen).sum(-1), rejected=(tok * rejected).sum(-1),
                      chosen_tokens=chosen.sum(-1), rejected_tokens=rejected.sum(-1),
                      nll=(tok * nll).sum(-1), nll_tokens=nll.sum(-1),
                      chosen_shared=(tok * (chosen & (chosen.cumsum(-1) <= shared))).sum(-1),
-                     rejected_shared=(tok * (rejected & (rejected.cumsum(-1) <= shared))).sum(-1))
+                     rejected_shared=(tok * (rejected & (rejected.cumsum(-1) <= shared))).sum(-1),
+                     chosen_log_sum_sq=None if sq is None else (sq * chosen).sum(-1),
+                     rejected_log_sum_sq=None if sq is None else (sq * rejected).sum(-1))
 
 
-def fast_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, path: FastPath) -> Tensor:
+def _scatter(wanted: Tensor, values: Tensor) -> Tensor:
+    """Values of the ``wanted`` positions (in row-major order) into a pair-layout tensor, 0 elsewhere."""
+    out = torch.zeros(wanted.shape, dtype=torch.promote_types(values.dtype, torch.float32), device=wanted.device)
+    return out.masked_scatter(wanted, values)
+
+
+def fast_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor, path: FastPath,
+                     stats: HeadStats | None = None) -> tuple[Tensor, Tensor | None]:
     """Pair-layout ``[B, P]`` log-probs of the ``wanted`` tokens (0 elsewhere), computed on the batch's rows with
-    its ``attention_mask`` as given (pair_logps has turned a boolean 4-D mask into the kernel's form)."""
+    its ``attention_mask`` as given (pair_logps has turned a boolean 4-D mask into the kernel's form); and the
+    same layout of ``log_sum_sq`` when ``stats`` asks for it."""
     ids = batch["input_ids"]
     flat = batch["pair_index"][wanted]
     rows, cols = flat // ids.shape[1], flat % ids.shape[1]
     inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
-    picked = target_logps(model, inputs, rows, batch["predictor"][rows, cols], ids[rows, cols], path)
-    out = torch.zeros(wanted.shape, dtype=torch.promote_types(picked.dtype, torch.float32), device=ids.device)
-    return out.masked_scatter(wanted, picked)
+    picked = target_logps(model, inputs, rows, batch["predictor"][rows, cols], ids[rows, cols], path, stats)
+    sq = _scatter(wanted, stats.get("log_sum_sq").to(ids.device)) if stats is not None else None
+    return _scatter(wanted, picked), sq
 
 
 def pair_token_ids(batch: dict[str, Tensor]) -> Tensor:
@@ -138,10 +153,12 @@ def pair_token_ids(batch: dict[str, Tensor]) -> Tensor:
     return batch["input_ids"].flatten()[batch["pair_index"]]
 
 
-def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor) -> Tensor:
+def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor,
+                      stats: HeadStats | None = None) -> tuple[Tensor, Tensor | None]:
     """The obvious computation, for tests and debugging (``fast_path=False``): every pair as two right-padded
     sequences, prompt + chosen and prompt + rejected, one forward with a padding mask, full logits, log-softmax,
-    gather of each next token, mask. Returns pair-layout ``[B, P]`` log-probs of the ``wanted`` tokens."""
+    gather of each next token, mask. Returns pair-layout ``[B, P]`` log-probs of the ``wanted`` tokens, and the same
+    layout of ``log_sum_sq`` when ``stats`` asks for it."""
     ids = pair_token_ids(batch)
     p, c, r = (batch[k].sum(-1).tolist() for k in ("prompt_mask", "chosen_mask", "rejected_mask"))
     seqs = []  # pair i: rows 2i (prompt + chosen) and 2i + 1 (prompt + rejected)
@@ -157,19 +174,29 @@ def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor) -> T
     seq_logps = torch.zeros(input_ids.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
                             device=ids.device)
     seq_logps[:, 1:] = gather_logps(logits[:, :-1], input_ids[:, 1:])
-    out = torch.zeros(wanted.shape, dtype=seq_logps.dtype, device=ids.device)
-    for i in range(ids.shape[0]):
-        chosen_seq, rejected_seq = seq_logps[2 * i], seq_logps[2 * i + 1]
-        n = p[i] + c[i]
-        out[i, :n] = chosen_seq[:n]  # prompt and chosen positions, as in pair layout
-        out[i, n:n + r[i]] = rejected_seq[p[i]:p[i] + r[i]]
-    return out * wanted
+
+    def pair_layout(per_position: Tensor) -> Tensor:
+        out = torch.zeros(wanted.shape, dtype=per_position.dtype, device=ids.device)
+        for i in range(ids.shape[0]):
+            chosen_seq, rejected_seq = per_position[2 * i], per_position[2 * i + 1]
+            n = p[i] + c[i]
+            out[i, :n] = chosen_seq[:n]  # prompt and chosen positions, as in pair layout
+            out[i, n:n + r[i]] = rejected_seq[p[i]:p[i] + r[i]]
+        return out * wanted
+
+    if stats is None:
+        return pair_layout(seq_logps), None
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    stats.observe(shifted, input_ids[:, 1:].reshape(-1))
+    seq_sq = torch.zeros_like(seq_logps)
+    seq_sq[:, 1:] = stats.get("log_sum_sq").reshape(len(seqs), -1)
+    return pair_layout(seq_logps), pair_layout(seq_sq)
 
 
 def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
-             top: TopHits | None = None) -> Tensor:
+             stats: HeadStats | None = None) -> Tensor:
     """Log-probs ``[T]`` of an LM batch's labelled tokens (data/collate.py's LMCollator: ``labels`` in row layout,
-    each predicted by the position before it), in row-major order; ``top`` collects top-1 hits.
+    each predicted by the position before it), in row-major order; ``stats`` collects per-token statistics.
 
     Fast path: the completion-only chunked head on the labelled positions only. Plain path (``path=None``): the
     model's full logits, log-softmax, gather: the oracle.
@@ -191,8 +218,8 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               **segments}
     if path is not None:
-        return target_logps(model, inputs, rows, cols - 1, targets, path, top=top)
+        return target_logps(model, inputs, rows, cols - 1, targets, path, stats)
     logits = model(**inputs, use_cache=False).logits[rows, cols - 1]
-    if top is not None:
-        top.add(logits.argmax(-1) == targets)
+    if stats is not None:
+        stats.observe(logits, targets)
     return gather_logps(logits, targets)

@@ -63,6 +63,21 @@ def nll_loss(logp_sums: Tensor, token_total: Tensor | float) -> Tensor:
     return -logp_sums * logp_sums.shape[0] / total
 
 
+def wpo_weights(chosen_logps: Tensor, rejected_logps: Tensor, chosen_log_sum_sq: Tensor, rejected_log_sum_sq: Tensor,
+                chosen_tokens: Tensor, rejected_tokens: Tensor) -> Tensor:
+    r"""WPO's per-pair loss weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
+    arXiv:2406.11827, eq. 2 with its aligned normalisation), detached: off-policy pairs count less.
+
+    :math:`w = \exp(\bar a_w + \bar a_l)`, where :math:`\bar a` is a reply's mean over its tokens of
+    :math:`\log\pi_\theta(y_t|\cdot) - \log\sum_v \pi_\theta(v|\cdot)^2`: how likely the current policy is to
+    sample the reply, relative to how peaked its token distributions are. Inputs ``[B]``: each reply's summed
+    log-probs, summed :math:`\log\sum_v p_v^2`, and token count. TRL 1.13's definition (a token mean per reply).
+    """
+    chosen = (chosen_logps - chosen_log_sum_sq) / chosen_tokens.clamp(min=1)
+    rejected = (rejected_logps - rejected_log_sum_sq) / rejected_tokens.clamp(min=1)
+    return torch.exp(chosen + rejected).detach()
+
+
 def f_divergence_scores(chosen_logratios: Tensor, rejected_logratios: Tensor, f_divergence_type: str = "reverse_kl",
                         alpha: float = 0.5) -> tuple[Tensor, Tensor]:
     r"""The scores whose difference the DPO losses compare, under an f-divergence regulariser (f-DPO, Wang et al.

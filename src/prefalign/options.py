@@ -132,7 +132,8 @@ def _is_local_path(value: str) -> bool:
     return value.lower() not in EMBEDDED_MODELS and Path(value).expanduser().exists()
 
 
-def _config_file_layer(path: str | None) -> Layer:
+def config_file_layer(path: str | None) -> Layer:
+    """A YAML config file's keys as a layer (no file: an empty one); unreadable or non-mapping files are errors."""
     if path is None:
         return Layer("", {})
     p = Path(path).expanduser()
@@ -155,7 +156,8 @@ def _config_file_layer(path: str | None) -> Layer:
     return Layer(f"in {path}", {str(k): v for k, v in values.items()})
 
 
-def _set_layer(pairs: Sequence[str]) -> Layer:
+def set_layer(pairs: Sequence[str]) -> Layer:
+    """``--set key=value`` pairs as a layer, each value parsed as YAML (``true``, ``0.1``, ``[a, b]``)."""
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -196,7 +198,8 @@ def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace, trl_recip
     return str(method)
 
 
-def _unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
+def unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
+    """The one-line error for a key no config, run key or recipe key of ``method`` knows, with the closest name."""
     valid = list(config_fields(config_class(method))) + list(RUN_KEYS) + list(recipe.EXTRA_KEYS)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"Did you mean '{close[0]}'?" if close else (
@@ -214,7 +217,7 @@ def _merge(layers: Sequence[Layer], method: str) -> dict[str, Any]:
     for layer in layers:
         for key, value in layer.values.items():
             if key not in known:
-                raise _unknown_key_error(key, layer.origin, method)
+                raise unknown_key_error(key, layer.origin, method)
             merged[key] = value
     flags = layers[-1].values
     if method == "orpo" and "orpo_alpha" in flags and "beta" not in flags:
@@ -272,7 +275,7 @@ def resolve_plan(args: argparse.Namespace, recipe_layer: Layer | None = None) ->
     """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges.
 
     ``recipe_layer`` takes the config file's place: a recipe built in memory (a compare grid's run)."""
-    given = [recipe_layer or _config_file_layer(args.config), _set_layer(args.set_pairs)]
+    given = [recipe_layer or config_file_layer(args.config), set_layer(args.set_pairs)]
     lower = [Layer(layer.origin, recipe.rename_layer(layer.values, layer.origin)) for layer in given]
     method = _resolve_method(lower, args, recipe.is_trl_recipe(given[0].values))
     merged = _merge([*lower, _flag_layer(args, method)], method)

@@ -24,7 +24,7 @@ from .data.tokenize import TokenizeReport
 from .logps import lm_logps, mask_kind
 from .models import unwrap
 from .speed.attention import takes_segments
-from .speed.head import TopHits
+from .speed.head import HeadStats
 from .trainer import _Trainer
 
 
@@ -89,8 +89,8 @@ class SFTTrainer(_Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
-        top = TopHits()
-        logps = lm_logps(model, inputs, self._speed.path if self._speed is not None else None, top)
+        stats = HeadStats("hits")
+        logps = lm_logps(model, inputs, self._speed.path if self._speed is not None else None, stats)
         if self.args.loss_type == "dft":  # Dynamic Fine-Tuning: each token's NLL times its (detached) probability
             token_losses = -logps.exp().detach() * logps
         else:
@@ -101,7 +101,7 @@ class SFTTrainer(_Trainer):
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         else:
             loss = token_losses.sum() / max(token_losses.numel(), 1)
-        hits = top.hits()
+        hits = stats.get("hits")
         if hits.numel():
             self.log_metric(model, "mean_token_accuracy", hits.float().mean())
         if model.training:

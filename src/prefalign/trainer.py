@@ -33,8 +33,9 @@ from .data.load import PREFERENCE_ROWS, ROW_COLUMN, RawData, RowSchema, skipped_
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, mask_kind, pair_logps
-from .losses import cpo_loss, dpo_loss, nll_loss, orpo_loss, pair_metrics
+from .losses import cpo_loss, dpo_loss, nll_loss, orpo_loss, pair_metrics, wpo_weights
 from .models import load_model, load_tokenizer
+from .ref_sync import SyncReference, check_pair
 
 logger = logging.getLogger("prefalign")
 TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -283,10 +284,11 @@ class _PreferenceTrainer(_Trainer):
         return PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
 
     # ----- loss ---------------------------------------------------------------------------------------------------
-    def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False) -> PairLogps:
+    def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False,
+                    log_sum_sq: bool = False) -> PairLogps:
         """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``."""
         return pair_logps(model, inputs, self._speed.path if self._speed is not None else None,
-                          nll_on_prompt=nll_on_prompt)
+                          nll_on_prompt=nll_on_prompt, log_sum_sq=log_sum_sq)
 
     def token_total(self, counts: Tensor) -> Tensor:
         """The token count a token-mean NLL divides by: this batch's, or under several processes the global count
@@ -361,8 +363,16 @@ class DPOTrainer(_PreferenceTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.reference_cache: dict[str, tuple[str, str]] = {}  # dataset -> ("read" | "computed", cache file)
+        self.reference_sync: SyncReference | None = None
         super().__init__(*args, **kwargs)
         self._reference_released = False
+        if getattr(self.args, "sync_ref_model", False):  # DPO's option (KTOConfig has none)
+            self.reference_sync = SyncReference(self.ref_model, self.args.ref_model_mixup_alpha,
+                                                self.args.ref_model_sync_steps)
+            self.add_callback(self.reference_sync)
+            logger.info("sync_ref_model (TR-DPO): the reference moves towards the policy every %d steps (alpha %g), "
+                        "so it is held in memory and run live each step; no reference cache",
+                        self.args.ref_model_sync_steps, self.args.ref_model_mixup_alpha)
         if self.args.precompute_ref_log_probs:
             self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
@@ -417,8 +427,14 @@ class DPOTrainer(_PreferenceTrainer):
         return self._with_reference_logps(dataset, name) if self.args.precompute_ref_log_probs else dataset
 
     def _make_reference(self, model: Any, ref_model: Any, args: PreferenceConfig, peft_config: Any) -> Any:
+        if getattr(args, "sync_ref_model", False) and _is_peft(model):
+            raise ConfigError("sync_ref_model cannot be used with PEFT: the reference is the policy with its adapter "
+                              "disabled, so there is no separate reference to update. Fix: drop sync_ref_model or "
+                              "train without LoRA.")
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, **_init_kwargs(args))
+        if getattr(args, "sync_ref_model", False) and ref_model is not None:
+            check_pair(ref_model, model)
         if ref_model is None and not _is_peft(model) and not getattr(args, "precompute_ref_log_probs", False):
             ref_model = copy.deepcopy(model)  # live reference: a frozen copy of the untrained policy
         if ref_model is not None:
@@ -427,6 +443,18 @@ class DPOTrainer(_PreferenceTrainer):
             ref_model.eval()
             ref_model.requires_grad_(False)
         return ref_model
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # a checkpoint of a TR-DPO run carries the moving reference, so resuming continues from it
+        if (self.reference_sync is not None and output_dir is not None and self.args.should_save
+                and Path(output_dir).name.startswith("checkpoint-")):
+            self.reference_sync.save(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.reference_sync is not None:
+            self.reference_sync.load(resume_from_checkpoint)
 
     def _weighted(self, out: PairLogps) -> tuple[Tensor, Tensor]:
         """Summed reply log-probs, or with ``ld_alpha`` LD-DPO's: the shared length in full, the rest times alpha."""
@@ -460,15 +488,20 @@ class DPOTrainer(_PreferenceTrainer):
         return self._weighted(self._live_reference(model, inputs))
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = self.batch_logps(model, inputs)
+        args = self.args
+        policy = self.batch_logps(model, inputs, log_sum_sq=args.use_weighting)
         chosen, rejected = self._weighted(policy)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
-        args = self.args
         weights = args.loss_weights or [1.0] * len(args.loss_type)
+        pair_weights = None if not args.use_weighting else wpo_weights(
+            policy.chosen, policy.rejected, policy.chosen_log_sum_sq, policy.rejected_log_sum_sq,
+            policy.chosen_tokens, policy.rejected_tokens)
         losses: Tensor | float = 0.0
         for loss_type, weight in zip(args.loss_type, weights, strict=True):
             if loss_type == "sft":
                 part = nll_loss(policy.chosen, self.token_total(policy.chosen_tokens))
+                if pair_weights is not None:  # as TRL: the batch's NLL, times each pair's weight
+                    part = part.mean().expand_as(pair_weights)
             else:
                 part, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta,
                                    loss_type=loss_type, label_smoothing=args.label_smoothing,
@@ -476,6 +509,8 @@ class DPOTrainer(_PreferenceTrainer):
                                    f_divergence_type=args.f_divergence_type,
                                    f_alpha_divergence_coef=args.f_alpha_divergence_coef,
                                    discopop_tau=args.discopop_tau)
+            if pair_weights is not None:
+                part = part * pair_weights
             losses = losses + weight * part
         metrics = pair_metrics(args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected), chosen,
                                rejected)

@@ -32,14 +32,14 @@ from ..options import (
     RUN_KEYS,
     Layer,
     TrainPlan,
-    _config_file_layer,
-    _set_layer,
-    _unknown_key_error,
     build_config,
     config_class,
     config_fields,
+    config_file_layer,
     no_flags,
     resolve_plan,
+    set_layer,
+    unknown_key_error,
 )
 
 # Keys of the compare itself, not of any run.
@@ -113,7 +113,7 @@ def _known(method: str) -> set[str]:
 
 def load_spec(path: str, set_pairs: Sequence[str] = (), *, overwrite: bool = False) -> CompareSpec:
     """Read and check a compare recipe (``--set`` pairs over it); every run resolved, nothing written."""
-    values = {**_config_file_layer(path).values, **_set_layer(list(set_pairs)).values}
+    values = {**config_file_layer(path).values, **set_layer(list(set_pairs)).values}
     grid = values.pop("grid", None)
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: grid must be a non-empty mapping of method to options, e.g. grid: {{dpo: {{beta: "
@@ -141,7 +141,7 @@ def load_spec(path: str, set_pairs: Sequence[str] = (), *, overwrite: bool = Fal
         methods.append((str(method).lower(), options or {}))
     for key in values:  # a base key must mean something to at least one method of the grid
         if not any(key in _known(m) for m, _ in methods):
-            raise _unknown_key_error(key, f"in {path}", methods[0][0])
+            raise unknown_key_error(key, f"in {path}", methods[0][0])
     runs: list[RunSpec] = []
     for method, options in methods:
         where = f"in {path} (grid.{method})"

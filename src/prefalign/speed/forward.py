@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models import unwrap
-from .head import TiedGrad, TopHits, chunked_head_logps, gather_logps, tied_embeds
+from .head import HeadStats, TiedGrad, chunked_head_logps, gather_logps, tied_embeds
 from .layers import recompute_norm_outputs
 
 # Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling or soft-capping.
@@ -46,19 +46,19 @@ def can_chunk(model: Any) -> bool:
 
 
 def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Tensor, targets: Tensor,
-                 path: FastPath, top: TopHits | None = None) -> Tensor:
+                 path: FastPath, stats: HeadStats | None = None) -> Tensor:
     """``log p(targets[k] | hidden state at (rows[k], src[k]))`` for every k: a float32 (float64) vector.
 
     ``model_inputs`` are the model's keyword arguments (``input_ids``, ``attention_mask``, ``position_ids``);
-    ``top`` collects whether each target was the top prediction.
+    ``stats`` collects per-target statistics of the logits (speed/head.py's HeadStats).
     """
     kwargs = {**model_inputs, "use_cache": False}
     rebuild = path.rebuild_norm_outputs and torch.is_grad_enabled()
     with recompute_norm_outputs() if rebuild else contextlib.nullcontext():
         if not can_chunk(model):
             logits = model(**kwargs).logits[rows, src]
-            if top is not None:
-                top.add(logits.argmax(-1) == targets)
+            if stats is not None:
+                stats.observe(logits, targets)
             return gather_logps(logits, targets)
         inner = unwrap(model)
         captured: dict[str, Tensor] = {}
@@ -79,4 +79,4 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
         finally:
             handle.remove()
         return chunked_head_logps(head, captured["h"][rows, src], targets, path.chunk_rows,
-                                  tied=tied if embeds is not None else None, top=top)
+                                  tied=tied if embeds is not None else None, stats=stats)

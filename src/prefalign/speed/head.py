@@ -17,18 +17,38 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
 
 
-class TopHits:
-    """Collects, per target row, whether the target was the model's top prediction (TRL's mean_token_accuracy),
-    read off the logits the head computes anyway: no second pass over the vocabulary."""
+class HeadStats:
+    """Per-target-row statistics read off the logits the head computes anyway, with no second pass over the
+    vocabulary. Ask for them by name: ``hits``, whether the target was the model's top prediction (TRL's
+    mean_token_accuracy); ``log_sum_sq``, ``log sum_v p_v^2`` of the row's distribution (WPO's normaliser, Zhou et
+    al. 2024). Detached: statistics, not part of the loss's graph."""
 
-    def __init__(self) -> None:
-        self.parts: list[Tensor] = []
+    def __init__(self, *names: str) -> None:
+        unknown = set(names) - {"hits", "log_sum_sq"}
+        if unknown:
+            raise ValueError(f"unknown head statistics {sorted(unknown)}")
+        self.parts: dict[str, list[Tensor]] = {name: [] for name in names}
 
-    def add(self, hits: Tensor) -> None:
-        self.parts.append(hits.detach().reshape(-1))
+    def wants(self, name: str) -> bool:
+        return name in self.parts
 
-    def hits(self) -> Tensor:
-        return torch.cat(self.parts) if self.parts else torch.zeros(0, dtype=torch.bool)
+    def add(self, name: str, values: Tensor) -> None:
+        self.parts[name].append(values.detach().reshape(-1))
+
+    def observe(self, logits: Tensor, targets: Tensor) -> None:
+        """The statistics of a chunk of full logits ``[rows, vocab]``."""
+        if self.wants("hits"):
+            self.add("hits", logits.argmax(-1) == targets)
+        if self.wants("log_sum_sq"):
+            with torch.no_grad():
+                z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+                self.add("log_sum_sq", (2 * z).logsumexp(-1) - 2 * z.logsumexp(-1))
+
+    def get(self, name: str) -> Tensor:
+        parts = self.parts[name]
+        if parts:
+            return torch.cat(parts)
+        return torch.zeros(0, dtype=torch.bool if name == "hits" else torch.float32)
 
 
 def gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -36,10 +56,10 @@ def gather_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, top: TopHits | None = None) -> Tensor:
+def _head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, stats: HeadStats | None = None) -> Tensor:
     logits = head(hidden)
-    if top is not None:
-        top.add(logits.argmax(-1) == targets)
+    if stats is not None:
+        stats.observe(logits, targets)
     return gather_logps(logits, targets)
 
 
@@ -58,7 +78,7 @@ class _LinearHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int, tied: TiedGrad | None = None, top: TopHits | None = None) -> Tensor:
+                chunk_rows: int, tied: TiedGrad | None = None, stats: HeadStats | None = None) -> Tensor:
         out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
         lse = torch.empty_like(out)
         buf = None
@@ -67,10 +87,13 @@ class _LinearHeadLogps(torch.autograd.Function):
             z = buf = _logits(hidden[sl], weight, bias, buf)
             m = z.amax(-1, keepdim=True)
             picked = z.gather(-1, targets[sl, None])
-            if top is not None:
-                top.add(picked.squeeze(-1) >= m.squeeze(-1))  # the target holds the row's largest logit
-            lse[sl] = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log_()).squeeze(-1)  # z now holds exp(z - m)
+            if stats is not None and stats.wants("hits"):
+                stats.add("hits", picked.squeeze(-1) >= m.squeeze(-1))  # the target holds the row's largest logit
+            log_sum = z.sub_(m).exp_().sum(-1, keepdim=True).log_()  # z now holds exp(z - m)
+            lse[sl] = (m + log_sum).squeeze(-1)
             out[sl] = picked.squeeze(-1) - lse[sl]
+            if stats is not None and stats.wants("log_sum_sq"):  # log sum p^2 = log sum e^(2(z-m)) - 2 log sum e^(z-m)
+                stats.add("log_sum_sq", 2 * (torch.linalg.vector_norm(z, dim=-1).log() - log_sum.squeeze(-1)))
         # One chunk: its buffer becomes softmax(z) and is kept for backward, which then needs no recompute.
         keep = hidden.shape[0] <= chunk_rows and any(ctx.needs_input_grad[:3])
         ctx.softmax = z.mul_((m - lse[:, None]).exp_()) if keep else None
@@ -145,11 +168,11 @@ def materialised_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
 
 def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
                        chunk_rows: int | None = None, tied: TiedGrad | None = None,
-                       top: TopHits | None = None) -> Tensor:
+                       stats: HeadStats | None = None) -> Tensor:
     """``log softmax(head(hidden))[targets]`` for ``hidden: [T, H]``, at most ``chunk_rows x vocab`` logits alive.
 
     A plain linear head takes the fused path (_LinearHeadLogps); any other head runs as a module, each chunk under
-    activation checkpointing, with the same numbers at a higher cost. ``top`` collects top-1 hits.
+    activation checkpointing, with the same numbers at a higher cost. ``stats`` collects per-row statistics.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -158,18 +181,18 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
         vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
         chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
     if materialised_linear(head, hidden):
-        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied, top)
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied, stats)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
         if need_grad:
-            if top is not None:
+            if stats is not None:
                 with torch.no_grad():
-                    top.add(head(h).argmax(-1) == t)
+                    stats.observe(head(h), t)
             outs.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
-            outs.append(_head_logps(head, h, t, top))
+            outs.append(_head_logps(head, h, t, stats))
     return torch.cat(outs)
 
 
