@@ -254,3 +254,24 @@ def test_the_compare_page_loads_in_a_browser(tmp_path):
     verdict, images, errors = check_page(html, tmp_path)
     # loss, reward accuracy, margins, log-probs, trade-off, categories
     assert (verdict, images, errors) == ("ok", 6, [])
+
+
+def test_a_data_error_is_a_failure_row_and_prompts_work_without_a_judge(tmp_path, files, capsys):
+    """A value that makes the data untrainable (every prompt longer than max_length) fails that run alone, with the
+    data error's one line; without a judge the held-out prompts still give replies and the KL, and the table is
+    ranked by held-out reward accuracy."""
+    path = _recipe(tmp_path, files, {"dpo": {"max_length": [128, 8]}}, judge=None)
+    assert main(["compare", path]) == 1
+    out = tmp_path / "cmp"
+    rows = _csv(out / "summary.csv")
+    failed = rows["dpo-max_length8"]
+    assert failed["status"] == "failed" and "leaving no room for a reply under" in failed["reason"]
+    assert files["dataset"] in failed["reason"] and "\n" not in failed["reason"]
+    ok = rows["dpo-max_length128"]
+    assert ok["status"] == "ok" and math.isfinite(float(ok["kl"])) and float(ok["kl"]) != 0.0
+    assert ok["win_rate"] == "" and ok["pass_rate"] == ""
+    scores = read_scores(out / "dpo-max_length128" / SCORES_FILE)
+    assert len(scores.replies) == 3 + 3 and all(s is None for s in scores.scores)  # held-out + edge-case prompts
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Ranked by reward accuracy" in md and "leaving no room" in md and "pass rate per category" not in md
+    assert not (out / "plots" / "categories.png").exists()

@@ -223,7 +223,8 @@ class DPOConfig(PreferenceConfig):
         metadata={"help": "WPO (Zhou et al. 2024): weight each pair's loss by how likely the current policy is to "
                           "produce its two replies (each reply's exp of its mean per-token log-prob, normalised by the "
                           "token distribution's sum of squared probabilities; detached), so off-policy pairs count "
-                          "less. Not with loss_type 'aot' / 'aot_unpaired' (they sort the batch)."})
+                          "less. Not with loss_type 'aot' / 'aot_unpaired' (they sort the batch). With 'sft', the "
+                          "batch's NLL times the mean weight (TRL 1.13 fails on that combination)."})
     sync_ref_model: bool = field(
         default=False,
         metadata={"help": "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps optimizer steps the reference "

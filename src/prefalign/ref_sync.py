@@ -3,8 +3,9 @@ arXiv:2404.09656): every ``ref_model_sync_steps`` optimizer steps, ``ref <- alph
 (the paper's soft update; alpha = 1 is its hard update).
 
 The reference is a separate model held for the whole run and run live each step (its log-probs change, so the
-reference cache does not apply). Its weights travel with every checkpoint (``reference.safetensors``), so a resumed
-run continues from the reference it had, not from the initial one.
+reference cache does not apply). Its weights travel with every checkpoint (``reference/weights.safetensors``: a
+subfolder, so loaders that take every ``*.safetensors`` next to the model never mistake it for the policy), so a
+resumed run continues from the reference it had, not from the initial one.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from .errors import ConfigError
 from .models import unwrap
 
 logger = logging.getLogger("prefalign")
-REFERENCE_FILE = "reference.safetensors"
+REFERENCE_FILE = "reference/weights.safetensors"
 
 
 def blend_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
-    """``ref <- (1 - alpha) * ref + alpha * policy``, parameter by parameter, in place (TRL's update order)."""
+    """``ref <- (1 - alpha) * ref + alpha * policy``, parameter by parameter, in place (TRL's update order; the add
+    computes in the wider of the two dtypes and rounds once)."""
     policy_params = dict(unwrap(policy).named_parameters())
     with torch.no_grad():
         for name, ref_param in unwrap(reference).named_parameters():
-            ref_param.mul_(1.0 - alpha).add_(policy_params[name].to(ref_param.dtype), alpha=alpha)
+            ref_param.mul_(1.0 - alpha).add_(policy_params[name].to(ref_param.device), alpha=alpha)
 
 
 def check_pair(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
@@ -48,18 +50,18 @@ class SyncReference(TrainerCallback):
 
     def __init__(self, reference: torch.nn.Module, alpha: float, every: int) -> None:
         self.reference, self.alpha, self.every = reference, alpha, every
-        self.syncs = 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step % self.every == 0:
             blend_into(self.reference, model, self.alpha)
-            self.syncs += 1
 
     def save(self, checkpoint_dir: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
+        path = Path(checkpoint_dir) / REFERENCE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous() for n, p in unwrap(self.reference).named_parameters()}
-        save_file(tensors, str(Path(checkpoint_dir) / REFERENCE_FILE))
+        save_file(tensors, str(path))
 
     def load(self, checkpoint_dir: str | os.PathLike) -> None:
         path = Path(checkpoint_dir) / REFERENCE_FILE
@@ -70,6 +72,10 @@ class SyncReference(TrainerCallback):
         from safetensors.torch import load_file
 
         saved = load_file(str(path))
+        params = dict(unwrap(self.reference).named_parameters())
+        if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
+            raise ConfigError(f"{path} holds another model's reference (its tensors differ from this run's). Fix: "
+                              "resume with the model the checkpoint was trained from")
         with torch.no_grad():
-            for name, param in unwrap(self.reference).named_parameters():
+            for name, param in params.items():
                 param.copy_(saved[name])

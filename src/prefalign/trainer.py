@@ -367,12 +367,16 @@ class DPOTrainer(_PreferenceTrainer):
         super().__init__(*args, **kwargs)
         self._reference_released = False
         if getattr(self.args, "sync_ref_model", False):  # DPO's option (KTOConfig has none)
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ConfigError("sync_ref_model is not supported with DeepSpeed or FSDP here: their processes hold "
+                                  "slices of the policy, which cannot be blended into the reference as is. Fix: drop "
+                                  "sync_ref_model or train under plain DDP (accelerate launch without them).")
             self.reference_sync = SyncReference(self.ref_model, self.args.ref_model_mixup_alpha,
                                                 self.args.ref_model_sync_steps)
             self.add_callback(self.reference_sync)
-            logger.info("sync_ref_model (TR-DPO): the reference moves towards the policy every %d steps (alpha %g), "
-                        "so it is held in memory and run live each step; no reference cache",
-                        self.args.ref_model_sync_steps, self.args.ref_model_mixup_alpha)
+            logger.warning("sync_ref_model (TR-DPO): the reference moves towards the policy every %d steps (alpha "
+                           "%g), so it is held in memory and run live each step; precompute_ref_log_probs is off",
+                           self.args.ref_model_sync_steps, self.args.ref_model_mixup_alpha)
         if self.args.precompute_ref_log_probs:
             self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):

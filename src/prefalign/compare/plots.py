@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..report.metrics import Run
 from ..report.plots import DPI, FIGSIZE, FONT, MARGINS, PANELS, RUN_COLORS, Plot, plot_panel, present_panels
@@ -66,6 +67,7 @@ def tradeoff_plot(rows: Sequence[Row], quality: str) -> Plot | None:
     ax.set_title(f"Trade-off: {header} vs KL from base", fontsize=FONT + 1)
     ax.set_xlabel("KL from base per reply token (nats)", fontsize=FONT)
     ax.tick_params(labelsize=FONT)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # KL values are small and close: few ticks stay readable
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=FONT - 1, framealpha=0.8)
     return Plot("tradeoff", f"{header} vs KL from base", _png(fig))

@@ -82,7 +82,7 @@ def compute_row(entry: Entry, base: Scores, held: Heldout, tokenizer: Any, rewar
         g = generation_metrics(prompts, s.replies, s.scores or [], held.judge, tokenizer, groups)
         v.update(pass_rate=g.pass_rate, mean_score=g.mean_score, mean_words=g.mean_words,
                  kl=0.0 if is_base else _nan(s.kl()))
-        by_group = {k: m["pass_rate"] for k, m in g.by_group.items()}
+        by_group = {k: m["pass_rate"] for k, m in g.by_group.items()} if g.judged else {}  # no judge: none
         if not is_base and g.judged:
             win = win_rate(s.scores or [], base.scores)
             low, high = win.interval()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import Run, Series
 
@@ -132,6 +133,7 @@ def plot_panel(panel: Panel, runs: Mapping[str, Run]) -> Plot:
                 _draw(ax, series, color, style, label, eval_=eval_, smoothed=panel.smoothed)
     ax.set_title(panel.title, fontsize=FONT + 1)
     ax.set_xlabel("step", fontsize=FONT)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
     ax.tick_params(labelsize=FONT)
     ax.grid(True, alpha=0.3)
     if panel.ylim:
