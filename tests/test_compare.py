@@ -275,3 +275,14 @@ def test_a_data_error_is_a_failure_row_and_prompts_work_without_a_judge(tmp_path
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "Ranked by reward accuracy" in md and "leaving no room" in md and "pass rate per category" not in md
     assert not (out / "plots" / "categories.png").exists()
+
+
+def test_every_method_runs_in_a_compare(tmp_path, files):
+    """KTO, CPO, SimPO and SFT runs beside DPO: each trains and is scored on the same held-out data."""
+    path = _recipe(tmp_path, files, {"dpo": None, "kto": None, "cpo": {"beta": [0.1]}, "simpo": None, "sft": None})
+    assert main(["compare", path]) == 0
+    rows = _csv(tmp_path / "cmp" / "summary.csv")
+    assert set(rows) == {"dpo", "kto", "cpo", "simpo", "sft", "base"}  # a one-value list sweeps nothing
+    for name, row in rows.items():
+        assert row["status"] == ("reference" if name == "base" else "ok"), name
+        assert row["reward_accuracy"] != "" and row["pass_rate"] != ""

@@ -125,3 +125,22 @@ def test_sft_from_the_cli(tiny_model, data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 2" in err[0] and "'text'" in err[0]
     assert not (tmp_path / "bad-run").exists()
+
+
+@pytest.mark.parametrize("method", ["kto", "simpo", "cpo"])
+def test_the_other_methods_follow_sft_in_a_pipeline(method, tiny_model, data, tmp_path):
+    """KTO (on the pairs, split into rows; its reference is the SFT output, as DPO's), CPO and SimPO after SFT."""
+    out = tmp_path / "pipe"
+    recipe = {"model": tiny_model, "output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 2,
+              "max_length": 64, "seed": 0,
+              "stages": [{"method": "sft", "dataset": str(data["sft"]), "learning_rate": 1e-3},
+                         {"method": method, "dataset": str(data["pairs"])}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    stage = out / f"2-{method}"
+    assert yaml.safe_load((stage / "config.yaml").read_text())["model"] == str((out / "1-sft").resolve())
+    first = next(r for r in _records(stage) if "loss" in r)
+    if method == "kto":  # the policy before its first update is the reference: every log-ratio is 0, loss 1 - sig(0)
+        assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert (stage / "model.safetensors").is_file()

@@ -39,8 +39,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def tradeoff_plot(rows: Sequence[Row], quality: str) -> Plot | None:
-    """Held-out quality (the ranking metric) against KL from the base: one point per run, one line per method,
-    each point labelled with its swept value; None when no run has both numbers."""
+    """Held-out quality (the ranking metric) against KL from the base: one point per run, one line per method
+    (coloured in the order the methods first appear in ``rows``), each point labelled with its swept value; None
+    when no run has both numbers."""
     points: dict[str, list[tuple[float, float, str]]] = {}
     for row in rows:
         x, y = row.values.get("kl"), row.values.get(quality)
@@ -55,12 +56,12 @@ def tradeoff_plot(rows: Sequence[Row], quality: str) -> Plot | None:
         pts.sort()
         color = RUN_COLORS[i % len(RUN_COLORS)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=method.upper(), linewidth=1.6)
-        for k, (x, y, label) in enumerate(pts):  # alternate above / below: neighbouring runs often coincide
+        for k, (x, y, label) in enumerate(pts):  # above, below, higher, lower: neighbouring runs often coincide
             right = x > middle  # labels of the right half point left, so none runs off the axes
             ax.annotate(label.replace(", ", "\n"), (x, y), textcoords="offset points",
-                        xytext=(-5 if right else 5, 5 if k % 2 == 0 else -12), ha="right" if right else "left",
+                        xytext=(-5 if right else 5, (5, -12, 17, -24)[k % 4]), ha="right" if right else "left",
                         fontsize=FONT - 3, color=color)
-    ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
+    ax.margins(x=0.25, y=0.25)  # room for the labels of the outermost points
     if quality == "win_rate":
         ax.axhline(0.5, color="#888", linestyle=":", linewidth=1.2, label="base (50%)")
     header = dict((k, h) for k, h, _ in COLUMNS)[quality]

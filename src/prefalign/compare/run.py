@@ -49,7 +49,8 @@ def report_files(out: Path, title: str, facts: Sequence[tuple[str, str]], entrie
     ordered = ranked(rows, base_row)
     key = rank_key(rows)
     plots = training_plots({e.name: e.run for e in entries if e.run is not None})
-    plots += [p for p in (tradeoff_plot(ordered, key), category_plot(ordered)) if p is not None]
+    # runs in training order, so each method keeps the colour its first run has in the training curves
+    plots += [p for p in (tradeoff_plot(rows, key), category_plot(ordered)) if p is not None]
     files = {REPORT_HTML: render_page(title, facts, ordered, key, plots, held, samples),
              REPORT_MD: render_markdown(title, facts, ordered, key), SUMMARY_CSV: to_csv(ordered)}
     publish(out, files, plots)
