@@ -210,3 +210,76 @@ def test_fast_path_rebuilds_norm_outputs_only_inside_the_boundary_that_patched_t
     log["recipes"].clear()
     token_logps(model, ids, mask, target, path=path)
     assert log["recipes"] == []
+
+
+def _lora_model(tok, dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(tok, seed=4)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at zero: make the adapters count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def _lora_step(model, ids):
+    """Loss, the adapters' gradients, and the bytes autograd saves (one count per storage)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7), dtype=logits.dtype)
+    loss = (logits * weights).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(seen.values())
+
+
+def test_lean_mlp_under_lora_matches_peft_and_keeps_fewer_bytes(tok):
+    """A LoRA-wrapped down projection: the lean MLP computes base(h) and A(h) in one function that keeps gate and up
+    only; values and adapter gradients equal PEFT's own forward, and two [tokens, intermediate] tensors per layer
+    fewer are kept (h, and silu(gate)); with the adapter disabled it is the base model again."""
+    model = _lora_model(tok)
+    model.eval()
+    ids = torch.randint(0, tok.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    stock_loss, stock, stock_bytes = _lora_step(model, ids)
+    with model.disable_adapter(), torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    mlps = [m for m in layers.apply(model) if type(m).__name__ == "LlamaMLP"]
+    assert len(mlps) == model.config.num_hidden_layers
+    lean_loss, lean, lean_bytes = _lora_step(model, ids)
+    assert lean_loss.item() == pytest.approx(stock_loss.item(), rel=1e-5)
+    assert set(lean) == set(stock) and any("down_proj.lora_A" in n for n in lean)
+    assert all("lora_" in n for n in lean)
+    for name, g in stock.items():
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        assert (lean[name] - g).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+    cfg = model.config
+    tokens, n = ids.numel(), cfg.num_hidden_layers
+    assert stock_bytes - lean_bytes >= 4 * tokens * n * 2 * cfg.intermediate_size
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base_logits)  # the stock path, adapter off
+    layers.restore(model.modules())
+
+
+def test_lean_mlp_under_lora_with_dropout_is_the_stock_computation(tok):
+    model = _lora_model(tok, dropout=0.1)
+    model.train()
+    ids = torch.randint(0, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    stock_loss, stock, _ = _lora_step(model, ids)
+    layers.apply(model)
+    torch.manual_seed(5)  # the same dropout masks: the patched MLP defers to PEFT's forward
+    lean_loss, lean, _ = _lora_step(model, ids)
+    assert lean_loss.item() == pytest.approx(stock_loss.item(), rel=1e-5)  # the lean norms round differently
+    for name, g in stock.items():
+        assert (lean[name] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1.0), name

@@ -5,7 +5,10 @@ layer (gate, up, silu(gate) and the product); through an RMSNorm, two ``[tokens,
 here keep gate and up, and for RMSNorm the input and one reciprocal RMS per token, and recompute the rest in backward
 from them: elementwise work only, no matmul is repeated. For SmolLM2-135M that is 16.6 KB less per token and layer
 (about 0.5 GB for a batch of four 260-token pairs). Same math, so values and gradients match the stock modules to
-float rounding (tests/test_layers.py).
+float rounding (tests/test_layers.py). A PEFT LoRA down projection (one plain adapter, no dropout) is covered too:
+one function computes its base output and its adapter's first factor from the product, which is again recomputed
+(the adapter would otherwise save it); any other wrapper, or an adapter that is disabled, merged or has dropout,
+runs its own forward.
 
 A patched RMSNorm's output is also kept out of memory where it is saved by the layers it feeds (the q/k/v and
 gate/up projections save their input for the weight gradient): inside ``recompute_norm_outputs()`` such a saved
@@ -131,6 +134,14 @@ def recompute_norm_outputs() -> Iterator[None]:
         _recording.outputs = previous
 
 
+def _swiglu_input_grads(g: Tensor, u: Tensor, sig: Tensor, silu: Tensor, dh: Tensor, need_g: bool,
+                        need_u: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``du = dh silu(g)``, ``dg = dh u s (1 + g (1 - s))`` with ``s = sigmoid(g)``; ``dh`` is consumed."""
+    grad_u = dh * silu if need_u else None
+    grad_g = dh.mul_(u).mul_(sig).mul_(g.mul(sig.neg().add_(1)).add_(1)) if need_g else None
+    return grad_g, grad_u
+
+
 class _SwiGLUDown(torch.autograd.Function):
     """``down(silu(g) * u)``; keeps ``g`` and ``u`` and recomputes ``silu(g) * u`` in backward.
 
@@ -152,11 +163,56 @@ class _SwiGLUDown(torch.autograd.Function):
             h = silu * u
             grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
         dh = grad.matmul(weight)
-        grad_u = dh * silu if ctx.needs_input_grad[1] else None
-        grad_g = None
-        if ctx.needs_input_grad[0]:
-            grad_g = dh.mul_(u).mul_(sig).mul_(g.mul(sig.neg().add_(1)).add_(1))  # dh is not needed after this
-        return grad_g, grad_u, grad_w
+        return (*_swiglu_input_grads(g, u, sig, silu, dh, *ctx.needs_input_grad[:2]), grad_w)
+
+
+class _SwiGLUDownLoRA(torch.autograd.Function):
+    """``(h W^T, h A^T)`` with ``h = silu(g) * u``: a LoRA-wrapped down projection's base output and its adapter's
+    first factor, keeping ``g`` and ``u`` (not ``h``, which the adapter's ``A`` would otherwise save).
+
+    Backward: ``dh = dy W + dz A``, ``dW = dy^T h``, ``dA = dz^T h``, and ``dg``, ``du`` as in _SwiGLUDown.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(g, u, weight, lora_a)
+        h = torch.nn.functional.silu(g) * u
+        return torch.nn.functional.linear(h, weight), torch.nn.functional.linear(h, lora_a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, grad_low: Tensor) -> tuple[Tensor | None, ...]:
+        g, u, weight, lora_a = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        need_g, need_u, need_w, need_a = ctx.needs_input_grad[:4]
+        grad_w = grad_a = None
+        if need_w or need_a:
+            h = (silu * u).reshape(-1, g.shape[-1])
+            if need_w:
+                grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h)
+            if need_a:
+                grad_a = grad_low.reshape(-1, grad_low.shape[-1]).t().mm(h)
+        dh = grad.matmul(weight).add_(grad_low.matmul(lora_a))
+        return (*_swiglu_input_grads(g, u, sig, silu, dh, need_g, need_u), grad_w, grad_a)
+
+
+def _plain_lora(m: Any) -> tuple[torch.nn.Module, torch.nn.Module, float] | None:
+    """``(A, B, scaling)`` when ``m`` is a PEFT LoRA ``Linear`` that computes exactly ``base(x) + B(A(x)) * scaling``
+    now: one active plain adapter (no DoRA or other variant), no dropout, not merged, not disabled, one dtype."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    if type(m) is not LoraLinear or m.disable_adapters or m.merged or not _bias_free_linear(m.base_layer):
+        return None
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if len(active) != 1 or active[0] in getattr(m, "lora_variant", {}):
+        return None
+    lora_a, lora_b = m.lora_A[active[0]], m.lora_B[active[0]]
+    if (not _bias_free_linear(lora_a) or type(m.lora_dropout[active[0]]) is not torch.nn.Identity
+            or lora_a.weight.dtype != m.base_layer.weight.dtype):
+        return None
+    return lora_a, lora_b, m.scaling[active[0]]
 
 
 def _rmsnorm_forward(self: Any, x: Tensor) -> Tensor:
@@ -164,7 +220,16 @@ def _rmsnorm_forward(self: Any, x: Tensor) -> Tensor:
 
 
 def _mlp_forward(self: Any, x: Tensor) -> Tensor:
-    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+    g, u = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if _bias_free_linear(down):
+        return _SwiGLUDown.apply(g, u, down.weight)
+    lora = _plain_lora(down) if torch.is_grad_enabled() and g.dtype == down.base_layer.weight.dtype else None
+    if lora is None:  # the stock computation (adapter disabled, dropout, no gradients, ...)
+        return down(self.act_fn(g) * u)
+    lora_a, lora_b, scaling = lora
+    base, low = _SwiGLUDownLoRA.apply(g, u, down.base_layer.weight, lora_a.weight)
+    return base + lora_b(low) * scaling
 
 
 def _bias_free_linear(m: Any) -> bool:
@@ -172,9 +237,12 @@ def _bias_free_linear(m: Any) -> bool:
 
 
 def _is_llama_mlp(m: torch.nn.Module) -> bool:
-    # gate and up are called as modules (LoRA-wrapped is fine); down's weight is used directly, so it must be plain
+    # gate and up are called as modules (LoRA-wrapped is fine); down's weight is used directly, so it must be plain,
+    # or a PEFT LoRA Linear over a plain one (whose state _mlp_forward checks at each call)
+    down = getattr(m, "down_proj", None)
     return (type(m).__name__ in MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-            and "forward" not in vars(m.act_fn) and _bias_free_linear(getattr(m, "down_proj", None))
+            and "forward" not in vars(m.act_fn)
+            and (_bias_free_linear(down) or _bias_free_linear(getattr(down, "base_layer", None)))
             and all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj")))
 
 
