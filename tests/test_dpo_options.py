@@ -100,3 +100,15 @@ def test_tr_dpo_resume_continues_from_the_synced_reference(tmp_path, monkeypatch
     through = _losses(tmp_path / "through")
     assert len(through) == 4 and len(set(through)) == 4
     assert _losses(out) == pytest.approx(through, abs=1e-6)
+
+
+def test_a_checkpoint_of_another_models_reference_is_refused(tmp_path):
+    from prefalign.ref_sync import SyncReference
+
+    tok = smollm2_tokenizer()
+    SyncReference(tiny_llama(tok, 1), 0.6, 1).save(tmp_path)
+    same = tiny_llama(tok, 2)
+    SyncReference(same, 0.6, 1).load(tmp_path)
+    torch.testing.assert_close(same.lm_head.weight, tiny_llama(tok, 1).lm_head.weight)
+    with pytest.raises(ConfigError, match="holds another model's reference"):
+        SyncReference(tiny_llama(tok, 2, num_hidden_layers=1), 0.6, 1).load(tmp_path)

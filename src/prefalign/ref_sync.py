@@ -34,10 +34,13 @@ def blend_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float
             ref_param.mul_(1.0 - alpha).add_(policy_params[name].to(ref_param.device), alpha=alpha)
 
 
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in unwrap(module).named_parameters()}
+
+
 def check_pair(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
     """The reference must have the policy's parameters (names and shapes) to be blended with it."""
-    ref = {n: p.shape for n, p in unwrap(reference).named_parameters()}
-    pol = {n: p.shape for n, p in unwrap(policy).named_parameters()}
+    ref, pol = _shapes(reference), _shapes(policy)
     if ref != pol:
         differing = sorted(set(ref) ^ set(pol)) or sorted(n for n in ref if ref[n] != pol[n])
         raise ConfigError(f"sync_ref_model needs a ref_model with the policy's parameters; they differ at "
@@ -72,10 +75,9 @@ class SyncReference(TrainerCallback):
         from safetensors.torch import load_file
 
         saved = load_file(str(path))
-        params = dict(unwrap(self.reference).named_parameters())
-        if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
+        if _shapes(self.reference) != {n: tuple(t.shape) for n, t in saved.items()}:
             raise ConfigError(f"{path} holds another model's reference (its tensors differ from this run's). Fix: "
                               "resume with the model the checkpoint was trained from")
         with torch.no_grad():
-            for name, param in params.items():
+            for name, param in unwrap(self.reference).named_parameters():
                 param.copy_(saved[name])
