@@ -42,6 +42,7 @@ def main() -> int:
             start = time.perf_counter()
             ok, message = run_one(path, work / "runs", model, work / f"data-{args.layout}",
                                   args.layout)
+            message = message.replace(str(work), "<work>")
             results.append((recipe_id(path), ok, message, time.perf_counter() - start))
             print(f"{'ran   ' if ok else 'FAILED'} {recipe_id(path):45s} {message}", flush=True)
     width = max(len(r[0]) for r in results)

@@ -9,9 +9,9 @@ Columns were taken from the dataset cards' ``dataset_info``; where a card lists 
 the stand-in keeps the ones that could trip a loader (extra message lists, structs, ratings).
 
 `localize` changes a recipe only as the handbook target allows: model and dataset ids become local paths; what
-this machine cannot do offline on a CPU is switched off (``push_to_hub``, ``hub_*``, flash-attention, k-bit loading,
-bitsandbytes optimizers when bitsandbytes is missing, wandb); and sizes shrink to a test's (steps, batch,
-lengths, held-out rows). Every change is listed in `CHANGED_KEYS`; everything else stays as written.
+this machine cannot do offline on a CPU is switched off (``push_to_hub`` with ``hub_model_revision``, flash-attention,
+k-bit loading, bitsandbytes optimizers when bitsandbytes is missing, wandb); and sizes shrink to a test's (steps,
+batch, lengths, held-out rows). Every change is listed in `CHANGED_KEYS`; everything else stays as written.
 """
 
 from __future__ import annotations
@@ -296,8 +296,7 @@ CHANGED_KEYS = {
     "dataset_name": "the local stand-in", "dataset_mixture": "ids → local stand-ins; test_split_size (a row count "
     "above the stand-in's size) → 2", "dataset_mixer": "ids → local stand-ins",
     "output_dir": "a temporary directory",
-    "push_to_hub": "false (offline)", "hub_model_id": "dropped", "hub_strategy": "dropped",
-    "hub_private_repo": "dropped", "hub_model_revision": "dropped",
+    "push_to_hub": "false (offline)", "hub_model_revision": "dropped with the push (no TRL / handbook field)",
     "attn_implementation": "flash_attention_2 → sdpa (no flash_attn, no CUDA)", "use_flash_attention_2": "false",
     "load_in_4bit": "false (no bitsandbytes / CUDA)", "load_in_8bit": "false (no bitsandbytes / CUDA)",
     "optim": "a bitsandbytes optimizer → adamw_torch, only when bitsandbytes is not installed",
@@ -305,9 +304,11 @@ CHANGED_KEYS = {
     "max_steps": "2", "num_train_epochs": "1 (max_steps decides)", "eval_steps": "1", "logging_steps": "1",
     "save_steps": "2 when a step count", "per_device_train_batch_size": "2", "per_device_eval_batch_size": "2",
     "gradient_accumulation_steps": "at most 2",
-    "max_length": "at most 256", "max_seq_length": "at most 256", "max_prompt_length": "at most 128",
+    "max_length": "at most 1024", "max_seq_length": "at most 1024", "max_prompt_length": "at most 512",
 }
-MAX_LENGTH, MAX_PROMPT_LENGTH = 256, 128
+# Not 256: SmolLM3's template alone (system block with metadata, instructions, tools) nears 300 tokens, and a row
+# with nothing left to train on is refused. Padding goes to the longest row, so a higher cap costs nothing here.
+MAX_LENGTH, MAX_PROMPT_LENGTH = 1024, 512
 
 
 def dataset_ids(recipe: dict[str, Any]) -> Iterator[str]:
@@ -342,8 +343,10 @@ def localize(recipe: dict[str, Any], model_dir: str, data_dirs: dict[str, str], 
     # offline / CPU impossibilities
     if "push_to_hub" in out:
         out["push_to_hub"] = False
-    for key in [k for k in out if k.startswith("hub_")]:
-        del out[key]
+    # hub_model_id / hub_strategy / hub_private_repo stay: without push_to_hub they are inert, as in transformers.
+    # hub_model_revision (pref_align_scan) names the branch to push to, and is no field of TRL's or the handbook's
+    # configs at 925acdf (their parser would refuse it too): dropped with the push.
+    out.pop("hub_model_revision", None)
     if out.get("attn_implementation") == "flash_attention_2":
         out["attn_implementation"] = "sdpa"
     if out.get("use_flash_attention_2"):
@@ -426,11 +429,11 @@ def run_one(recipe_path: Path, work: Path, model_dir: str, data_root: Path, layo
     except BaseException as e:  # a traceback is a finding too: report its last line
         if isinstance(e, KeyboardInterrupt):
             raise
-        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:2000]
     if code != 0:
         text = err.getvalue()  # a progress bar may share the error's line: split at the error, not at newlines
         lines = ["prefalign: error" + part.split("\n")[0] for part in text.split("prefalign: error")[1:]]
-        return False, (lines[-1] if lines else f"exit {code}: {text.strip().splitlines()[-1:]}")[:300]
+        return False, (lines[-1] if lines else f"exit {code}: {text.strip().splitlines()[-1:]}")[:2000]
     losses = finite_losses(out_dir)
     if not losses or not all(math.isfinite(v) for v in losses):
         return False, f"losses not finite or none logged: {losses}"
