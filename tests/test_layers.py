@@ -265,3 +265,28 @@ def test_lean_mlp_under_lora_with_dropout_is_the_stock_computation(tok):
     assert lean_loss.item() == pytest.approx(stock_loss.item(), rel=1e-5)  # the lean norms round differently
     for name, g in stock.items():
         assert (lean[name] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1.0), name
+
+
+def test_lean_mlp_under_bf16_autocast_over_float32_weights(tok):
+    """TrainingArguments' bf16 on float32 weights is autocast around the forward only (the Trainer's backward runs
+    outside it): the lean MLP's backward gets a bf16 gradient and float32 weights, and must give float32 weight
+    gradients close to the stock module's under the same autocast."""
+    model = tiny_llama(tok, seed=4)
+    ids = torch.randint(0, tok.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for patch in (False, True):
+        if patch:
+            layers.apply(model)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.dtype)
+        (logits * weights).float().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    layers.restore(model.modules())
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert grads[1][name].dtype == g.dtype == torch.float32, name
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        assert (grads[1][name] - g).abs().max().item() <= 5e-2 * scale, name

@@ -5,7 +5,8 @@
 dataset's format, problems and token lengths without training; ``data generate``, ``eval`` and ``demo`` build pairs,
 evaluate and run the bundled demo; ``report RUN_DIR`` writes a run's curves and report.html; ``compare CONFIG.yaml``
 trains a grid of runs and writes one report; ``chat RUN_DIR`` tries a
-model by hand (optionally next to a reference). User errors print
+model by hand (optionally next to a reference); ``dpo|orpo|cpo|kto|sft [--config FILE.yaml] [--OPTION VALUE ...]``
+is TRL's command line (parsed by `prefalign.commands.trl_cli`), the same run as ``train``. User errors print
 ``prefalign: error: <one line>`` and exit with code 2.
 """
 
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from .commands import PROG, print_error
+from .commands import PROG, print_error, trl_cli
 from .commands import chat as chat_command
 from .commands import compare as compare_command
 from .commands import data as data_command
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_compare_parser(sub)
     _add_chat_parser(sub)
+    for name in trl_cli.COMMANDS:  # parsed by trl_cli (see main); listed here for --help
+        sub.add_parser(name, add_help=False, help=f"TRL's `trl {name}` command line: [--config FILE.yaml] [--OPTION "
+                                                  f"VALUE ...] (see '{PROG} {name} --help')")
     return parser
 
 
@@ -339,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        if argv[:1] and argv[0] in trl_cli.COMMANDS:  # options built from the method's config class
+            args = trl_cli.parse_args(argv[0], argv[1:], _Parser)
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed on one line
         return e.code if isinstance(e.code, int) else 2
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -1,4 +1,5 @@
-"""Option resolution for ``prefalign train``: config file < --set < flags, over the CLI's defaults.
+"""Option resolution for ``prefalign train`` (and ``prefalign dpo|orpo|...``): config file < --set < flags, over the
+CLI's defaults.
 
 Each source becomes a `Layer`; `resolve_plan` merges them (unknown keys are errors with a suggestion), splits run
 keys (model, dataset, ...) from config-class options, and coerces YAML values to the types the config dataclasses
@@ -198,9 +199,10 @@ def _resolve_method(layers: Sequence[Layer], args: argparse.Namespace, trl_recip
     return str(method)
 
 
-def unknown_key_error(key: str, origin: str, method: str) -> ConfigError:
-    """The one-line error for a key no config, run key or recipe key of ``method`` knows, with the closest name."""
-    valid = list(config_fields(config_class(method))) + list(RUN_KEYS) + list(recipe.EXTRA_KEYS)
+def unknown_key_error(key: str, origin: str, method: str, valid: Sequence[str] = ()) -> ConfigError:
+    """The one-line error for a key no config, run key or recipe key of ``method`` knows, with the closest name
+    (among ``valid`` where given: the names a command line takes)."""
+    valid = list(valid) or list(config_fields(config_class(method))) + list(RUN_KEYS) + list(recipe.EXTRA_KEYS)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"Did you mean '{close[0]}'?" if close else (
         f"Fix: use a run key ({', '.join(RUN_KEYS)}) or a field of {config_class(method).__name__}")
@@ -271,11 +273,15 @@ def no_flags(**values: Any) -> argparse.Namespace:
                                  "explicit": set(), **flags, **values})
 
 
-def resolve_plan(args: argparse.Namespace, recipe_layer: Layer | None = None) -> TrainPlan:
+def resolve_plan(args: argparse.Namespace, recipe_layer: Layer | None = None,
+                 command_layer: Layer | None = None) -> TrainPlan:
     """Config file < --set < flags, with CLI defaults underneath; checks names and types, not ranges.
 
-    ``recipe_layer`` takes the config file's place: a recipe built in memory (a compare grid's run)."""
+    ``recipe_layer`` takes the config file's place: a recipe built in memory (a compare grid's run).
+    ``command_layer`` sits above --set: the options of ``prefalign dpo|orpo|...`` (`commands.trl_cli`), TRL's names
+    mapped like the config file's."""
     given = [recipe_layer or config_file_layer(args.config), set_layer(args.set_pairs)]
+    given += [command_layer] if command_layer is not None else []
     lower = [Layer(layer.origin, recipe.rename_layer(layer.values, layer.origin)) for layer in given]
     method = _resolve_method(lower, args, recipe.is_trl_recipe(given[0].values))
     merged = _merge([*lower, _flag_layer(args, method)], method)

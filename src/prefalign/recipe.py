@@ -28,11 +28,13 @@ RENAMES = {"model_name_or_path": "model", "torch_dtype": "dtype", "dataset_name"
            "dataset_train_split": "split", "max_seq_length": "max_length", "evaluation_strategy": "eval_strategy"}
 # Accepted and without effect here (documented in the README's recipe section).
 NO_OPS = {"dataset_num_proc": "tokenisation runs in this process", "preprocessing_num_workers": "as dataset_num_proc",
-          "overwrite_output_dir": "prefalign replaces a run directory only with --overwrite"}
+          "overwrite_output_dir": "prefalign replaces a run directory only with --overwrite",
+          "ignore_bias_buffers": "a DDP debugging workaround of TRL's scripts (boolean buffers left out of DDP's "
+                                 "sync), not applied here"}
 # Keys read here and nowhere else (after renaming), beyond options.RUN_KEYS and the config fields.
 EXTRA_KEYS = ("model_name_or_path", "torch_dtype", "dataset_name", "dataset_train_split", "max_seq_length",
-              "evaluation_strategy", "use_flash_attention_2", "warmup_ratio", "padding_free", "dataset_mixer",
-              "dataset_splits", "dataset_streaming", *NO_OPS)
+              "evaluation_strategy", "use_flash_attention_2", "warmup_ratio", "padding_free", "group_by_length",
+              "dataset_mixer", "dataset_splits", "dataset_streaming", *NO_OPS)
 _REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "comet_ml": "comet_ml", "mlflow": "mlflow",
               "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "codecarbon": "codecarbon",
               "swanlab": "swanlab", "trackio": "trackio", "azure_ml": "azureml", "dagshub": "dagshub"}
@@ -68,6 +70,9 @@ def rename_layer(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"warmup_ratio={value!r} {origin} is out of range: must be a fraction in [0, 1).")
             put("warmup_steps", value, key)  # transformers 5: warmup_steps below 1 is a fraction of the steps
+        elif key == "group_by_length":  # transformers 4's flag; 5 names the sampler
+            if value:
+                put("train_sampling_strategy", "group_by_length", key)
         elif key == "padding_free":
             if value:
                 put("packing", True, key)  # prefalign's packing is its padding-free layout; false changes nothing

@@ -161,8 +161,8 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[2]:
             h = silu * u
-            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
-        dh = grad.matmul(weight)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        dh = grad.matmul(weight.to(grad.dtype))  # under autocast the forward's product ran in grad's dtype
         return (*_swiglu_input_grads(g, u, sig, silu, dh, *ctx.needs_input_grad[:2]), grad_w)
 
 
