@@ -225,17 +225,18 @@ def _selective_option(config: TrainingArguments) -> bool:
     """TRL 1.16's ``gradient_checkpointing_kwargs: {selective: true}`` (selective activation checkpointing: save
     the attention outputs, recompute the rest): checked, and taken out of the kwargs torch's checkpoint receives
     (prefalign.memory applies it)."""
-    selective = False
+    selective, reentrant = False, False
     for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):  # TRL's name, transformers 5's
         kwargs = getattr(config, name)
         if isinstance(kwargs, dict) and "selective" in kwargs:
             kwargs = dict(kwargs)
             selective = bool(kwargs.pop("selective")) or selective
+            reentrant = bool(kwargs.get("use_reentrant")) or reentrant
             setattr(config, name, kwargs or None)
     if selective and not (config.gradient_checkpointing or config.activation_checkpointing):
         raise ConfigError("gradient_checkpointing_kwargs.selective: true needs gradient_checkpointing: true (it "
                           "chooses what checkpointing keeps). Fix: add gradient_checkpointing: true, or drop selective")
-    if selective and kwargs.get("use_reentrant"):
+    if selective and reentrant:
         raise ConfigError("gradient_checkpointing_kwargs.selective: true needs non-reentrant checkpointing. Fix: set "
                           "use_reentrant: false, or leave it unset")
     return selective
