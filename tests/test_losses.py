@@ -205,7 +205,7 @@ def test_dpo_ipo_needs_lengths_and_unknown_type_fails():
         _example(loss_type="kto")
 
 
-# ---------------------------------------------------------------- DPO vs TRL 1.13's DPOTrainer._compute_loss
+# ---------------------------------------------------------------- DPO vs TRL's DPOTrainer._compute_loss (1.13 or 1.16)
 
 
 def _fake_forward(logits, labels=None, fused_lm_head=False, **kwargs):
