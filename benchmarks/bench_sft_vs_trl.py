@@ -155,10 +155,14 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{config}: {rows[-1]['s_per_step']:.2f} s/step, {rows[-1]['tokens_per_s']:.0f} tokens/s, "
               f"{rows[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    import trl  # the baseline's version labels every output
+
     table = render(rows)
+    print(f"baseline: TRL {trl.__version__}")
     print(table)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": args.shape,
-                                          "batch": args.batch, "steps": args.steps, "rows": rows}, indent=1))
+                                          "batch": args.batch, "steps": args.steps, "trl_version": trl.__version__,
+                                          "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

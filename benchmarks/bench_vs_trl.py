@@ -266,8 +266,12 @@ def main() -> None:
                 "trl_flops_fraction": flops * t["pairs_per_s"] / ceiling,
                 "prefalign_flops_fraction": flops * p["pairs_per_s"] / ceiling})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    import trl  # the baseline's version labels every output
+
     Path(args.out).write_text(json.dumps({"ceiling_flops": ceiling, "rows": rows, "date": time.strftime("%Y-%m-%d"),
-                                          "steps": args.steps, "batch": args.batch}, indent=2) + "\n")
+                                          "steps": args.steps, "batch": args.batch, "trl_version": trl.__version__},
+                                         indent=2) + "\n")
+    print(f"baseline: TRL {trl.__version__}")
     print(render(rows, ceiling))
 
 

@@ -81,7 +81,10 @@ def main() -> None:
     trainer.train()
     events = state["prof"].key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
-    print(f"{args.lib} {args.method} {args.shape}: step wall {state['wall']:.2f} s, profiled self CPU {total:.2f} s "
+    import trl
+
+    label = f"{args.lib} (TRL {trl.__version__})" if args.lib == "trl" else args.lib
+    print(f"{label} {args.method} {args.shape}: step wall {state['wall']:.2f} s, profiled self CPU {total:.2f} s "
           f"(over threads; profiler overhead included)")
     grouped: dict[str, float] = defaultdict(float)
     for e in events:
@@ -139,7 +142,10 @@ def memory_account(args: argparse.Namespace) -> None:
     trainer.accelerator.backward = traced_backward
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"{args.lib} {args.method} {args.shape}: peak RSS {peak:.2f} GB; weights {weights:.2f} GB, their gradients "
+    import trl
+
+    label = f"{args.lib} (TRL {trl.__version__})" if args.lib == "trl" else args.lib
+    print(f"{label} {args.method} {args.shape}: peak RSS {peak:.2f} GB; weights {weights:.2f} GB, their gradients "
           f"{weights:.2f} GB, AdamW state {2 * weights:.2f} GB (fp32)")
     for name, value in marks.items():
         print(f"  RSS {value:5.2f} GB  {name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import types
 from collections import defaultdict
+from functools import partial
 
 import mpmath
 import pytest
@@ -204,7 +205,25 @@ def test_dpo_ipo_needs_lengths_and_unknown_type_fails():
         _example(loss_type="kto")
 
 
-# ---------------------------------------------------------------- DPO vs TRL 1.13's DPOTrainer._compute_loss
+# ---------------------------------------------------------------- DPO vs TRL's DPOTrainer._compute_loss (1.13 or 1.16)
+
+
+def _fake_forward(logits, labels=None, fused_lm_head=False, **kwargs):
+    """The model call TRL's _compute_loss makes. TRL 1.13 reads ``logits``; TRL 1.16 calls
+    ``model(..., labels=labels, fused_lm_head=True)`` and reads per-token fields of the next-token labels, zero
+    where the label is -100 (trl.trainer.utils.FusedCausalLMOutput): both are given from the same logits."""
+    out = types.SimpleNamespace(logits=logits)
+    if fused_lm_head:
+        target = labels[:, 1:]
+        keep = target != -100
+        logp = logits[:, :-1].log_softmax(-1)
+        out.log_probs = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * keep
+        out.entropy = -(logp.exp() * logp).sum(-1) * keep
+        out.mean_logits = logits[:, :-1].mean(-1) * keep
+        out.is_top1 = (logits[:, :-1].argmax(-1) == target) & keep
+        out.label_mask = keep
+        out.aux_loss = None
+    return out
 
 
 def _trl_dpo(loss_type, beta, logits, input_ids, completion_mask, ref_c, ref_r):
@@ -220,7 +239,7 @@ def _trl_dpo(loss_type, beta, logits, input_ids, completion_mask, ref_c, ref_r):
         _metrics={"eval": defaultdict(list), "train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
               "completion_mask": completion_mask, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
-    loss = DPOTrainer._compute_loss(fake, lambda **kw: types.SimpleNamespace(logits=logits), inputs, False)
+    loss = DPOTrainer._compute_loss(fake, partial(_fake_forward, logits), inputs, False)
     return loss, {k: v[0] for k, v in fake._metrics["eval"].items()}
 
 

@@ -386,7 +386,6 @@ def _args(tmp_path: Path, text: str, *sets: str) -> argparse.Namespace:
     ("chat_template: missing.jinja", "chat_template='missing.jinja': no such file"),
     ("use_peft: true\nload_in_4bit: true", "load_in_4bit: true needs bitsandbytes and a CUDA GPU"),
     ("use_peft: true\nload_in_4bit: true\nload_in_8bit: true", "both true"),
-    ("use_liger_kernel: true", "use_liger_kernel: true is not supported"),
     ("optim: paged_adamw_32bit", "bitsandbytes optimizer"),
     ("report_to: [wandb]", "report_to wandb needs the wandb package"),
     ("attn_implementation: flash_attention_2", "needs the flash_attn package"),

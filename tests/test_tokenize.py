@@ -222,8 +222,8 @@ def test_max_length_cuts_replies_from_the_right_and_counts_each_side(tok):
     assert pairs[1]["rejected_ids"] == full[1]["rejected_ids"]
     assert pairs[0]["prompt_ids"] == full[0]["prompt_ids"]
     assert (report.prompt_truncated, report.chosen_truncated, report.rejected_truncated) == ([], [2], [1])
-    assert report.lines() == ["1 of 2 chosen replies cut to max_length (rows 2)",
-                              "1 of 2 rejected replies cut to max_length (rows 1)"]
+    assert report.lines() == ["1 of 2 chosen replies cut to max_length / max_completion_length (rows 2)",
+                              "1 of 2 rejected replies cut to max_length / max_completion_length (rows 1)"]
     # both limits: the prompt is cut first, the replies then fit into what is left
     pairs, report = tokenize(rows, tok, max_prompt_length=10, max_length=13)
     assert [len(pairs[0]["prompt_ids"]), len(pairs[0]["chosen_ids"]), len(pairs[0]["rejected_ids"])] == [10, 3, 3]

@@ -31,6 +31,9 @@ class LoraOptions:
     lora_target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names to adapt, or 'all-linear'. None: PEFT's default for the "
                                         "architecture (q_proj, v_proj for Llama)."})
+    lora_target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Parameter names to adapt directly (PEFT's target_parameters, e.g. MoE "
+                                        "expert weights that are not nn.Linear modules), as TRL."})
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. embed_tokens, "
                                         "lm_head after chat_template: chatml added tokens)."})
@@ -89,7 +92,8 @@ def lora_config(opts: LoraOptions) -> Any:
     targets = opts.lora_target_modules
     if isinstance(targets, list) and len(targets) == 1:
         targets = targets[0]  # as TRL: ["all-linear"] means the string
-    return LoraConfig(task_type="CAUSAL_LM", r=16 if opts.lora_r is None else opts.lora_r,
+    extra = {} if opts.lora_target_parameters is None else {"target_parameters": opts.lora_target_parameters}
+    return LoraConfig(**extra, task_type="CAUSAL_LM", r=16 if opts.lora_r is None else opts.lora_r,
                       lora_alpha=32 if opts.lora_alpha is None else opts.lora_alpha,
                       lora_dropout=0.05 if opts.lora_dropout is None else opts.lora_dropout, bias="none",
                       target_modules=targets, modules_to_save=opts.lora_modules_to_save,

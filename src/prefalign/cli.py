@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         with cli_logging(), quiet_transformers_bars():
             return func(args)
     except PrefalignError as e:
-        print_error(e)
+        for line in getattr(e, "lines", None) or [e]:  # several start-up refusals: one line each
+            print_error(line)
         return e.exit_code
 
 

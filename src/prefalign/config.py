@@ -7,6 +7,7 @@ follow TRL where TRL has the option, so switching is a change of import.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError
 from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES
+
+logger = logging.getLogger("prefalign")
 
 
 def _check(cond: bool, name: str, value: Any, rule: str) -> None:
@@ -87,7 +90,32 @@ class TrainConfig(TrainingArguments):
         default=None,
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is given by "
                           "name, e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'}."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "What max_length keeps of a sequence that is too long (TRL's option; counted either way): "
+                          "'keep_start' cuts replies (SFT: the sequence) from the right; 'keep_end' cuts the start "
+                          "instead, keeping what is nearest the end of the reply (pairs: the shared prompt loses its "
+                          "start until prompt + the longer reply fits, one prompt token always kept; a reply longer "
+                          "than that loses its start too). TRL 1.16 deprecates 'keep_end'.",
+                  "choices": ["keep_start", "keep_end"]})
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Pad batch length to a multiple of this. 'auto' (TRL 1.16's default): 128 on Neuron "
+                          "(AWS Trainium), which compiles once per shape; no padding elsewhere."})
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Set as the tokenizer's padding token before tokenizing (as TRL; it must be in the "
+                          "vocabulary). None: the tokenizer's own, else its EOS token. Padding never enters a loss."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "TRL's weight of a Mixture-of-Experts model's load-balancing loss. None or 0: none. A "
+                          "non-zero value is refused for a model without router logits (as TRL 1.16); for an MoE "
+                          "model prefalign does not add the auxiliary loss yet and says so in one log line."})
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Keep the activations saved for backward in CPU memory (torch.autograd.graph.save_on_cpu) "
+                          "while training on a GPU. On CPU they already live in host memory: nothing to offload "
+                          "(one log line)."})
     on_nonfinite: str = field(
         default="stop",
         metadata={"help": "What a NaN or inf loss or gradient does: 'stop' ends training with an error naming the "
@@ -166,11 +194,52 @@ class TrainConfig(TrainingArguments):
             from .chat_format import check_chat_template_option
 
             check_chat_template_option(self.chat_template)
+        _check(self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode", self.truncation_mode,
+               "must be 'keep_start' or 'keep_end'")
         if self.use_liger_kernel:
-            raise ConfigError("use_liger_kernel: true is not supported: prefalign computes log-probs with its own "
-                              "fused, chunked LM head (fast_path), which Liger's kernels would replace. Fix: remove "
-                              "use_liger_kernel")
+            logger.info("use_liger_kernel: true is accepted; prefalign's own fused, chunked LM head (fast_path) does "
+                        "the work Liger's kernels would (log-probs without full logits), so Liger is not loaded")
+            self.use_liger_kernel = False  # the Trainer would otherwise patch the model with Liger's kernels
+        self._selective_checkpointing = _selective_option(self)
         super().__post_init__()
+        if isinstance(self.pad_to_multiple_of, str):
+            value = self.pad_to_multiple_of.strip().lower()
+            if value == "auto":  # TRL 1.16: Neuron compiles once per shape, so bound the shapes; elsewhere no padding
+                self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+            elif value in ("none", "null"):
+                self.pad_to_multiple_of = None
+            elif value.isdigit():
+                self.pad_to_multiple_of = int(value)
+            else:
+                raise ConfigError(f"pad_to_multiple_of={self.pad_to_multiple_of!r} is out of range: must be an "
+                                  "integer >= 1, 'auto' or none.")
+        if self.pad_to_multiple_of is not None:
+            _check(isinstance(self.pad_to_multiple_of, int) and self.pad_to_multiple_of >= 1, "pad_to_multiple_of",
+                   self.pad_to_multiple_of, "must be an integer >= 1, 'auto' or none")
+        if self.activation_offloading and self.device.type == "cpu":
+            logger.info("activation_offloading: true on CPU: the activations already live in CPU memory, so nothing "
+                        "is offloaded")
+
+
+def _selective_option(config: TrainingArguments) -> bool:
+    """TRL 1.16's ``gradient_checkpointing_kwargs: {selective: true}`` (selective activation checkpointing: save
+    the attention outputs, recompute the rest): checked, and taken out of the kwargs torch's checkpoint receives
+    (prefalign.memory applies it)."""
+    selective, reentrant = False, False
+    for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):  # TRL's name, transformers 5's
+        kwargs = getattr(config, name)
+        if isinstance(kwargs, dict) and "selective" in kwargs:
+            kwargs = dict(kwargs)
+            selective = bool(kwargs.pop("selective")) or selective
+            reentrant = bool(kwargs.get("use_reentrant")) or reentrant
+            setattr(config, name, kwargs or None)
+    if selective and not (config.gradient_checkpointing or config.activation_checkpointing):
+        raise ConfigError("gradient_checkpointing_kwargs.selective: true needs gradient_checkpointing: true (it "
+                          "chooses what checkpointing keeps). Fix: add gradient_checkpointing: true, or drop selective")
+    if selective and reentrant:
+        raise ConfigError("gradient_checkpointing_kwargs.selective: true needs non-reentrant checkpointing. Fix: set "
+                          "use_reentrant: false, or leave it unset")
+    return selective
 
 
 @dataclass
@@ -186,7 +255,32 @@ class PreferenceConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig(PreferenceConfig):
+class ReferenceConfig(PreferenceConfig):
+    """Options of the methods with a reference model (DPO, KTO): the moving reference of TR-DPO."""
+
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={"help": "TR-DPO (Gorbatovski et al. 2024), for DPO and KTO: every ref_model_sync_steps optimizer "
+                          "steps the reference becomes ref_model_mixup_alpha * policy + (1 - alpha) * reference. The "
+                          "reference then changes, so it is held in memory and run live (precompute_ref_log_probs is "
+                          "turned off). Not with PEFT (its reference is the adapter-disabled policy)."})
+    ref_model_mixup_alpha: float = field(
+        default=0.6, metadata={"help": "TR-DPO's alpha in [0, 1]: the policy's share of the synced reference."})
+    ref_model_sync_steps: int = field(
+        default=512, metadata={"help": "TR-DPO: optimizer steps between reference updates."})
+    precompute_ref_log_probs: bool = field(default=True, metadata={"help": "See DPOConfig / KTOConfig."})
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", self.ref_model_mixup_alpha,
+               "must be in [0, 1]")
+        _check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1")
+        if self.sync_ref_model:
+            self.precompute_ref_log_probs = False  # the reference changes during training: nothing to cache
+        super().__post_init__()
+
+
+@dataclass
+class DPOConfig(ReferenceConfig):
     """Direct Preference Optimization (Rafailov et al. 2023). See `prefalign.losses.dpo_loss` for the equations."""
 
     beta: float = field(
@@ -225,16 +319,6 @@ class DPOConfig(PreferenceConfig):
                           "token distribution's sum of squared probabilities; detached), so off-policy pairs count "
                           "less. Not with loss_type 'aot' / 'aot_unpaired' (they sort the batch). With 'sft', the "
                           "batch's NLL times the mean weight (TRL 1.13 fails on that combination)."})
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={"help": "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps optimizer steps the reference "
-                          "becomes ref_model_mixup_alpha * policy + (1 - alpha) * reference. The reference then "
-                          "changes, so it is held in memory and run live (precompute_ref_log_probs is turned off). "
-                          "Not with PEFT (its reference is the adapter-disabled policy)."})
-    ref_model_mixup_alpha: float = field(
-        default=0.6, metadata={"help": "TR-DPO's alpha in [0, 1]: the policy's share of the synced reference."})
-    ref_model_sync_steps: int = field(
-        default=512, metadata={"help": "TR-DPO: optimizer steps between reference updates."})
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={"help": "Compute the reference log-probs of every train/eval pair once before training (cached on "
@@ -271,16 +355,47 @@ class DPOConfig(PreferenceConfig):
             raise ConfigError(f"use_weighting (WPO) cannot weight loss_type {', '.join(sorted_types)}: it sorts the "
                               "batch's margins, so per-pair weights would not line up. Fix: drop use_weighting or "
                               "that loss type.")
-        _check(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", self.ref_model_mixup_alpha,
-               "must be in [0, 1]")
-        _check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1")
-        if self.sync_ref_model:
-            self.precompute_ref_log_probs = False  # the reference changes during training: nothing to cache
         super().__post_init__()
 
 
 @dataclass
-class ORPOConfig(PreferenceConfig):
+class ReferenceFreeConfig(PreferenceConfig):
+    """Options of TRL's experimental ORPO and CPO configs (no reference model), with their TRL meanings."""
+
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut each reply to at most this many tokens (keeping its start), counted as max_length's "
+                          "cuts are. TRL applies it to encoder-decoder models only; prefalign to every model. None: "
+                          "only max_length limits replies."})
+    padding_value: int | None = field(
+        default=None,
+        metadata={"help": "Token id padding positions hold; None: the tokenizer's pad token. Padding is masked, so "
+                          "it never changes a loss."})
+    generate_during_eval: bool = field(
+        default=False,
+        metadata={"help": "TRL logs sample generations to W&B / Comet at each evaluation. prefalign accepts it "
+                          "with one log line and does not: `prefalign eval --prompts FILE` generates from the "
+                          "trained model instead."})
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's flag for a model_init that builds an encoder-decoder model. prefalign trains "
+                          "causal LMs only: true is refused; None / false change nothing."})
+
+    def __post_init__(self) -> None:
+        if self.max_completion_length is not None:
+            _check(self.max_completion_length >= 1, "max_completion_length", self.max_completion_length,
+                   "must be >= 1")
+        if self.is_encoder_decoder:
+            raise ConfigError("is_encoder_decoder: true: prefalign trains decoder-only (causal) language models. Fix: "
+                              "remove is_encoder_decoder, or use TRL for an encoder-decoder model")
+        if self.generate_during_eval:
+            logger.info("generate_during_eval: true is accepted; prefalign does not generate during evaluation (TRL "
+                        "logs samples to W&B / Comet): run `prefalign eval --prompts FILE` on the trained model")
+        super().__post_init__()
+
+
+@dataclass
+class ORPOConfig(ReferenceFreeConfig):
     """Odds Ratio Preference Optimization (Hong et al. 2024): SFT and preference in one loss, no reference model.
 
     ``loss = NLL(chosen) + orpo_alpha * -log sigmoid(orpo_beta * log_odds_ratio)``. TRL's single ``beta`` is
@@ -316,7 +431,7 @@ class ORPOConfig(PreferenceConfig):
 
 
 @dataclass
-class CPOConfig(PreferenceConfig):
+class CPOConfig(ReferenceFreeConfig):
     """Contrastive Preference Optimization (Xu et al. 2024) and its relatives SimPO and AlphaPO: reference-free.
 
     ``loss = cpo_loss(loss_type) + cpo_alpha * NLL(chosen)``; see `prefalign.losses.cpo_loss`. Names and defaults
@@ -406,13 +521,54 @@ class SFTConfig(TrainConfig):
                           "Fine-Tuning, Wu et al. 2025: each token's NLL weighted by its detached probability).",
                   "choices": list(SFT_LOSS_TYPES)})
 
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={"help": "TRL's way of packing: 'bfd' (best-fit decreasing, each example whole), 'bfd_split' "
+                          "(long examples split across rows) or 'wrapped' (one stream cut into rows, examples split "
+                          "and seeing each other). prefalign packs within each batch, first-fit decreasing, examples "
+                          "whole and masked from each other, which is 'bfd' in spirit; the other two are accepted "
+                          "with one log line saying so.", "choices": ["bfd", "bfd_split", "wrapped"]})
+    eval_packing: bool | None = field(
+        default=None,
+        metadata={"help": "Pack evaluation batches (as packing does for training). None: as packing. Packing never "
+                          "changes the loss here, only the layout."})
+    shuffle_dataset: bool = field(
+        default=False,
+        metadata={"help": "Shuffle the training rows once, seeded by seed, after tokenizing (as TRL, before "
+                          "packing). The sampler still shuffles every epoch unless told otherwise."})
+    eos_token: str | None = field(
+        default=None,
+        metadata={"help": "Set as the tokenizer's EOS token (it must be in the vocabulary), so text rows end with "
+                          "it, and added to the model's generation EOS ids (as TRL). None: the tokenizer's own."})
+    dataset_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "TRL's dataset preparation options. {skip_prepare_dataset: true}: the rows are already "
+                          "tokenized (input_ids, with completion_mask, assistant_masks or labels saying which "
+                          "tokens carry the loss; without them every token but the first does). Other keys have no "
+                          "effect (as TRL 1.16) and are named in a warning."})
+
     def __post_init__(self) -> None:
         _check(self.loss_type in SFT_LOSS_TYPES, "loss_type", self.loss_type, f"must be one of {SFT_LOSS_TYPES}")
+        _check(self.packing_strategy in ("bfd", "bfd_split", "wrapped"), "packing_strategy", self.packing_strategy,
+               "must be 'bfd', 'bfd_split' or 'wrapped'")
+        if self.packing and self.packing_strategy != "bfd":
+            logger.info("packing_strategy: %s is accepted; prefalign packs each batch's examples whole (first-fit "
+                        "decreasing, masked from each other), so no example is split or sees another",
+                        self.packing_strategy)
+        unknown = sorted(set(self.dataset_kwargs or {}) - {"skip_prepare_dataset"})
+        if unknown:
+            logger.warning("dataset_kwargs: %s have no effect: only skip_prepare_dataset is read (as TRL 1.16)",
+                           ", ".join(unknown))
         super().__post_init__()
+
+    @property
+    def skip_prepare_dataset(self) -> bool:
+        """dataset_kwargs' skip_prepare_dataset: the rows are already token ids."""
+        return bool((self.dataset_kwargs or {}).get("skip_prepare_dataset"))
 
 
 @dataclass
-class KTOConfig(PreferenceConfig):
+class KTOConfig(ReferenceConfig):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired feedback: see `prefalign.losses.kto_loss`.
 
     Names and defaults as TRL 1.13's KTOConfig, except ``precompute_ref_log_probs`` (on, as prefalign's DPO; TRL:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -29,12 +29,15 @@ RENAMES = {"model_name_or_path": "model", "torch_dtype": "dtype", "dataset_name"
 # Accepted and without effect here (documented in the README's recipe section).
 NO_OPS = {"dataset_num_proc": "tokenisation runs in this process", "preprocessing_num_workers": "as dataset_num_proc",
           "overwrite_output_dir": "prefalign replaces a run directory only with --overwrite",
-          "ignore_bias_buffers": "a DDP debugging workaround of TRL's scripts (boolean buffers left out of DDP's "
-                                 "sync), not applied here"}
+          "ignore_bias_buffers": "TRL's scripts then hide boolean buffers from DDP's broadcast; prefalign leaves DDP's "
+                                 "buffers as they are (it matters only for models with boolean buffers under DDP)"}
+# Keys TRL / transformers themselves no longer take: refused with what replaced them.
+DROPPED = {"hub_model_revision": "the alignment-handbook's hub_model_revision: TRL dropped it (push_to_hub pushes to "
+                                 "the main branch); fix: remove it, or set hub_revision"}
 # Keys read here and nowhere else (after renaming), beyond options.RUN_KEYS and the config fields.
 EXTRA_KEYS = ("model_name_or_path", "torch_dtype", "dataset_name", "dataset_train_split", "max_seq_length",
               "evaluation_strategy", "use_flash_attention_2", "warmup_ratio", "padding_free", "group_by_length",
-              "dataset_mixer", "dataset_splits", "dataset_streaming", *NO_OPS)
+              "dataset_mixer", "dataset_splits", "dataset_streaming", *NO_OPS, *DROPPED)
 _REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "comet_ml": "comet_ml", "mlflow": "mlflow",
               "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "codecarbon": "codecarbon",
               "swanlab": "swanlab", "trackio": "trackio", "azure_ml": "azureml", "dagshub": "dagshub"}
@@ -70,12 +73,18 @@ def rename_layer(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"warmup_ratio={value!r} {origin} is out of range: must be a fraction in [0, 1).")
             put("warmup_steps", value, key)  # transformers 5: warmup_steps below 1 is a fraction of the steps
-        elif key == "group_by_length":  # transformers 4's flag; 5 names the sampler
+        elif key == "group_by_length":  # transformers 4's flag (the course's sft_config.yaml); 5 names the sampler
             if value:
                 put("train_sampling_strategy", "group_by_length", key)
+        elif key in DROPPED:
+            raise ConfigError(f"{key} {origin} is not an option any more: {DROPPED[key]}")
         elif key == "padding_free":
             if value:
-                put("packing", True, key)  # prefalign's packing is its padding-free layout; false changes nothing
+                logger.info("padding_free: true %s is accepted as packing: true: prefalign's padding-free layout is "
+                            "prefix sharing plus packing (rows of several examples, masked from each other)", origin)
+                put("packing", True, key)
+            else:
+                logger.info("padding_free: false %s changes nothing: packing alone decides the layout", origin)
         elif key == "dataset_streaming":
             if value:
                 raise ConfigError(f"dataset_streaming: true {origin}: prefalign validates every row before training "
@@ -134,12 +143,36 @@ def fold(run: dict[str, Any], options: dict[str, Any]) -> None:
         run["eval_dataset"] = run.get("eval_dataset") or run.get("dataset")
 
 
-def check_start(plan: Any) -> None:
-    """What this machine cannot honour, refused before any data or model is loaded (one line, exit code 2)."""
+def check_start(plan: Any, config: Any = None, refused: Sequence[str] = ()) -> None:
+    """What this machine cannot honour, refused before any data or model is loaded: every refusal of the run at
+    once (``refused``: those found already, e.g. the config's own), one line each, exit code 2."""
+    problems = list(refused) + start_refusals(plan, config)
+    if problems:
+        raise StartRefusals(problems)
+
+
+class StartRefusals(ConfigError):
+    """Every start-up refusal of a run; the CLI prints one line each."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        super().__init__(" | ".join(lines))
+        self.lines = list(lines)
+
+
+def start_refusals(plan: Any, config: Any = None) -> list[str]:
+    """The one-line reasons this run cannot start here (see check_start); ``config`` (the built config, when it
+    could be built) lets the optimizer and scheduler be tried."""
     from .adapters import check_quantization, lora_options
 
-    opts = lora_options(plan.run)
-    check_quantization(opts)
+    problems: list[str] = []
+
+    def check(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except ConfigError as e:
+            problems.append(str(e))
+
+    check(lambda: check_quantization(lora_options(plan.run)))
     options = plan.options
     init = options.get("model_init_kwargs") or {}
     attn = str(init.get("attn_implementation") or "")
@@ -147,20 +180,73 @@ def check_start(plan: Any) -> None:
         import torch
 
         if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError(f"attn_implementation={attn!r} needs the flash_attn package and a CUDA GPU, which this "
-                              "machine lacks. Fix: attn_implementation: sdpa")
+            problems.append(f"attn_implementation={attn!r} needs the flash_attn package and a CUDA GPU, which this "
+                            "machine lacks. Fix: attn_implementation: sdpa")
     optim = str(options.get("optim") or "")
-    if ("8bit" in optim or "bnb" in optim or optim.startswith("paged_")) and not importlib.util.find_spec(
-            "bitsandbytes"):
-        raise ConfigError(f"optim={optim!r} is a bitsandbytes optimizer, and bitsandbytes is not installed. Fix: "
-                          "optim: adamw_torch")
+    bnb = ("8bit" in optim or "bnb" in optim or optim.startswith("paged_")) and not importlib.util.find_spec(
+        "bitsandbytes")
+    if bnb:
+        problems.append(f"optim={optim!r} is a bitsandbytes optimizer, and bitsandbytes is not installed. Fix: "
+                        "optim: adamw_torch")
     reporters = options.get("report_to")
     for name in [reporters] if isinstance(reporters, str) else list(reporters or []):
         module = _REPORTERS.get(str(name))
         if module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"report_to {name} needs the {module} package, which is not installed. Fix: report_to: "
-                              "none (metrics.jsonl is written anyway), or install it")
-    _check_hub(options)
+            problems.append(f"report_to {name} needs the {module} package, which is not installed. Fix: report_to: "
+                            "none (metrics.jsonl is written anyway), or install it")
+    check(_check_hub, options)
+    check(_check_eval_set, plan, config)
+    if config is not None:
+        if not bnb:
+            check(_check_optimizer, config)
+        check(_check_scheduler, config)
+    return problems
+
+
+def _has_eval_set(run: Mapping[str, Any]) -> bool:
+    mixture = run.get("dataset_mixture")
+    in_mixture = isinstance(mixture, Mapping) and bool(mixture.get("eval_datasets") or mixture.get("test_split_size"))
+    return bool(run.get("eval_dataset") or run.get("eval_split_size") is not None or in_mixture)
+
+
+def _check_eval_set(plan: Any, config: Any) -> None:
+    """Evaluating during training needs held-out data; the Trainer finds out only when train() starts."""
+    strategy = str(getattr(config, "eval_strategy", None) or plan.options.get("eval_strategy") or "no")
+    strategy = strategy.split(".")[-1].lower()  # an IntervalStrategy member prints as IntervalStrategy.STEPS
+    if strategy != "no" and not _has_eval_set(plan.run):
+        raise ConfigError(f"eval_strategy: {strategy} evaluates during training, but no evaluation set is given. "
+                          "Fix: add eval_dataset (or dataset_test_split, eval_split_size, a mixture's "
+                          "eval_datasets), or eval_strategy: no")
+
+
+def _check_optimizer(config: Any) -> None:
+    """An ``optim`` whose package is missing fails when the Trainer builds it, after loading: ask now."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(config, None)
+    except ImportError as e:
+        raise ConfigError(f"optim={config.optim.value if hasattr(config.optim, 'value') else config.optim!r} needs "
+                          f"a package this machine lacks: {e}. Fix: optim: adamw_torch, or install it") from None
+    except ValueError as e:
+        if "install" in str(e).lower():
+            raise ConfigError(f"optim={getattr(config.optim, 'value', config.optim)!r} needs a package this machine "
+                              f"lacks: {e}. Fix: optim: adamw_torch, or install it") from None
+
+
+def _check_scheduler(config: Any) -> None:
+    """A scheduler missing its lr_scheduler_kwargs fails at the first step: build it once on a dummy optimizer."""
+    import torch
+    from transformers import get_scheduler
+
+    name = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                      scheduler_specific_kwargs=config.lr_scheduler_kwargs or {})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"lr_scheduler_type={name!r} cannot be built: {e}. Fix: give what it needs in "
+                          "lr_scheduler_kwargs, or choose another lr_scheduler_type") from None
 
 
 def _check_hub(options: Mapping[str, Any]) -> None:

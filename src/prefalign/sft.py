@@ -58,8 +58,27 @@ class SFTTrainer(_Trainer):
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
                                         and set(self.tokenized_columns) <= set(dataset.column_names)):
-            dataset = self._as_text_rows(dataset, args)
-        return super()._prepare_dataset(dataset, name, args)
+            if getattr(args, "skip_prepare_dataset", False):
+                dataset = _prepared_rows(dataset, name)
+            else:
+                dataset = self._as_text_rows(dataset, args)
+        prepared = super()._prepare_dataset(dataset, name, args)
+        if prepared is not None and getattr(args, "shuffle_dataset", False):  # as TRL: every dataset it prepares
+            prepared = prepared.shuffle(seed=args.seed)
+        return prepared
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Evaluation batches packed as ``eval_packing`` says (None: as training's ``packing``)."""
+        eval_packing = getattr(self.args, "eval_packing", None)
+        if eval_packing is None or eval_packing == self.args.packing or not isinstance(self.data_collator,
+                                                                                      LMCollator):
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator = self.data_collator
+        self.data_collator = self._default_collator(self.model, self.tokenizer_, self.args, pack=eval_packing)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def _as_text_rows(self, dataset: Any, args: Any) -> Any:
         """Apply formatting_func, and read ``dataset_text_field`` as ``text`` (TRL's two ways to name the text)."""
@@ -77,12 +96,12 @@ class SFTTrainer(_Trainer):
         settings = SFTTokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                        completion_only_loss=getattr(args, "completion_only_loss", None),
                                        assistant_only_loss=getattr(args, "assistant_only_loss", None),
-                                       chat=args.chat_template_for_text)
+                                       chat=args.chat_template_for_text, truncation_mode=args.truncation_mode)
         return tokenize_sft_rows(raw.rows, self.tokenizer_, settings, source=raw.source, row_numbers=raw.row_numbers,
                                  row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
 
-    def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig) -> Any:
-        pack = args.packing and mask_kind(model) is not None
+    def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig, pack: bool | None = None) -> Any:
+        pack = (args.packing if pack is None else pack) and mask_kind(model) is not None
         # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA), else masked rows
         flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
         return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
@@ -110,3 +129,28 @@ class SFTTrainer(_Trainer):
             self._metrics["train"]["num_tokens"] = [float(self._trained_tokens)]
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
+
+def _prepared_rows(dataset: Any, name: str) -> datasets.Dataset:
+    """TRL's ``dataset_kwargs: {skip_prepare_dataset: true}``: rows already tokenized. ``input_ids`` are taken as
+    they are; the loss covers ``completion_mask`` / ``assistant_masks`` where given, else the tokens whose
+    ``labels`` are not -100, else every token (never the first: nothing predicts it)."""
+    from .errors import DataError
+
+    rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
+    out = []
+    for n, row in enumerate(rows, start=1):
+        ids = row.get("input_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+            raise DataError("has no input_ids list, and dataset_kwargs.skip_prepare_dataset says the rows are "
+                            "already tokenized.", source=f"{name} dataset", row=n, field="input_ids",
+                            fix="tokenize the rows first, or remove skip_prepare_dataset")
+        mask = row.get("completion_mask") or row.get("assistant_masks")
+        if mask is None and row.get("labels") is not None:
+            mask = [int(label != -100) for label in row["labels"]]
+        mask = [int(bool(m)) for m in (mask or [1] * len(ids))]
+        if len(mask) != len(ids):
+            raise DataError(f"its loss mask has {len(mask)} entries for {len(ids)} input_ids.",
+                            source=f"{name} dataset", row=n, field="input_ids",
+                            fix="give one mask entry per token")
+        out.append({"input_ids": ids, "loss_mask": [0, *mask[1:]]})
+    return datasets.Dataset.from_list(out)

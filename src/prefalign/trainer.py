@@ -34,6 +34,7 @@ from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, mask_kind, pair_logps
 from .losses import cpo_loss, dpo_loss, nll_loss, orpo_loss, pair_metrics, wpo_weights
+from .memory import activation_offload, selective_checkpointing
 from .models import load_model, load_tokenizer
 from .ref_sync import SyncReference, check_pair
 
@@ -95,8 +96,8 @@ class _Trainer(CheckpointMixin, Trainer):
             processing_class = load_tokenizer(model.name_or_path or model_name)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         apply_chat_template_option(model, tokenizer, args.chat_template, source=str(model_name))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        set_special_tokens(model, tokenizer, args)
+        check_router_aux_loss(model, args)
         self.tokenizer_ = tokenizer
         if peft_config is not None:
             from peft import get_peft_model
@@ -150,8 +151,17 @@ class _Trainer(CheckpointMixin, Trainer):
             handle.undo()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        with self.fast():
+        selective = getattr(self.args, "_selective_checkpointing", False)
+        with self.fast(), selective_checkpointing(self.model, selective):
             return super().train(*args, **kwargs)
+
+    def compute_loss_context_manager(self) -> Any:
+        """The Trainer's context for the forward, plus activation_offloading's (prefalign.memory) while training."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().compute_loss_context_manager())
+        if self.model.training:
+            stack.enter_context(activation_offload(self.args.activation_offloading, self.args.device))
+        return stack
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         with self.fast():
@@ -261,6 +271,52 @@ class _Trainer(CheckpointMixin, Trainer):
         super().log(logs, start_time)
 
 
+def _in_vocabulary(tokenizer: Any, token: str, name: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ConfigError(f"{name}={token!r} is not in the tokenizer's vocabulary. Fix: use a token the tokenizer has "
+                          f"(its EOS is {tokenizer.eos_token!r}), or remove {name}")
+
+
+def set_special_tokens(model: Any, tokenizer: Any, args: TrainConfig) -> None:
+    """TRL's ``eos_token`` (SFT) and ``pad_token``: set on the tokenizer before any data is tokenized; a new EOS
+    also becomes the model's and joins its generation EOS ids. Without a pad token, EOS pads (as TRL)."""
+    eos = getattr(args, "eos_token", None)
+    if eos is not None:
+        _in_vocabulary(tokenizer, eos, "eos_token")
+        tokenizer.eos_token = eos
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            ids = generation.eos_token_id
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+            if tokenizer.eos_token_id not in ids:
+                generation.eos_token_id = [tokenizer.eos_token_id, *ids]
+    pad = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if args.pad_token is not None:
+        _in_vocabulary(tokenizer, pad, "pad_token")
+    if pad is not None and tokenizer.pad_token != pad:
+        tokenizer.pad_token = pad
+
+
+def check_router_aux_loss(model: Any, args: TrainConfig) -> None:
+    """``router_aux_loss_coef``: refused for a model without router logits (as TRL 1.16); for a Mixture-of-Experts
+    model prefalign's log-prob path does not collect router logits, so the auxiliary loss is not added (one line)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None else None
+    moe = text is not None and hasattr(text, "output_router_logits")
+    coef = args.router_aux_loss_coef
+    if coef and not moe:
+        raise ConfigError(f"router_aux_loss_coef={coef} but {type(model).__name__} is not a Mixture-of-Experts model "
+                          "with router logits, so there is no auxiliary loss to weight (TRL 1.16 refuses it too). "
+                          "Fix: remove router_aux_loss_coef")
+    weight = (getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef) if moe else 0.0
+    if weight:
+        logger.warning("router_aux_loss_coef: this Mixture-of-Experts model's load-balancing loss (weight %g) is not "
+                       "added: prefalign trains on the reply log-probs alone for now", weight)
+
+
 class _PreferenceTrainer(_Trainer):
     """What the pair trainers (DPO, ORPO, CPO) share: pair tokenisation and layout, the batch → log-probs contract,
     per-pair losses whose mean is the loss."""
@@ -271,7 +327,8 @@ class _PreferenceTrainer(_Trainer):
 
     def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
         return TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                chat=args.chat_template_for_text)
+                                max_completion_length=getattr(args, "max_completion_length", None),
+                                truncation_mode=args.truncation_mode, chat=args.chat_template_for_text)
 
     def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
         return tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,
@@ -279,9 +336,11 @@ class _PreferenceTrainer(_Trainer):
                              skip_invalid=args.on_invalid_row == "skip")
 
     def _default_collator(self, model: Any, tokenizer: Any, args: PreferenceConfig) -> Any:
+        pad_id = getattr(args, "padding_value", None)  # ORPO / CPO: TRL's padding_value
+        pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
         if args.prefix_sharing and mask_kind(model) is not None:
-            return PrefixSharedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.packing)
-        return PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+            return PrefixSharedCollator(pad_id, args.pad_to_multiple_of, args.packing)
+        return PairCollator(pad_id, args.pad_to_multiple_of)
 
     # ----- loss ---------------------------------------------------------------------------------------------------
     def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False,
@@ -366,7 +425,7 @@ class DPOTrainer(_PreferenceTrainer):
         self.reference_sync: SyncReference | None = None
         super().__init__(*args, **kwargs)
         self._reference_released = False
-        if getattr(self.args, "sync_ref_model", False):  # DPO's option (KTOConfig has none)
+        if getattr(self.args, "sync_ref_model", False):  # DPO's and KTO's option (ReferenceConfig)
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ConfigError("sync_ref_model is not supported with DeepSpeed or FSDP here: their processes hold "
                                   "slices of the policy, which cannot be blended into the reference as is. Fix: drop "

@@ -153,10 +153,17 @@ def run(args: argparse.Namespace) -> int:
 def train_plan(plan: TrainPlan, progress_desc: str = "training", config: TrainConfig | None = None) -> int:
     """Train one resolved run and write its run directory: `prefalign train`'s whole path after option resolution,
     shared by ``prefalign compare``; returns the exit code (bad input raises a `PrefalignError`)."""
-    config = config or build_config(plan)
     from ..recipe import check_start
 
-    check_start(plan)  # what this machine cannot honour (k-bit, push_to_hub offline, ...) fails before any load
+    refused: list[str] = []
+    if config is None:
+        try:
+            config = build_config(plan)
+        except ConfigError as e:  # reported with every other start-up refusal below
+            refused.append(str(e))
+    # what this machine cannot honour (k-bit, push_to_hub offline, ...): all of it, before any load
+    check_start(plan, config, refused)
+    assert config is not None  # check_start raised otherwise
     out = plan.output_dir
     from ..checkpoints import latest_checkpoint
 

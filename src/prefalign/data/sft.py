@@ -9,8 +9,9 @@ Four kinds of rows, one per dataset (read off the first row, like the preference
   chosen, the course's "instruction + preference data" (the rejected reply is not used).
 
 A tokenized row is ``{"input_ids", "loss_mask"}``: ``loss_mask[t]`` is 1 where token ``t`` is predicted and
-counted in the loss (never the first token: nothing predicts it). Truncation keeps a sequence's start, is counted by
-source row, and a row left with no loss token is an error (or skipped under ``on_invalid_row: skip``).
+counted in the loss (never the first token: nothing predicts it). Truncation keeps a sequence's start (or its end,
+``truncation_mode: keep_end``), is counted by source row, and a row left with no loss token is an error (or
+skipped under ``on_invalid_row: skip``).
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ class SFTTokenizeSettings:
     """How SFT rows become tokens. ``completion_only_loss`` (prompt-completion and preference rows) and
     ``assistant_only_loss`` (messages): None or True, loss on the completion / assistant turns; False, on every
     token. ``chat``: text prompt / completion rows as a user turn and an assistant reply under the tokenizer's chat
-    template (when it has one)."""
+    template (when it has one). ``truncation_mode``: what max_length keeps, the sequence's start or its end."""
 
     max_length: int | None = 1024
     max_prompt_length: int | None = None
+    truncation_mode: str = "keep_start"
     completion_only_loss: bool | None = None
     assistant_only_loss: bool | None = None
     chat: bool = True
@@ -189,7 +191,9 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
         prompt_loss = 0 if settings.completion_only_loss is not False else 1
         mask = [prompt_loss] * len(prompt_ids) + [1] * len(out["completion_ids"])
     if settings.max_length is not None and len(ids) > settings.max_length:
-        ids, mask, cut = ids[:settings.max_length], mask[:settings.max_length], True
+        keep = slice(-settings.max_length, None) if settings.truncation_mode == "keep_end" else slice(
+            settings.max_length)
+        ids, mask, cut = ids[keep], mask[keep], True
     mask = [0, *mask[1:]] if mask else mask  # nothing predicts the first token
     if not any(mask):
         field = {"text": "text", "messages": "messages"}.get(kind or "", "prompt")

@@ -19,10 +19,14 @@ from .format import Example, to_example
 @dataclass
 class TokenizeSettings:
     """How pairs become tokens. ``max_prompt_length`` keeps the *end* of a long prompt (nearest the reply);
-    ``max_length`` then cuts replies from the right so prompt + reply fits."""
+    ``max_completion_length`` keeps each reply's start; ``max_length`` then cuts so prompt + reply fits: replies
+    from the right (``truncation_mode`` 'keep_start'), or the shared prompt's start, then the replies' starts
+    ('keep_end')."""
 
     max_length: int | None = 1024
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_start"
     chat: bool = True  # apply the chat template to plain-text rows when the tokenizer has one
     # TRL's ORPOTrainer adds these at token level; reproduced only in ORPOConfig(trl_compat=True).
     ensure_bos: bool = False
@@ -56,8 +60,8 @@ class TokenizeReport:
             out.append(f"{len(self.skipped)} invalid rows skipped (on_invalid_row=skip; all listed in "
                        f"data_report.json): {shown}")
         for name, rows in (("prompts cut to max_prompt_length", self.prompt_truncated),
-                           ("chosen replies cut to max_length", self.chosen_truncated),
-                           ("rejected replies cut to max_length", self.rejected_truncated),
+                           ("chosen replies cut to max_length / max_completion_length", self.chosen_truncated),
+                           ("rejected replies cut to max_length / max_completion_length", self.rejected_truncated),
                            ("sequences cut to max_length or max_prompt_length", self.sequence_truncated)):
             if rows:
                 out.append(f"{len(rows)} of {self.rows} {name} (rows {row_list(rows)})")
@@ -137,19 +141,32 @@ def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool,
 
 def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int | None = None,
              source: str | None = None, row_label: str = "row") -> tuple[dict[str, list[int]], set[str]]:
-    """Apply max_prompt_length (keep the prompt's end) then max_length (keep replies' starts).
+    """Apply max_prompt_length (keep the prompt's end), max_completion_length (keep replies' starts), then
+    max_length as ``truncation_mode`` says (see `TokenizeSettings`).
 
-    Returns the cut pair and the names of the parts that were cut. A prompt that leaves no room for any reply
-    token is an error, not a silent drop.
+    Returns the cut pair and the names of the parts that were cut. Under 'keep_start' a prompt that leaves no room
+    for any reply token is an error, not a silent drop; 'keep_end' cuts such a prompt, keeping its last token (the
+    one that predicts the reply's first).
     """
     cut: set[str] = set()
     prompt = pair["prompt_ids"]
     if settings.max_prompt_length is not None and len(prompt) > settings.max_prompt_length:
         prompt = prompt[-settings.max_prompt_length:]
         cut.add("prompt")
+    replies = {k: pair[k] for k in ("chosen_ids", "rejected_ids")}
+    if settings.max_completion_length is not None:
+        for k, ids in replies.items():
+            if len(ids) > settings.max_completion_length:
+                replies[k] = ids[:settings.max_completion_length]
+                cut.add(k.removesuffix("_ids"))
+    keep_end = settings.truncation_mode == "keep_end"
+    if keep_end and settings.max_length is not None:
+        room = max(settings.max_length - max(len(ids) for ids in replies.values()), 1)
+        if len(prompt) > room:
+            prompt = prompt[-room:]
+            cut.add("prompt")
     out = {"prompt_ids": prompt}
-    for k in ("chosen_ids", "rejected_ids"):
-        ids = pair[k]
+    for k, ids in replies.items():
         if settings.max_length is not None:
             room = settings.max_length - len(prompt)
             if room < 1:
@@ -158,7 +175,7 @@ def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int
                                 field="prompt",
                                 fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
             if len(ids) > room:
-                ids = ids[:room]
+                ids = ids[-room:] if keep_end else ids[:room]
                 cut.add(k.removesuffix("_ids"))
         out[k] = ids
     return out, cut
