@@ -19,14 +19,27 @@ import typing
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the checkout's code, not an installed copy
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 METHODS = ("dpo", "orpo", "cpo", "simpo", "kto", "sft")
 MARKERS = {"<!-- generated: options -->": "options", "<!-- generated: cli -->": "cli"}
 
 
+def _use_checkout() -> None:
+    """Import prefalign from this checkout's src/, not from whatever copy the environment installed (an editable
+    install of another checkout would otherwise document that one's options). MkDocs restores sys.path after loading
+    a hook, so this runs when the references are generated."""
+    if sys.path[:1] != [str(SRC)]:
+        sys.path.insert(0, str(SRC))
+    loaded = sys.modules.get("prefalign")
+    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(str(SRC)):
+        for name in [n for n in sys.modules if n == "prefalign" or n.startswith("prefalign.")]:
+            del sys.modules[name]
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Replace each generation marker with the reference it names."""
+    _use_checkout()
     for marker, kind in MARKERS.items():
         if marker in markdown:
             markdown = markdown.replace(marker, options_reference() if kind == "options" else cli_reference())
@@ -35,9 +48,11 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
 # ----- table helpers -----------------------------------------------------------------------------------------------
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: one line, pipes and angle brackets escaped."""
-    text = " ".join(str(text).split())
-    return html.escape(text, quote=False).replace("|", "\\|")
+    """Text safe inside a Markdown table cell: one line; pipes, angle and square brackets, asterisks escaped."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    for char in "|[]*_`":
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def _code(text: str) -> str:
