@@ -273,3 +273,13 @@ def test_dropped_keys_say_trl_dropped_them(tmp_path, capsys):
     assert main(["train", str(cfg), "--method", "dpo"]) == 2
     assert "TRL dropped it" in capsys.readouterr().err
     # transformers 4's group_by_length (the course's sft_config.yaml) is read as train_sampling_strategy: test_trl_cli
+
+
+def test_packing_strategy_ffd_is_read_as_first_fit(caplog):
+    # TRL's earlier name (alignment-handbook's SmolLM3 SFT recipe sets it); prefalign's packing is first-fit decreasing
+    with caplog.at_level(logging.INFO, logger="prefalign"):
+        args = SFTConfig(output_dir="/tmp/unused", **COMMON, packing=True, packing_strategy="ffd")
+    assert args.packing_strategy == "bfd"
+    assert sum("packing_strategy: ffd" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ConfigError, match="packing_strategy='fifo' is out of range"):
+        SFTConfig(output_dir="/tmp/unused", **COMMON, packing_strategy="fifo")

@@ -527,7 +527,8 @@ class SFTConfig(TrainConfig):
                           "(long examples split across rows) or 'wrapped' (one stream cut into rows, examples split "
                           "and seeing each other). prefalign packs within each batch, first-fit decreasing, examples "
                           "whole and masked from each other, which is 'bfd' in spirit; the other two are accepted "
-                          "with one log line saying so.", "choices": ["bfd", "bfd_split", "wrapped"]})
+                          "with one log line saying so; TRL's earlier 'ffd' is read as 'bfd'.",
+                  "choices": ["bfd", "bfd_split", "wrapped", "ffd"]})
     eval_packing: bool | None = field(
         default=None,
         metadata={"help": "Pack evaluation batches (as packing does for training). None: as packing. Packing never "
@@ -549,8 +550,12 @@ class SFTConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         _check(self.loss_type in SFT_LOSS_TYPES, "loss_type", self.loss_type, f"must be one of {SFT_LOSS_TYPES}")
+        if self.packing_strategy == "ffd":  # TRL < 0.20's name (the SmolLM3 SFT recipe); first-fit is ours
+            logger.info("packing_strategy: ffd (first-fit decreasing, TRL's earlier name) is read as bfd: prefalign "
+                        "packs each batch first-fit decreasing, examples whole")
+            self.packing_strategy = "bfd"
         _check(self.packing_strategy in ("bfd", "bfd_split", "wrapped"), "packing_strategy", self.packing_strategy,
-               "must be 'bfd', 'bfd_split' or 'wrapped'")
+               "must be 'bfd', 'bfd_split', 'wrapped' (or TRL's earlier 'ffd', read as 'bfd')")
         if self.packing and self.packing_strategy != "bfd":
             logger.info("packing_strategy: %s is accepted; prefalign packs each batch's examples whole (first-fit "
                         "decreasing, masked from each other), so no example is split or sees another",
