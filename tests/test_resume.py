@@ -99,3 +99,24 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, inputs, capsy
     assert main(_argv(model, data, tmp_path / "empty", "dpo") + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no complete checkpoint" in err[0]
+
+
+def test_resume_from_checkpoint_option_continues_from_that_checkpoint(tmp_path, inputs, capsys):
+    # TRL's scripts pass resume_from_checkpoint to train(): a checkpoint directory (here another run's), or true
+    model, data = inputs
+    straight = tmp_path / "straight"
+    assert main(_argv(model, data, straight, "dpo")) == 0
+    out = tmp_path / "continued"
+    argv = _argv(model, data, out, "dpo") + ["--set", f"resume_from_checkpoint={straight / 'checkpoint-2'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(dict(_losses(out))) == [3, 4]  # steps 1-2 came from the checkpoint
+    for step, loss in _losses(out):
+        assert loss == pytest.approx(dict(_losses(straight))[step], abs=1e-6)
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+    capsys.readouterr()
+    bad = _argv(model, data, tmp_path / "bad", "dpo") + ["--set", f"resume_from_checkpoint={tmp_path / 'nowhere'}"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a complete checkpoint" in err[0] and not (tmp_path / "bad").exists()

@@ -83,6 +83,30 @@ def make_trainer(plan: TrainPlan, config: TrainConfig, train: Any, evaluation: A
         raise
 
 
+def _checkpoint_to_resume(plan: TrainPlan, config: Any, out: Path) -> Path | None:
+    """``--resume`` (the run directory's latest checkpoint), or TRL's ``resume_from_checkpoint`` option, which TRL's
+    scripts pass to ``train()``: a checkpoint directory, or true for the run directory's latest."""
+    from ..checkpoints import latest_checkpoint
+
+    given = config.resume_from_checkpoint
+    if isinstance(given, str) and given.strip().lower() in ("true", "false"):
+        given = given.strip().lower() == "true"
+    if plan.resume or given is True:
+        found = latest_checkpoint(out)
+        if found is None:
+            what = "--resume" if plan.resume else "resume_from_checkpoint: true"
+            raise ConfigError(f"{what}: '{out}' holds no complete checkpoint. Fix: set save_steps (--set "
+                              "save_steps=N --set save_strategy=steps) when training, or drop it.")
+        return found
+    if not given:
+        return None
+    path = Path(str(given)).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint: '{given}' is not a complete checkpoint (no trainer_state.json). "
+                          "Fix: name a checkpoint-N directory of an earlier run, or true for this run's latest")
+    return path
+
+
 def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) -> int:
     """Run training; on failure keep what the Trainer wrote, log the traceback there and print one line."""
     try:
@@ -165,13 +189,8 @@ def train_plan(plan: TrainPlan, progress_desc: str = "training", config: TrainCo
     check_start(plan, config, refused)
     assert config is not None  # check_start raised otherwise
     out = plan.output_dir
-    from ..checkpoints import latest_checkpoint
-
-    resume_from = latest_checkpoint(out) if plan.resume else None
-    if plan.resume and resume_from is None:
-        raise ConfigError(f"--resume: '{out}' holds no complete checkpoint. Fix: set save_steps (--set save_steps=N "
-                          "--set save_strategy=steps) when training, or drop --resume.")
-    if not plan.resume:
+    resume_from = _checkpoint_to_resume(plan, config, out)
+    if resume_from is None or not resume_from.resolve().is_relative_to(out.resolve()):
         runs.check_output_dir(out, plan.overwrite, keep=plan.local_inputs())
     train, evaluation = load_train_data(plan, config)
     trainer = make_trainer(plan, config, train, evaluation)
@@ -189,6 +208,8 @@ def train_plan(plan: TrainPlan, progress_desc: str = "training", config: TrainCo
     if trainer.graceful_stop.signal is not None:
         if trainer.is_world_process_zero():
             runs.write_config(out, plan.resolved_config())
+        from ..checkpoints import latest_checkpoint
+
         name = signal.Signals(trainer.graceful_stop.signal).name
         print_error(f"stopped by {name} at step {trainer.state.global_step}; checkpoint saved in "
                     f"{latest_checkpoint(out)}. Continue with: prefalign train {out / runs.CONFIG_FILE} --resume")
