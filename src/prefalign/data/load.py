@@ -25,7 +25,7 @@ from .format import is_messages
 
 logger = logging.getLogger("prefalign")
 
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system", "chat_template_kwargs")
 REQUIRED_COLUMNS = ("chosen", "rejected")
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # any file format, compressed
@@ -365,6 +365,15 @@ def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
             yield Problem(row, where, f"content is {_type_name(m['content'])}, not text.", "make content a string")
 
 
+def template_kwargs_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
+    """A row's ``chat_template_kwargs`` (TRL's column, e.g. ``{"enable_thinking": false}``) must be a mapping."""
+    v = r.get("chat_template_kwargs")
+    if v is None or (isinstance(v, Mapping) and all(isinstance(k, str) for k in v)):
+        return []
+    return [Problem(n, "chat_template_kwargs", f"is {_type_name(v)}; expected an object of keyword arguments for "
+                    "the chat template.", 'write e.g. {"enable_thinking": false}, or null')]
+
+
 def _type_name(v: Any) -> str:
     return "null" if v is None else {"int": "a number", "float": "a number", "bool": "a boolean",
                                      "dict": "an object", "list": "a list", "str": "text"}.get(type(v).__name__,
@@ -400,6 +409,7 @@ def validate_rows(raw: RawData) -> list[Problem]:
                 want = "text" if name == "system" else "text or a list of {role, content} messages"
                 row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
                                             f"store {name} as {want}"))
+        row_problems.extend(template_kwargs_problems(r, n))
         if not any(p.fatal for p in row_problems):
             kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
             # a text prompt before message replies is a user turn (ultrafeedback_binarized's shape); not the reverse
