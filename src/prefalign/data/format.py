@@ -92,6 +92,9 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     system = row.get("system")
     kwargs = row.get("chat_template_kwargs")  # load.py validated it: a mapping or None
+    if is_messages(prompt) and prompt and isinstance(chosen, str) and isinstance(rejected, str):
+        # a conversation prompt with text replies (held-out prompts scored by compare / eval): assistant turns
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     conversational = is_messages(chosen)
 
     def fail(message: str, fix: str, field: str | None = None) -> DataError:
