@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -263,6 +264,115 @@ def _from_hf_dataset(ds: Any, source: str, kind: str, split: str) -> RawData:
     return RawData(source, kind, rows, list(ds.column_names), "row", list(range(1, len(rows) + 1)))
 
 
+_SHARD = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # data/train-00000-of-00003.parquet
+
+
+def _split_of(path: Path) -> str:
+    """The split a data file serves, read off its name as `datasets` lays files out: ``<split>.<ext>`` or
+    ``<split>-NNNNN-of-NNNNN.<ext>`` (dots inside the split name, as ``OpenThoughts3_1.2M_think``, are kept)."""
+    stem = path.name[: -len(path.suffix)]
+    if _compression(path):  # pairs.jsonl.gz: both suffixes
+        stem = stem[: -len(Path(stem).suffix)]
+    m = _SHARD.match(stem)
+    return m.group("split") if m else stem
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _format_suffix(p) in FILE_EXTENSIONS) \
+        if folder.is_dir() else []
+
+
+def _readme_configs(path: Path, text: str) -> list[dict[str, Any]] | None:
+    """The ``configs:`` of a dataset card's YAML header (an ``hf download`` snapshot), or None without one."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    card = readme.read_text(encoding="utf-8", errors="replace")
+    if not card.startswith("---"):
+        return None
+    header = card[3:].split("\n---", 1)[0]
+    import yaml
+
+    try:
+        meta = yaml.safe_load(header) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"README.md's YAML header is unreadable ({str(e).splitlines()[0]}).", source=text,
+                        fix="fix the dataset card's header, or point at the data file itself") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else None
+
+
+def _config_files(path: Path, text: str, configs: list[dict[str, Any]], config: str | None) -> dict[str, list[Path]]:
+    """``{split: files}`` of one README ``configs:`` entry, picked as datasets.load_dataset(dir, name) picks it."""
+    names = [str(c.get("config_name", "default")) for c in configs]
+    if config is None:
+        chosen = [c for c in configs if c.get("default")] or [
+            c for c, n in zip(configs, names, strict=True) if n == "default"] or (configs if len(configs) == 1 else [])
+        if not chosen:
+            raise DataError(f"holds several configs ({', '.join(names)}) and none is the default.", source=text,
+                            fix="name one with config: (TRL's name:, the CLI's --config)")
+    else:
+        chosen = [c for c, n in zip(configs, names, strict=True) if n == config]
+        if not chosen:
+            raise DataError(f"has no config '{config}' (configs in README.md: {', '.join(names)}).", source=text,
+                            fix=f"use config: one of {', '.join(names)}")
+    spec = chosen[0].get("data_files")
+    entries = [{"split": "train", "path": spec}] if isinstance(spec, (str, list)) and (
+        isinstance(spec, str) or all(isinstance(x, str) for x in spec)) else spec
+    if isinstance(spec, dict):
+        entries = [{"split": k, "path": v} for k, v in spec.items()]
+    out: dict[str, list[Path]] = {}
+    for entry in entries or []:
+        patterns = entry.get("path") if isinstance(entry, dict) else None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            out.setdefault(str(entry.get("split", "train")), []).extend(
+                sorted(p for p in path.glob(str(pattern)) if p.is_file() and _format_suffix(p) in FILE_EXTENSIONS))
+    return out
+
+
+def _read_directory(path: Path, text: str, split: str, config: str | None,
+                    collect: list[Problem] | None) -> RawData:
+    """A directory of data files, read as datasets.load_dataset(dir, config, split=split) reads one: the README's
+    ``configs:`` header if it has one (an ``hf download`` snapshot), else ``<split>.<ext>`` or
+    ``<split>-NNNNN-of-NNNNN.<ext>`` files in it or in ``data/`` (in ``<config>/`` when a config is named); a
+    directory whose files name no split serves them as ``train``, as datasets does. A missing split or config is an
+    error naming those there are."""
+    configs = _readme_configs(path, text)
+    if configs:
+        splits = _config_files(path, text, configs, config)
+    else:
+        root = path
+        if config is not None and config != "default":
+            subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and _data_files(p))
+            if config not in subdirs:
+                raise DataError(f"has no config '{config}': no README.md configs: header and no folder "
+                                f"'{config}/' of data files (folders: {', '.join(subdirs) or 'none'}).", source=text,
+                                fix="drop config:, or point at the folder of that config's files")
+            root = path / config
+        files = _data_files(root) + _data_files(root / "data")
+        splits = {}
+        for f in files:
+            splits.setdefault(_split_of(f), []).append(f)
+        if split not in splits and split == "train" and files and not set(splits) & _SPLIT_NAMES:
+            splits = {"train": files}  # files that name no split are the train split (datasets' rule)
+    wanted = splits.get(split)
+    if not wanted:
+        found = ", ".join(sorted(s for s, f in splits.items() if f)) or "none"
+        raise DataError(f"has no split '{split}' (splits: {found}).", source=text,
+                        fix=f"pass split= one of {found}" if splits else "put <split>.jsonl (or .parquet, ...) files "
+                            "in it, or point at a file")
+    if len(wanted) == 1:
+        return read_rows(wanted[0], split, collect)
+    parts = [read_rows(f, split, collect) for f in wanted]  # shards: one split, numbered through
+    rows = [r for part in parts for r in part.rows]
+    kinds = {part.kind for part in parts}
+    return RawData(text, kinds.pop() if len(kinds) == 1 else "files", rows, _columns_of(rows), "row",
+                   list(range(1, len(rows) + 1)))
+
+
+_SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval", "training", "testing", "val"}
+
+
 def read_rows(source: str | os.PathLike | Any, split: str = "train",
               collect_errors: list[Problem] | None = None, config: str | None = None) -> RawData:
     """Read rows from any supported source without validating them.
@@ -291,14 +401,12 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
                 raise DataError(f"cannot load saved dataset: {str(e).splitlines()[0]}", source=text,
                                 fix="point at a directory written by Dataset.save_to_disk") from None
             return _from_hf_dataset(ds, text, "datasets", split)
-        files = sorted(p for p in path.iterdir() if _format_suffix(p) in FILE_EXTENSIONS)
-        wanted = [p for p in files if p.name.split("-")[0].split(".")[0] == split] or files
-        if len(wanted) != 1:
-            found = ", ".join(p.name for p in files) or "no data files"
-            raise DataError(f"directory holds {found}; cannot tell which file is the '{split}' split.", source=text,
-                            fix="pass the file itself, or name it <split>.jsonl")
-        return read_rows(wanted[0], split, collect_errors)
+        return _read_directory(path, text, split, config, collect_errors)
     if path.exists():
+        if config not in (None, "default"):
+            raise DataError(f"is one file, which has no config '{config}'.", source=text,
+                            fix="drop config:, or point at the dataset's folder (README.md configs: or "
+                                "<config>/ folders)")
         ext = _format_suffix(path)
         readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
         if ext not in FILE_EXTENSIONS:
@@ -319,6 +427,20 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
         raise DataError(f"not a local file and could not be loaded from the hub ({first}).", source=text,
                         fix="check the path, or the dataset id and your network / HF_HUB_OFFLINE") from None
     return _from_hf_dataset(ds, text, "hub", split)
+
+
+def select_columns(raw: RawData, names: Sequence[str] | None) -> RawData:
+    """Keep only ``names`` (alignment-handbook's ``columns: [...]``, its ``Dataset.select_columns``): e.g.
+    orca_dpo_pairs with ``[chosen, rejected]`` drops its text ``prompt`` and the prompt is the conversations' shared
+    start. A name the data lacks is an error naming the columns found."""
+    if names is None:
+        return raw
+    missing = [c for c in names if c not in raw.columns]
+    if missing:
+        raise DataError(f"columns: {', '.join(missing)} not in the data (found: {', '.join(raw.columns) or 'none'}).",
+                        source=raw.source, fix="list columns the data has")
+    keep = list(dict.fromkeys(names))
+    return replace(raw, rows=[{c: r[c] for c in keep if c in r} for r in raw.rows], columns=keep)
 
 
 def map_columns(raw: RawData, columns: Mapping[str, str] | None, schema: RowSchema | None = None) -> RawData:
@@ -513,8 +635,11 @@ def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
                     name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
                     pairing: str = "best_worst", min_score_margin: float = 0.0, seed: int = 0,
-                    config: str | None = None, schema: RowSchema | None = None) -> tuple[RawData, list[Problem]]:
+                    config: str | None = None, schema: RowSchema | None = None,
+                    select: Sequence[str] | None = None) -> tuple[RawData, list[Problem]]:
     """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
+
+    ``select``: the only columns read (alignment-handbook's list form of ``columns``; see select_columns).
 
     Scored completions are paired first (``pairing``, ``min_score_margin``, ``seed``: data/scored.py).
     ``on_invalid_row="error"``: raise on the first row that cannot be trained on. ``"skip"``: leave such rows out
@@ -530,7 +655,7 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
-    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns, schema)
+    raw = map_columns(pair_scored_rows(select_columns(raw, select), pairing, min_score_margin, seed), columns, schema)
     return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name), schema=schema)
 
 
