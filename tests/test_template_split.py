@@ -147,3 +147,52 @@ def test_orca_shaped_rows_train_and_are_listed_in_the_run_and_the_check(tmp_path
     assert check.ok and [r["row"] for r in check.rerendered if r["field"] == "chosen"] == [1, 2, 3, 4]
     assert "prompt split: 4 row(s)" in check.render_text()
     assert check.to_dict()["prompt_rerendered_rows"][0] == {"row": 1, "field": "chosen"}
+
+
+def _spy(tok):
+    """Record the keyword arguments of every apply_chat_template call."""
+    calls = []
+    original = tok.apply_chat_template
+
+    def spy(conversation, **kw):
+        calls.append(kw)
+        return original(conversation, **kw)
+
+    tok.apply_chat_template = spy
+    return calls
+
+
+def test_generation_eval_compare_and_chat_render_with_the_kwargs(tmp_path):
+    from prefalign.chat import ChatSession, GenerationOptions
+    from prefalign.compare.score import Heldout, score_model
+    from prefalign.generate import _encode
+    from prefalign.judges import Judge
+
+    tok = _tok(THINKING)
+    prompts = [[_user("Hi")], "Name a bird."]
+    encoded = _encode(tok, prompts, {"enable_thinking": False}, [None, {"enable_thinking": True}])
+    assert ["mode: no_think" in tok.decode(ids) for ids in encoded] == [True, False]
+    calls = _spy(tok)
+    held = Heldout([{"prompt": [_user("Hi")], "chosen": [_bot("a")], "rejected": [_bot("b")]}],
+                   [{"prompt": p} for p in prompts], Judge("none", lambda p, r: None), max_new_tokens=2,
+                   chat_template_kwargs={"enable_thinking": False})
+    scores = score_model(tiny_llama(tok, 1), tok, held, reference=tiny_llama(tok, 2))
+    assert scores.kl() is not None and len(calls) >= 8
+    assert all(kw.get("enable_thinking") is False for kw in calls)  # pairs, generation, KL: every rendering
+    calls.clear()
+    session = ChatSession(tiny_llama(tok, 1), tok, GenerationOptions(max_new_tokens=2),
+                          chat_template_kwargs={"enable_thinking": False})
+    session.respond("Hi")
+    assert calls and all(kw.get("enable_thinking") is False for kw in calls)
+
+
+def test_cli_chat_template_kwargs_must_be_a_json_object(tmp_path, capsys):
+    from prefalign.cli import main
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n')
+    assert main(["eval", "--model", "x", "--prompts", str(path), "--chat-template-kwargs", "enable_thinking"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--chat-template-kwargs" in err[0] and "not JSON" in err[0]
+    assert main(["data", "check", str(path), "--chat-template-kwargs", "[1]"]) == 2
+    assert "is not a JSON object" in capsys.readouterr().err
