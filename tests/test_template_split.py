@@ -196,3 +196,28 @@ def test_cli_chat_template_kwargs_must_be_a_json_object(tmp_path, capsys):
     assert len(err) == 1 and "--chat-template-kwargs" in err[0] and "not JSON" in err[0]
     assert main(["data", "check", str(path), "--chat-template-kwargs", "[1]"]) == 2
     assert "is not a JSON object" in capsys.readouterr().err
+
+
+def test_unpaired_rows_take_kwargs_and_report_the_split():
+    from prefalign.data.unpaired import UNPAIRED_ROWS, tokenize_unpaired
+
+    tok = _tok(THINKING)
+    rows = [{"prompt": [_user("Hi")], "completion": [_bot("Hello")], "label": True,
+             "chat_template_kwargs": {"enable_thinking": False}},
+            {"prompt": [_user("Hi")], "completion": [_bot("Go")], "label": False}]
+    out, report = tokenize_unpaired(rows, tok, TokenizeSettings(), kl_chunk=None)
+    assert ["no_think" in tok.decode(o["prompt_ids"]) for o in out] == [True, False]
+    assert report.prompt_rerendered == [{"row": 1, "field": "completion"}]
+    assert tok.decode(out[0]["chosen_ids"]) == "Hello<|im_end|>\n"
+    assert "chat_template_kwargs" in UNPAIRED_ROWS.columns
+
+
+def test_prepare_keeps_a_rows_kwargs(tmp_path):
+    from prefalign.data.prepare import PrepareSettings, prepare_rows
+
+    path = tmp_path / "rows.jsonl"
+    base = {"prompt": [_user("Hi")], "chosen": [_bot("Hello")], "rejected": [_bot("Go")]}
+    path.write_text(json.dumps({**base, "chat_template_kwargs": {"enable_thinking": False}}) + "\n"
+                    + json.dumps({**base, "chosen": [_bot("Hey")]}) + "\n")
+    rows, _ = prepare_rows(str(path), PrepareSettings())
+    assert [r.get("chat_template_kwargs") for r in rows] == [{"enable_thinking": False}, None]
