@@ -142,3 +142,13 @@ def test_config_on_a_folder_without_a_card(tmp_path):
     assert "has no config 'medium'" in msg and "folders: easy, hard" in msg and "\n" not in msg
     with pytest.raises(DataError, match="is one file, which has no config 'hard'"):
         read_rows(d / "hard" / "train.jsonl", config="hard")
+
+
+def test_shards_are_numbered_on_and_unreadable_lines_located(tmp_path):
+    d = tmp_path / "shards"
+    _jsonl(d / "train-00000-of-00002.jsonl", _pairs("a", 2))
+    (d / "train-00001-of-00002.jsonl").write_text(json.dumps(_pairs("b", 1)[0]) + "\n{oops\n", encoding="utf-8")
+    collect: list = []
+    raw = read_rows(d, collect_errors=collect)
+    assert raw.row_numbers == [1, 2, 3] and raw.row_label == "line"
+    assert [p.row for p in collect] == [4]  # line 2 of the second shard, after the first shard's 2 lines

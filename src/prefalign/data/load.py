@@ -363,11 +363,22 @@ def _read_directory(path: Path, text: str, split: str, config: str | None,
                             "in it, or point at a file")
     if len(wanted) == 1:
         return read_rows(wanted[0], split, collect)
-    parts = [read_rows(f, split, collect) for f in wanted]  # shards: one split, numbered through
-    rows = [r for part in parts for r in part.rows]
-    kinds = {part.kind for part in parts}
-    return RawData(text, kinds.pop() if len(kinds) == 1 else "files", rows, _columns_of(rows), "row",
-                   list(range(1, len(rows) + 1)))
+    # shards of one split: numbered on through the files in order (shard 2's first row follows shard 1's last)
+    rows, numbers, kinds, labels, offset = [], [], set(), set(), 0
+    for f in wanted:
+        before = len(collect) if collect is not None else 0
+        part = read_rows(f, split, collect)
+        new = collect[before:] if collect is not None else []
+        last = max([*part.row_numbers, *(p.row for p in new)], default=0)
+        for p in new:
+            p.row += offset
+        rows += part.rows
+        numbers += [n + offset for n in part.row_numbers]
+        kinds.add(part.kind)
+        labels.add(part.row_label)
+        offset += last
+    return RawData(text, kinds.pop() if len(kinds) == 1 else "files", rows, _columns_of(rows),
+                   labels.pop() if len(labels) == 1 else "row", numbers)
 
 
 _SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval", "training", "testing", "val"}
