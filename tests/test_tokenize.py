@@ -162,19 +162,22 @@ def test_implicit_text_prompt_leaves_the_space_to_the_replies(tok):
     assert tok.decode(p["chosen_ids"]) == " blue<|im_end|>"
 
 
-def test_prompt_that_is_not_a_token_prefix_is_an_error(tok):
+def test_prompt_that_is_not_a_token_prefix_is_split_at_the_common_prefix_and_reported(tok):
     # BPE merges the prompt's trailing space into the reply's first word: "Answer: " + "yes" -> ["Answer", ":", " yes"]
     prompt_ids = tok("Answer: ")["input_ids"]
     assert tok("Answer: yes")["input_ids"][: len(prompt_ids)] != prompt_ids
     rows = [text_rows(1)[0], {"prompt": "Answer: ", "chosen": "yes", "rejected": "no"}]
-    with pytest.raises(DataError) as info:
-        tokenize(rows, tok, source="t.jsonl", chat=False)
-    msg = str(info.value)
-    assert msg.startswith("t.jsonl, row 2, field 'chosen': ") and "prefix" in msg and "\n" not in msg
-    assert "differ at token 2" in msg
-    # digits are never merged with a space in SmolLM2's vocabulary, so "Answer: " + "42" is fine
-    p = one({"prompt": "Answer: ", "chosen": "42", "rejected": "41"}, tok, chat=False)
-    assert tok.decode(p["chosen_ids"]) == "42<|im_end|>"
+    pairs, report = tokenize(rows, tok, source="t.jsonl", chat=False)
+    # as TRL >= 1.14: the completion starts where prompt and prompt + reply diverge
+    assert pairs[1]["prompt_ids"] == tok("Answer:")["input_ids"]
+    assert tok.decode(pairs[1]["chosen_ids"]) == " yes<|im_end|>"
+    assert tok.decode(pairs[1]["rejected_ids"]) == " no<|im_end|>"
+    assert report.prompt_rerendered == [{"row": 2, "field": "chosen"}, {"row": 2, "field": "rejected"}]
+    assert any("1 of 2 rows trained with the prompt split" in line and "2 (chosen)" in line
+               for line in report.lines())
+    # digits are never merged with a space in SmolLM2's vocabulary, so "Answer: " + "42" is a clean split
+    pairs, report = tokenize([{"prompt": "Answer: ", "chosen": "42", "rejected": "41"}], tok, chat=False)
+    assert tok.decode(pairs[0]["chosen_ids"]) == "42<|im_end|>" and report.prompt_rerendered == []
 
 
 def test_prompt_ending_with_an_assistant_message(tok):

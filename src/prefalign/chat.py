@@ -92,12 +92,14 @@ class ChatSession:
     `record` adds a finished turn, so a turn interrupted on either side of a comparison is left out of both.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, options: GenerationOptions, *, system: str | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, options: GenerationOptions, *, system: str | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None) -> None:
         import torch
 
         from .data.tokenize import has_chat_template
 
         self.model, self.tokenizer, self.options, self.system = model, tokenizer, options, system
+        self.template_kwargs = dict(chat_template_kwargs or {})  # e.g. {"enable_thinking": False}
         self.history: list[dict[str, str]] = []
         self.templated = has_chat_template(tokenizer)
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -122,7 +124,7 @@ class ChatSession:
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         if self.templated:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+                                                           return_dict=True, **self.template_kwargs)["input_ids"])
         if len(messages) == 1:  # plain text, like prefalign.generate does for models without a template
             return list(self.tokenizer(messages[0]["content"])["input_ids"])
         text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"

@@ -146,6 +146,7 @@ def _add_data_parser(sub: Any) -> None:
     p.add_argument("--text-format", choices=("auto", "raw"), default="auto",
                    help="auto: HH-RLHF dialogue text becomes conversations, as training reads it; raw: text as is")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--chat-template-kwargs", metavar="JSON", help=CHAT_TEMPLATE_KWARGS_HELP)
     p.set_defaults(func=data_command.check)
 
     q = data_sub.add_parser("prepare", help="write a cleaned, normalised conversational JSONL and a report",
@@ -194,12 +195,18 @@ def _add_data_parser(sub: Any) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--chat-template-kwargs", metavar="JSON", help=CHAT_TEMPLATE_KWARGS_HELP)
     g.set_defaults(func=data_command.generate)
 
 
 JUDGE_HELP = ("a judge name ('demo': the bundled task's judge; packages add more under the prefalign.judges entry "
               "points), 'module:function' (f(prompt, reply) -> float or None), or 'reward-model:PATH' (a "
               "sequence-classification model)")
+
+
+CHAT_TEMPLATE_KWARGS_HELP = ("keyword arguments for the chat template as a JSON object, e.g. "
+                             "'{\"enable_thinking\": false}' (TRL's chat_template_kwargs); rows' own "
+                             "chat_template_kwargs are merged over them")
 
 
 def _add_eval_parser(sub: Any) -> None:
@@ -218,6 +225,7 @@ def _add_eval_parser(sub: Any) -> None:
                                                       "or runs/eval)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-edge-cases", action="store_true", help="skip the built-in edge-case prompts")
+    p.add_argument("--chat-template-kwargs", metavar="JSON", help=CHAT_TEMPLATE_KWARGS_HELP)
     p.set_defaults(func=eval_command.run)
 
 
@@ -286,6 +294,7 @@ def _add_chat_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--layout", choices=("stacked", "columns"), default="stacked",
                    help="how replies are shown next to the reference's (see below)")
+    p.add_argument("--chat-template-kwargs", metavar="JSON", help=CHAT_TEMPLATE_KWARGS_HELP)
     p.set_defaults(func=chat_command.run)
 
 

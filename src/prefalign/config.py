@@ -7,6 +7,7 @@ follow TRL where TRL has the option, so switching is a change of import.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,12 @@ class TrainConfig(TrainingArguments):
         default=None,
         metadata={"help": "TRL's name for the file form of chat_template (a .jinja / .j2 / .txt file); sets "
                           "chat_template."})
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the chat template (TRL's name), e.g. {enable_thinking: false}: "
+                          "passed to every apply_chat_template that renders this run's data (training, evaluation, "
+                          "generation). A row's own chat_template_kwargs column is merged over them. A JSON object "
+                          "string is read as one."})
     on_invalid_row: str = field(
         default="error",
         metadata={"help": "A row that cannot be trained on (unreadable, a missing or wrongly typed field, chosen == "
@@ -190,6 +197,14 @@ class TrainConfig(TrainingArguments):
                 raise ConfigError("chat_template and chat_template_path are both given; chat_template_path is TRL's "
                                   "name for its file form. Fix: keep one of them")
             self.chat_template = self.chat_template_path
+        if isinstance(self.chat_template_kwargs, str):
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except ValueError:
+                pass  # refused just below, as any other non-mapping
+        _check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
+               "chat_template_kwargs", self.chat_template_kwargs,
+               "must be a mapping of keyword arguments, e.g. {enable_thinking: false}")
         if self.chat_template is not None:
             from .chat_format import check_chat_template_option
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from . import speed
 from .data.collate import PairCollator, PrefixSharedCollator
 from .data.tokenize import TokenizeSettings, tokenize_rows
 from .errors import one_line
-from .generate import generate, prompt_text
+from .generate import generate, prompt_kwargs, prompt_text
 from .judges import Judge, call_score
 from .logps import mask_kind, pair_logps
 
@@ -29,13 +29,15 @@ from .logps import mask_kind, pair_logps
 @torch.no_grad()
 def sequence_logps(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, max_length: int = 1024,
                    batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                   config: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   config: Any = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reply log-probs ``(chosen [N], rejected [N])`` of every pair under ``model``, through the same fast
     path and prefix-shared batches as training (``config``: any object with the configs' speed fields)."""
     from .reference import batched_pair_logps
 
     model.eval()
-    ids, _ = tokenize_rows(pairs, tokenizer, TokenizeSettings(max_length=max_length))
+    ids, _ = tokenize_rows(pairs, tokenizer, TokenizeSettings(max_length=max_length,
+                                                              chat_template_kwargs=chat_template_kwargs))
     shared = mask_kind(model) is not None
     collate = PrefixSharedCollator(tokenizer.pad_token_id) if shared else PairCollator(tokenizer.pad_token_id)
     with speed.enable(model, config) as fast:
@@ -237,12 +239,18 @@ class GenerationRun:
 
 def run_generations(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: Judge, *,
                     edge_cases: Sequence[str] = (), max_new_tokens: int = 48, batch_size: int = 16,
-                    progress: Callable[[int], None] | None = None) -> GenerationRun:
+                    progress: Callable[[int], None] | None = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None,
+                    prompt_kwargs: Sequence[Mapping[str, Any] | None] | None = None) -> GenerationRun:
+    """Greedy replies to ``prompts`` (text or messages) and the edge cases; the judge reads each prompt's last user
+    text. ``chat_template_kwargs`` / ``prompt_kwargs``: as `prefalign.generate.generate`'s."""
     replies = [r[0] for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, progress=progress)]
+                                      batch_size=batch_size, progress=progress,
+                                      chat_template_kwargs=chat_template_kwargs, prompt_kwargs=prompt_kwargs)]
     scores = call_score(judge, [prompt_text(p) for p in prompts], replies)
     edge = [r[0] for r in generate(model, tokenizer, list(edge_cases), max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)] if edge_cases else []
+                                   batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)] \
+        if edge_cases else []
     return GenerationRun(replies, scores, edge)
 
 
@@ -280,12 +288,15 @@ def evaluate_models(policy: Any, reference: Any, tokenizer: Any, judge: Judge, *
                     reference_name: str, pair_rows: Sequence[dict[str, Any]] = (),
                     prompt_rows: Sequence[dict[str, Any]] = (), edge_cases: Sequence[str] = (), beta: float = 0.1,
                     max_length: int = 1024, max_new_tokens: int = 48, batch_size: int = 16,
-                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> EvalReport:
-    """The whole `prefalign eval`: pairs (if any) and generations (if prompts) of policy against reference."""
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> EvalReport:
+    """The whole `prefalign eval`: pairs (if any) and generations (if prompts) of policy against reference.
+    ``chat_template_kwargs``: the run's, for every rendering (rows' own are merged over them)."""
     pairs = None
     if pair_rows:
         scored = [sequence_logps(m, tokenizer, pair_rows, max_length=max_length,
-                                 progress=progress(f"{name}: scoring pairs", len(pair_rows)) if progress else None)
+                                 progress=progress(f"{name}: scoring pairs", len(pair_rows)) if progress else None,
+                                 chat_template_kwargs=chat_template_kwargs)
                   for name, m in (("policy", policy), ("reference", reference))]
         pairs = pair_metrics(scored[0], scored[1], beta)
     runs: list[GenerationRun | None] = [None, None]
@@ -294,7 +305,9 @@ def evaluate_models(policy: Any, reference: Any, tokenizer: Any, judge: Judge, *
         for i, (model, name) in enumerate(((policy, "policy"), (reference, "reference"))):
             update = progress(f"{name}: generating", len(prompts)) if progress else None
             runs[i] = run_generations(model, tokenizer, prompts, judge, edge_cases=edge_cases,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=update)
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=update,
+                                      chat_template_kwargs=chat_template_kwargs,
+                                      prompt_kwargs=prompt_kwargs(prompt_rows))
     return build_report(policy_name=policy_name, reference_name=reference_name, judge=judge, tokenizer=tokenizer,
                         prompt_rows=prompt_rows, policy_run=runs[0], reference_run=runs[1], pairs=pairs,
                         edge_cases=edge_cases)

@@ -8,11 +8,11 @@ Ties are skipped and counted, never written. torch is imported on first generati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data.tokenize import has_chat_template
+from .data.tokenize import has_chat_template, template_kwargs
 
 Prompt = str | list[dict[str, str]]
 
@@ -40,26 +40,32 @@ def prompt_text(prompt: Prompt) -> str:
     return users[-1] if users else ""
 
 
-def _encode(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+def _encode(tokenizer: Any, prompts: Sequence[Prompt], chat_template_kwargs: Mapping[str, Any] | None = None,
+            prompt_kwargs: Sequence[Mapping[str, Any] | None] | None = None) -> list[list[int]]:
     if has_chat_template(tokenizer):
+        rows = prompt_kwargs or [None] * len(prompts)
         return [list(tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]) for p in prompts]
+                                                   return_dict=True, **template_kwargs(chat_template_kwargs, kw))[
+                                                       "input_ids"]) for p, kw in zip(prompts, rows, strict=True)]
     return [list(tokenizer(prompt_text(p))["input_ids"]) for p in prompts]
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 48,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
              batch_size: int = 16, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> list[list[str]]:
+             progress: Callable[[int], None] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+             prompt_kwargs: Sequence[Mapping[str, Any] | None] | None = None) -> list[list[str]]:
     """Replies for each prompt (``num_return_sequences`` each), decoded without special tokens.
 
     Left-padded batches of similar length; greedy unless ``do_sample``. Seeded, so sampling is reproducible.
+    ``chat_template_kwargs``: the run's, for the chat template; ``prompt_kwargs``: each prompt row's own
+    ``chat_template_kwargs`` (merged over the run's).
     """
     import torch
 
     was_training = model.training
     model.eval()
-    encoded = _encode(tokenizer, prompts)
+    encoded = _encode(tokenizer, prompts, chat_template_kwargs, prompt_kwargs)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[str]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -140,17 +146,26 @@ def build_pairs(rows: Sequence[dict[str, Any]], samples: Sequence[Sequence[str]]
 def generate_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], score: Callable[[str, str],
                    float | None], *, samples: int = 4, max_new_tokens: int = 48, temperature: float = 1.0,
                    top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], PairStats]:
-    """Sample ``samples`` replies per prompt row and build scored (chosen, rejected) pairs from them."""
+                   progress: Callable[[int], None] | None = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], PairStats]:
+    """Sample ``samples`` replies per prompt row and build scored (chosen, rejected) pairs from them (a row's
+    ``chat_template_kwargs`` merged over the run's, and kept in its pair)."""
     replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                        do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
-                       batch_size=batch_size, seed=seed, progress=progress)
+                       batch_size=batch_size, seed=seed, progress=progress, chat_template_kwargs=chat_template_kwargs,
+                       prompt_kwargs=prompt_kwargs(rows))
     return build_pairs(rows, replies, score)
 
 
+def prompt_kwargs(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any] | None]:
+    """Each prompt row's own ``chat_template_kwargs`` (None where it has none)."""
+    return [r.get("chat_template_kwargs") for r in rows]
+
+
 def read_prompt_rows(source: str) -> list[dict[str, Any]]:
-    """Prompt rows from any file `read_rows` understands: each needs ``prompt`` (text or messages)."""
-    from .data.load import read_rows
+    """Prompt rows from any file `read_rows` understands: each needs ``prompt`` (text or messages), and may carry
+    ``chat_template_kwargs`` (an object, merged over the run's)."""
+    from .data.load import read_rows, template_kwargs_problems
     from .errors import DataError
 
     raw = read_rows(source)
@@ -162,6 +177,8 @@ def read_prompt_rows(source: str) -> list[dict[str, Any]]:
             what = "is missing" if "prompt" not in row else f"is {type(p).__name__}, not text or messages"
             raise DataError(what + ".", source=raw.source, row=n, field="prompt", row_label=raw.row_label,
                             fix="give each row a 'prompt' (text or a list of {role, content} messages)")
+        for problem in template_kwargs_problems(row, n):
+            raise problem.as_error(raw.source, raw.row_label)
     return raw.rows
 
 

@@ -8,6 +8,8 @@ A judge spec is one of
   (None: the judge has no opinion on this prompt, and it is left out of pass rates);
 - ``reward-model:PATH`` (or a local model directory whose config is a sequence classifier): a reward model loaded
   with ``AutoModelForSequenceClassification``; the score is its logit for the chat-formatted (prompt, reply).
+A judge's ``prompt`` is always text: a prompt given as a list of messages (eval_prompts, ``--prompts`` rows) reaches it
+as its last user message's text (`prefalign.generate.prompt_text`), so ``f(prompt, response)`` judges keep working.
 A reply passes when its score is at least ``pass_threshold`` (default 1.0, 0.0 for reward models; a named judge
 whose factory returns a `Judge` brings its own).
 """

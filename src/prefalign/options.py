@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,21 @@ def parse_columns(spec: str | Mapping[str, Any] | None) -> dict[str, str] | None
             raise ConfigError(f"columns: cannot read {part!r}. Fix: write it as prompt=q,chosen=a,rejected=b")
         mapping[name.strip()] = column.strip()
     return mapping or None
+
+
+def parse_template_kwargs(text: str | None) -> dict[str, Any] | None:
+    """``--chat-template-kwargs '{"enable_thinking": false}'`` → the mapping (a one-line error otherwise)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--chat-template-kwargs {text!r} is not JSON ({e.msg}). Fix: write a JSON object, e.g. "
+                          "'{\"enable_thinking\": false}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--chat-template-kwargs {text!r} is not a JSON object. Fix: write e.g. "
+                          "'{\"enable_thinking\": false}'")
+    return value
 
 
 def config_class(method: str) -> type[TrainConfig]:

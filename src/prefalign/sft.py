@@ -96,7 +96,8 @@ class SFTTrainer(_Trainer):
         settings = SFTTokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                        completion_only_loss=getattr(args, "completion_only_loss", None),
                                        assistant_only_loss=getattr(args, "assistant_only_loss", None),
-                                       chat=args.chat_template_for_text, truncation_mode=args.truncation_mode)
+                                       chat=args.chat_template_for_text, truncation_mode=args.truncation_mode,
+                                       chat_template_kwargs=args.chat_template_kwargs)
         return tokenize_sft_rows(raw.rows, self.tokenizer_, settings, source=raw.source, row_numbers=raw.row_numbers,
                                  row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
 

@@ -328,7 +328,8 @@ class _PreferenceTrainer(_Trainer):
     def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
         return TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                 max_completion_length=getattr(args, "max_completion_length", None),
-                                truncation_mode=args.truncation_mode, chat=args.chat_template_for_text)
+                                truncation_mode=args.truncation_mode, chat=args.chat_template_for_text,
+                                chat_template_kwargs=args.chat_template_kwargs)
 
     def _tokenize(self, raw: RawData, args: TrainConfig) -> tuple[list[dict[str, Any]], TokenizeReport]:
         return tokenize_rows(raw.rows, self.tokenizer_, self._tokenize_settings(args), source=raw.source,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, PrefalignError
+from ..options import parse_template_kwargs
 from . import PROG, print_error
 
 COMMANDS_HELP = """\
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     given = bool(args.prompt) or bool(args.prompts)
     if args.json and not given:
         raise ConfigError("--json is for answering given prompts. Fix: add --prompt TEXT or --prompts FILE")
-    sessions = _load(args, options)
+    sessions = _load(args, options, parse_template_kwargs(args.chat_template_kwargs))
     width = shutil.get_terminal_size().columns
     columns = args.layout == "columns" and len(sessions) > 1 and width >= MIN_COLUMNS_WIDTH
     if given:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     return _interactive(sessions, args, options, columns=columns, width=width)
 
 
-def _load(args: argparse.Namespace, options: Any) -> list[tuple[str, Any]]:
+def _load(args: argparse.Namespace, options: Any, kwargs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     """(label, session) per model: the run's model alone ("model"), or "policy" and "reference" with --against."""
     from ..chat import ChatSession, chat_tokenizer_source
     from ..models import load_model, load_tokenizer
@@ -60,7 +61,8 @@ def _load(args: argparse.Namespace, options: Any) -> list[tuple[str, Any]]:
     for label, name in zip(labels, names, strict=True):
         print(f"{PROG}: loading {label} {name} ...", file=sys.stderr, flush=True)
         tokenizer = load_tokenizer(chat_tokenizer_source(name))
-        sessions.append((label, ChatSession(load_model(name), tokenizer, options, system=args.system)))
+        sessions.append((label, ChatSession(load_model(name), tokenizer, options, system=args.system,
+                                            chat_template_kwargs=kwargs)))
     return sessions
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..options import parse_columns
+from ..options import parse_columns, parse_template_kwargs
 from . import PROG, progress_bar
 
 
@@ -21,9 +21,10 @@ def check(args: argparse.Namespace) -> int:
     limits["max_prompt_length"] = args.max_prompt_length
     check_settings(**limits)  # bad options fail before the tokenizer loads
     columns = parse_columns(args.columns)
+    kwargs = parse_template_kwargs(args.chat_template_kwargs)
     model = args.model or DEFAULT_MODEL
     report = check_dataset(args.source, tokenizer=load_tokenizer(model), tokenizer_name=model, split=args.split,
-                           columns=columns, text_format=args.text_format, **limits)
+                           columns=columns, text_format=args.text_format, chat_template_kwargs=kwargs, **limits)
     print(report.to_json() if args.json else report.render_text())
     return 0 if report.ok else 2
 
@@ -38,13 +39,15 @@ def generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples {args.samples} is out of range: must be >= 1.")
     if Path(args.output).exists() and not args.overwrite:
         raise ConfigError(f"{args.output} already exists. Fix: choose another --output or pass --overwrite.")
+    kwargs = parse_template_kwargs(args.chat_template_kwargs)
     rows = read_prompt_rows(args.prompts)
     judge = load_judge(args.judge)
     tok, model = load_tokenizer(args.model), load_model(args.model)
     progress = progress_bar("generating", len(rows))
     pairs, stats = generate_pairs(model, tok, rows, as_score_fn(judge), samples=args.samples,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  batch_size=args.batch_size, seed=args.seed, progress=progress)
+                                  batch_size=args.batch_size, seed=args.seed, progress=progress,
+                                  chat_template_kwargs=kwargs)
     write_jsonl_atomic(args.output, pairs)
     print(f"{PROG}: wrote {args.output}: {stats.line()}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..options import parse_template_kwargs
 from . import PROG, progress_bar
 
 
@@ -19,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.pairs and not args.prompts:
         raise ConfigError("nothing to evaluate. Fix: give --pairs FILE, --prompts FILE, or both.")
+    kwargs = parse_template_kwargs(args.chat_template_kwargs)
     pairs = load_preference_dataset(args.pairs).to_list() if args.pairs else []
     prompts = read_prompt_rows(args.prompts) if args.prompts else []
     judge = load_judge(args.judge, args.pass_threshold)
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_models(policy, reference, tok, judge, policy_name=args.model, reference_name=ref_name,
                              pair_rows=pairs, prompt_rows=prompts, beta=args.beta,
                              edge_cases=() if args.no_edge_cases or not prompts else EDGE_CASE_PROMPTS,
-                             max_new_tokens=args.max_new_tokens, progress=progress_bar)
+                             max_new_tokens=args.max_new_tokens, progress=progress_bar, chat_template_kwargs=kwargs)
     out = args.output_dir or (args.model if Path(args.model).is_dir() else "runs/eval")
     js, md = report.write(out)
     print(report.to_markdown())

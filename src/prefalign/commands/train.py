@@ -156,6 +156,10 @@ def summary_line(trainer: Any, out: Path) -> str:
     for name, report in trainer.data_reports.items():
         if report.skipped:
             parts.append(f"{len(report.skipped)} invalid {name} rows skipped, listed in {runs.DATA_REPORT_FILE}")
+        split = {r["row"] for r in getattr(report, "prompt_rerendered", [])}
+        if split:
+            parts.append(f"{len(split)} {name} rows with the prompt split at the common token prefix (the template "
+                         f"renders it differently alone), listed in {runs.DATA_REPORT_FILE}")
     for key, label in (("loss", "final loss"), ("rewards/accuracies", "reward accuracy"),
                        ("eval_loss", "eval loss"), ("eval_rewards/accuracies", "eval reward accuracy")):
         if key in m:

@@ -19,6 +19,7 @@ on one line, before anything is written.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,9 @@ def load_spec(path: str, set_pairs: Sequence[str] = (), *, overwrite: bool = Fal
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: two runs would share a directory name ({names}). Fix: make the grid's values "
                           "distinct")
+    # the runs' chat_template_kwargs (a base key) render the held-out data too, as the runs rendered their data
+    kwargs = runs[0].plan.options.get("chat_template_kwargs") if runs else None
+    settings["chat_template_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
     return CompareSpec(path, out, model, str(eval_dataset) if eval_dataset else None,
                        str(eval_prompts) if eval_prompts else None, runs, settings)
 

@@ -102,7 +102,7 @@ def run_compare(spec: CompareSpec, *, resume: bool = False, overwrite: bool = Fa
     judge = load_judge(str(s["judge"]), s["pass_threshold"]) if s["judge"] else NO_JUDGE
     tokenizer = load_tokenizer(spec.model)
     held = Heldout(pairs, prompts, judge, EDGE_CASE_PROMPTS if s["edge_cases"] and prompts else (),
-                   max_new_tokens=int(s["max_new_tokens"]))
+                   max_new_tokens=int(s["max_new_tokens"]), chat_template_kwargs=s.get("chat_template_kwargs"))
     key = held.key(spec.model)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     base_model = load_model(spec.model)

@@ -44,14 +44,19 @@ class Scores:
 
 
 def reply_logps(model: Any, tokenizer: Any, prompts: Sequence[Any], replies: Sequence[str], *, max_length: int,
-                progress: Callable[[int], None] | None = None) -> tuple[list[float], list[int]]:
+                progress: Callable[[int], None] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+                prompt_kwargs: Sequence[Mapping[str, Any] | None] | None = None) -> tuple[list[float], list[int]]:
     """Summed log-probs of each reply under ``model`` and its token count, through the pairs fast path (each reply
-    as both sides of a pair, so nothing new is needed to score it)."""
+    as both sides of a pair, so nothing new is needed to score it). Prompts are text or messages;
+    ``chat_template_kwargs`` / ``prompt_kwargs``: the run's and each prompt row's, as generation used them."""
     from ..data.tokenize import TokenizeSettings, tokenize_rows
 
-    rows = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, replies, strict=True)]
-    summed, _ = sequence_logps(model, tokenizer, rows, max_length=max_length, progress=progress)
-    ids, _ = tokenize_rows(rows, tokenizer, TokenizeSettings(max_length=max_length))
+    rows = [{"prompt": p, "chosen": r, "rejected": r, "chat_template_kwargs": kw}
+            for p, r, kw in zip(prompts, replies, prompt_kwargs or [None] * len(prompts), strict=True)]
+    summed, _ = sequence_logps(model, tokenizer, rows, max_length=max_length, progress=progress,
+                               chat_template_kwargs=chat_template_kwargs)
+    ids, _ = tokenize_rows(rows, tokenizer, TokenizeSettings(max_length=max_length,
+                                                              chat_template_kwargs=chat_template_kwargs))
     return summed.tolist(), [len(pair["chosen_ids"]) for pair in ids]
 
 
@@ -66,9 +71,13 @@ class Heldout:
     max_new_tokens: int = 48
     max_length: int = 1024
     batch_size: int = 16
+    chat_template_kwargs: dict[str, Any] | None = None  # the recipe's, for every rendering
 
     def prompt_list(self) -> list[Any]:
         return [r["prompt"] for r in self.prompts]
+
+    def prompt_kwargs(self) -> list[Any]:
+        return [r.get("chat_template_kwargs") for r in self.prompts]
 
     def key(self, model: str) -> dict[str, Any]:
         """What a cached ``scores.json`` depends on: the reference model, the data, the judge and lengths."""
@@ -76,7 +85,7 @@ class Heldout:
                                            default=str).encode()).hexdigest()
         return {"reference": model, "data": digest, "judge": getattr(self.judge, "name", None),
                 "pass_threshold": getattr(self.judge, "pass_threshold", None), "max_new_tokens": self.max_new_tokens,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "chat_template_kwargs": self.chat_template_kwargs}
 
 
 Progress = Callable[[str, int], Callable[[int], None] | None]
@@ -92,12 +101,14 @@ def score_model(model: Any, tokenizer: Any, held: Heldout, *, reference: Any = N
     out = Scores()
     if held.pairs:
         chosen, rejected = sequence_logps(model, tokenizer, held.pairs, max_length=held.max_length,
-                                          progress=progress("scoring held-out pairs", len(held.pairs)))
+                                          progress=progress("scoring held-out pairs", len(held.pairs)),
+                                          chat_template_kwargs=held.chat_template_kwargs)
         out.pair_chosen, out.pair_rejected = chosen.tolist(), rejected.tolist()
     if held.prompts:
         run = run_generations(model, tokenizer, held.prompt_list(), held.judge, edge_cases=held.edge_cases,
                               max_new_tokens=held.max_new_tokens, batch_size=held.batch_size,
-                              progress=progress("generating held-out replies", len(held.prompts)))
+                              progress=progress("generating held-out replies", len(held.prompts)),
+                              chat_template_kwargs=held.chat_template_kwargs, prompt_kwargs=held.prompt_kwargs())
         out.replies, out.scores, out.edge_replies = run.replies, run.scores, run.edge_replies
         if reference is not None:
             add_kl(out, model, reference, tokenizer, held, progress)
@@ -108,10 +119,12 @@ def add_kl(scores: Scores, model: Any, reference: Any, tokenizer: Any, held: Hel
            progress: Progress = _none) -> None:
     """Fill in the KL terms of ``scores`` from its replies (the demo reuses replies it already generated)."""
     prompts, replies = held.prompt_list(), scores.replies or []
+    kw = {"chat_template_kwargs": held.chat_template_kwargs, "prompt_kwargs": held.prompt_kwargs()}
     scores.reply_logps, scores.reply_tokens = reply_logps(
-        model, tokenizer, prompts, replies, max_length=held.max_length, progress=progress("KL: policy", len(replies)))
+        model, tokenizer, prompts, replies, max_length=held.max_length, progress=progress("KL: policy", len(replies)),
+        **kw)
     scores.reply_ref_logps, _ = reply_logps(reference, tokenizer, prompts, replies, max_length=held.max_length,
-                                            progress=progress("KL: reference", len(replies)))
+                                            progress=progress("KL: reference", len(replies)), **kw)
 
 
 def write_scores(path: Path, scores: Scores, key: Mapping[str, Any]) -> None:

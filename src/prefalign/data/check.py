@@ -74,6 +74,8 @@ class CheckReport:
     lengths: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in LENGTH_PARTS})
     # Row numbers: prompt cut (max_prompt_length), a reply cut (max_length), rejected (prompt leaves no room).
     cut: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "reply": [], "no_room": []})
+    # rows trained with the prompt split at the longest common token prefix: {"row", "field"} (see data/tokenize.py)
+    rerendered: list[dict[str, Any]] = field(default_factory=list)
     # unpaired rows (KTO): label types over all rows, class balance over the valid ones, TRL's weight warning
     labels: dict[str, Any] | None = None
     sft_kind: str | None = None  # SFT rows (data/sft.py): text, messages, prompt_completion or preference
@@ -154,6 +156,13 @@ class CheckReport:
                              f"{len(cut['reply'])} row(s) with a reply cut{_shown_rows(cut['reply'], label)}, "
                              f"{len(cut['no_room'])} row(s) rejected (prompt leaves no room)"
                              f"{_shown_rows(cut['no_room'], label)}")
+            if self.rerendered:
+                shown = ", ".join(f"{r['row']} ({r['field']})" for r in self.rerendered[:10]) + (
+                    " ..." if len(self.rerendered) > 10 else "")
+                lines.append(f"prompt split: {len({r['row'] for r in self.rerendered})} row(s) whose templated "
+                             "prompt is not a token prefix of prompt + reply (the chat template renders it "
+                             "differently alone, or tokens merge at the boundary) are trained from the longest "
+                             f"common prefix, as TRL >= 1.14: {label}s {shown}")
         if self.findings:
             lines.append(f"problems ({len(fatal)} error(s), {len(warnings)} warning(s)):")
             lines += [f"  {'error' if f.fatal else 'warning'}: {f.text}" for f in self.findings]
@@ -174,6 +183,7 @@ class CheckReport:
                 "prompt_cut_rows": self.cut["prompt"] if measured else None,
                 "reply_cut_rows": self.cut["reply"] if measured else None,
                 "no_room_rows": self.cut["no_room"] if measured else None,
+                "prompt_rerendered_rows": self.rerendered if measured else None,
                 "problems": [{"row": f.row, "severity": "error" if f.fatal else "warning", "message": f.text}
                              for f in self.findings],
                 "skip_would_leave_out_rows": self.skipped_rows,
@@ -282,14 +292,18 @@ def _measure_sft(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, rep
 
     s = report.settings
     report.lengths = {"sequence": [], "loss tokens": []}
-    whole = SFTTokenizeSettings(max_length=None, chat=s.chat)
-    limited = SFTTokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length, chat=s.chat)
+    kw = s.chat_template_kwargs
+    whole = SFTTokenizeSettings(max_length=None, chat=s.chat, chat_template_kwargs=kw)
+    limited = SFTTokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length, chat=s.chat,
+                                  chat_template_kwargs=kw)
     for n, row in rows:
+        rerendered: list[str] = []
         try:
-            example, _ = tokenize_sft_row(row, tokenizer, whole)
+            example, _ = tokenize_sft_row(row, tokenizer, whole, rerendered=rerendered)
         except DataError as err:
             report.add_error(err, n)
             continue
+        report.rerendered.extend({"row": n, "field": f} for f in rerendered)
         report.lengths["sequence"].append(len(example["input_ids"]))
         report.lengths["loss tokens"].append(sum(example["loss_mask"]))
         try:
@@ -310,11 +324,13 @@ def _measure(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report:
     settings = report.settings
     chat = settings.chat and bool(report.chat_template)
     for n, row in rows:
+        rerendered: list[str] = []
         try:
-            pair = tokenize_example(to_example(row, chat=chat), tokenizer, settings)
+            pair = tokenize_example(to_example(row, chat=chat), tokenizer, settings, rerendered=rerendered)
         except DataError as err:
             report.add_error(err, n)
             continue
+        report.rerendered.extend({"row": n, "field": f} for f in rerendered)
         lp, lc, lr = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
         for part, length in zip(LENGTH_PARTS, (lp, lc, lr, lp + max(lc, lr)), strict=True):
             report.lengths[part].append(length)
@@ -342,6 +358,7 @@ def check_dataset(
     text_format: str = "auto",
     pairing: str = "best_worst",
     min_score_margin: float = 0.0,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> CheckReport:
     """Check a preference dataset as training would read it, listing every problem instead of the first.
 
@@ -349,12 +366,13 @@ def check_dataset(
     tokenised as training would (chat template included) to measure token lengths and count what ``max_length`` /
     ``max_prompt_length`` (validated by `PreferenceConfig`'s rules; the defaults are its defaults) would cut or
     reject; ``tokenizer=None`` skips that. ``tokenizer_name`` labels the tokenizer in the report (default: its
-    ``name_or_path``).
+    ``name_or_path``). ``chat_template_kwargs``: the run's (a row's own are merged over them).
 
     Problems with the data never raise: they are findings in the report (``report.ok`` says whether training would
     accept the data). Invalid ``max_length`` / ``max_prompt_length`` raise `ConfigError`.
     """
     settings = check_settings(max_length, max_prompt_length)
+    settings.chat_template_kwargs = chat_template_kwargs
     report = CheckReport(source_name(source), settings, text_format=text_format, pairing=pairing,
                          min_score_margin=min_score_margin)
     if tokenizer is not None:

@@ -37,6 +37,7 @@ class Example:
     chosen: Messages | str
     rejected: Messages | str
     conversational: bool
+    chat_template_kwargs: Mapping[str, Any] | None = None  # the row's own (TRL's column), merged over the run's
 
 
 def is_messages(value: Any) -> bool:
@@ -54,7 +55,8 @@ def detect_format(row: Mapping[str, Any]) -> DataFormat:
     )
 
 
-def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` share (messages, characters or token ids)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -89,6 +91,10 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
     """
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     system = row.get("system")
+    kwargs = row.get("chat_template_kwargs")  # load.py validated it: a mapping or None
+    if is_messages(prompt) and prompt and isinstance(chosen, str) and isinstance(rejected, str):
+        # a conversation prompt with text replies (held-out prompts scored by compare / eval): assistant turns
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     conversational = is_messages(chosen)
 
     def fail(message: str, fix: str, field: str | None = None) -> DataError:
@@ -96,7 +102,7 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
 
     if prompt is None or prompt == []:
         if conversational:
-            n = _common_prefix_len(chosen, rejected)
+            n = common_prefix_len(chosen, rejected)
             while n > 0 and chosen[n - 1].get("role") == "assistant" and n == min(len(chosen), len(rejected)):
                 n -= 1  # never swallow the reply being compared
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
@@ -104,7 +110,7 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
                 raise fail("chosen and rejected share no leading messages, so there is no prompt.",
                            "add a prompt column, or start both conversations with the same user turn")
         else:
-            n = _common_prefix_len(chosen, rejected)
+            n = common_prefix_len(chosen, rejected)
             if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
                 n -= 1  # the space before the first differing word belongs to the replies (as TRL)
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
@@ -118,13 +124,13 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
         if system is not None and (not prompt_msgs or prompt_msgs[0]["role"] != "system"):
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         chosen, rejected = (_without_prompt(_messages(m), prompt_msgs) for m in (chosen, rejected))
-        return Example(prompt_msgs, chosen, rejected, True)
+        return Example(prompt_msgs, chosen, rejected, True, kwargs)
     if chat:
         prompt_msgs = [{"role": "user", "content": prompt}]
         if system is not None:
             prompt_msgs.insert(0, {"role": "system", "content": system})
         return Example(prompt_msgs, [{"role": "assistant", "content": chosen}],
-                       [{"role": "assistant", "content": rejected}], True)
+                       [{"role": "assistant", "content": rejected}], True, kwargs)
     if system is not None:
         prompt = f"{system}\n\n{prompt}"
-    return Example(prompt, chosen, rejected, False)
+    return Example(prompt, chosen, rejected, False, kwargs)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from .format import is_messages
 
 logger = logging.getLogger("prefalign")
 
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system", "chat_template_kwargs")
 REQUIRED_COLUMNS = ("chosen", "rejected")
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # any file format, compressed
@@ -263,6 +264,126 @@ def _from_hf_dataset(ds: Any, source: str, kind: str, split: str) -> RawData:
     return RawData(source, kind, rows, list(ds.column_names), "row", list(range(1, len(rows) + 1)))
 
 
+_SHARD = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # data/train-00000-of-00003.parquet
+
+
+def _split_of(path: Path) -> str:
+    """The split a data file serves, read off its name as `datasets` lays files out: ``<split>.<ext>`` or
+    ``<split>-NNNNN-of-NNNNN.<ext>`` (dots inside the split name, as ``OpenThoughts3_1.2M_think``, are kept)."""
+    stem = path.name[: -len(path.suffix)]
+    if _compression(path):  # pairs.jsonl.gz: both suffixes
+        stem = stem[: -len(Path(stem).suffix)]
+    m = _SHARD.match(stem)
+    return m.group("split") if m else stem
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _format_suffix(p) in FILE_EXTENSIONS) \
+        if folder.is_dir() else []
+
+
+def _readme_configs(path: Path, text: str) -> list[dict[str, Any]] | None:
+    """The ``configs:`` of a dataset card's YAML header (an ``hf download`` snapshot), or None without one."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    card = readme.read_text(encoding="utf-8", errors="replace")
+    if not card.startswith("---"):
+        return None
+    header = card[3:].split("\n---", 1)[0]
+    import yaml
+
+    try:
+        meta = yaml.safe_load(header) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"README.md's YAML header is unreadable ({str(e).splitlines()[0]}).", source=text,
+                        fix="fix the dataset card's header, or point at the data file itself") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else None
+
+
+def _config_files(path: Path, text: str, configs: list[dict[str, Any]], config: str | None) -> dict[str, list[Path]]:
+    """``{split: files}`` of one README ``configs:`` entry, picked as datasets.load_dataset(dir, name) picks it."""
+    names = [str(c.get("config_name", "default")) for c in configs]
+    if config is None:
+        chosen = [c for c in configs if c.get("default")] or [
+            c for c, n in zip(configs, names, strict=True) if n == "default"] or (configs if len(configs) == 1 else [])
+        if not chosen:
+            raise DataError(f"holds several configs ({', '.join(names)}) and none is the default.", source=text,
+                            fix="name one with config: (TRL's name:, the CLI's --config)")
+    else:
+        chosen = [c for c, n in zip(configs, names, strict=True) if n == config]
+        if not chosen:
+            raise DataError(f"has no config '{config}' (configs in README.md: {', '.join(names)}).", source=text,
+                            fix=f"use config: one of {', '.join(names)}")
+    spec = chosen[0].get("data_files")
+    entries = [{"split": "train", "path": spec}] if isinstance(spec, (str, list)) and (
+        isinstance(spec, str) or all(isinstance(x, str) for x in spec)) else spec
+    if isinstance(spec, dict):
+        entries = [{"split": k, "path": v} for k, v in spec.items()]
+    out: dict[str, list[Path]] = {}
+    for entry in entries or []:
+        patterns = entry.get("path") if isinstance(entry, dict) else None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            out.setdefault(str(entry.get("split", "train")), []).extend(
+                sorted(p for p in path.glob(str(pattern)) if p.is_file() and _format_suffix(p) in FILE_EXTENSIONS))
+    return out
+
+
+def _read_directory(path: Path, text: str, split: str, config: str | None,
+                    collect: list[Problem] | None) -> RawData:
+    """A directory of data files, read as datasets.load_dataset(dir, config, split=split) reads one: the README's
+    ``configs:`` header if it has one (an ``hf download`` snapshot), else ``<split>.<ext>`` or
+    ``<split>-NNNNN-of-NNNNN.<ext>`` files in it or in ``data/`` (in ``<config>/`` when a config is named); a
+    directory whose files name no split serves them as ``train``, as datasets does. A missing split or config is an
+    error naming those there are."""
+    configs = _readme_configs(path, text)
+    if configs:
+        splits = _config_files(path, text, configs, config)
+    else:
+        root = path
+        if config is not None and config != "default":
+            subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and _data_files(p))
+            if config not in subdirs:
+                raise DataError(f"has no config '{config}': no README.md configs: header and no folder "
+                                f"'{config}/' of data files (folders: {', '.join(subdirs) or 'none'}).", source=text,
+                                fix="drop config:, or point at the folder of that config's files")
+            root = path / config
+        files = _data_files(root) + _data_files(root / "data")
+        splits = {}
+        for f in files:
+            splits.setdefault(_split_of(f), []).append(f)
+        if split not in splits and split == "train" and files and not set(splits) & _SPLIT_NAMES:
+            splits = {"train": files}  # files that name no split are the train split (datasets' rule)
+    wanted = splits.get(split)
+    if not wanted:
+        found = ", ".join(sorted(s for s, f in splits.items() if f)) or "none"
+        raise DataError(f"has no split '{split}' (splits: {found}).", source=text,
+                        fix=f"pass split= one of {found}" if splits else "put <split>.jsonl (or .parquet, ...) files "
+                            "in it, or point at a file")
+    if len(wanted) == 1:
+        return read_rows(wanted[0], split, collect)
+    # shards of one split: numbered on through the files in order (shard 2's first row follows shard 1's last)
+    rows, numbers, kinds, labels, offset = [], [], set(), set(), 0
+    for f in wanted:
+        before = len(collect) if collect is not None else 0
+        part = read_rows(f, split, collect)
+        new = collect[before:] if collect is not None else []
+        last = max([*part.row_numbers, *(p.row for p in new)], default=0)
+        for p in new:
+            p.row += offset
+        rows += part.rows
+        numbers += [n + offset for n in part.row_numbers]
+        kinds.add(part.kind)
+        labels.add(part.row_label)
+        offset += last
+    return RawData(text, kinds.pop() if len(kinds) == 1 else "files", rows, _columns_of(rows),
+                   labels.pop() if len(labels) == 1 else "row", numbers)
+
+
+_SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval", "training", "testing", "val"}
+
+
 def read_rows(source: str | os.PathLike | Any, split: str = "train",
               collect_errors: list[Problem] | None = None, config: str | None = None) -> RawData:
     """Read rows from any supported source without validating them.
@@ -291,14 +412,12 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
                 raise DataError(f"cannot load saved dataset: {str(e).splitlines()[0]}", source=text,
                                 fix="point at a directory written by Dataset.save_to_disk") from None
             return _from_hf_dataset(ds, text, "datasets", split)
-        files = sorted(p for p in path.iterdir() if _format_suffix(p) in FILE_EXTENSIONS)
-        wanted = [p for p in files if p.name.split("-")[0].split(".")[0] == split] or files
-        if len(wanted) != 1:
-            found = ", ".join(p.name for p in files) or "no data files"
-            raise DataError(f"directory holds {found}; cannot tell which file is the '{split}' split.", source=text,
-                            fix="pass the file itself, or name it <split>.jsonl")
-        return read_rows(wanted[0], split, collect_errors)
+        return _read_directory(path, text, split, config, collect_errors)
     if path.exists():
+        if config not in (None, "default"):
+            raise DataError(f"is one file, which has no config '{config}'.", source=text,
+                            fix="drop config:, or point at the dataset's folder (README.md configs: or "
+                                "<config>/ folders)")
         ext = _format_suffix(path)
         readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
         if ext not in FILE_EXTENSIONS:
@@ -319,6 +438,20 @@ def read_rows(source: str | os.PathLike | Any, split: str = "train",
         raise DataError(f"not a local file and could not be loaded from the hub ({first}).", source=text,
                         fix="check the path, or the dataset id and your network / HF_HUB_OFFLINE") from None
     return _from_hf_dataset(ds, text, "hub", split)
+
+
+def select_columns(raw: RawData, names: Sequence[str] | None) -> RawData:
+    """Keep only ``names`` (alignment-handbook's ``columns: [...]``, its ``Dataset.select_columns``): e.g.
+    orca_dpo_pairs with ``[chosen, rejected]`` drops its text ``prompt`` and the prompt is the conversations' shared
+    start. A name the data lacks is an error naming the columns found."""
+    if names is None:
+        return raw
+    missing = [c for c in names if c not in raw.columns]
+    if missing:
+        raise DataError(f"columns: {', '.join(missing)} not in the data (found: {', '.join(raw.columns) or 'none'}).",
+                        source=raw.source, fix="list columns the data has")
+    keep = list(dict.fromkeys(names))
+    return replace(raw, rows=[{c: r[c] for c in keep if c in r} for r in raw.rows], columns=keep)
 
 
 def map_columns(raw: RawData, columns: Mapping[str, str] | None, schema: RowSchema | None = None) -> RawData:
@@ -365,6 +498,15 @@ def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
             yield Problem(row, where, f"content is {_type_name(m['content'])}, not text.", "make content a string")
 
 
+def template_kwargs_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
+    """A row's ``chat_template_kwargs`` (TRL's column, e.g. ``{"enable_thinking": false}``) must be a mapping."""
+    v = r.get("chat_template_kwargs")
+    if v is None or (isinstance(v, Mapping) and all(isinstance(k, str) for k in v)):
+        return []
+    return [Problem(n, "chat_template_kwargs", f"is {_type_name(v)}; expected an object of keyword arguments for "
+                    "the chat template.", 'write e.g. {"enable_thinking": false}, or null')]
+
+
 def _type_name(v: Any) -> str:
     return "null" if v is None else {"int": "a number", "float": "a number", "bool": "a boolean",
                                      "dict": "an object", "list": "a list", "str": "text"}.get(type(v).__name__,
@@ -400,6 +542,7 @@ def validate_rows(raw: RawData) -> list[Problem]:
                 want = "text" if name == "system" else "text or a list of {role, content} messages"
                 row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
                                             f"store {name} as {want}"))
+        row_problems.extend(template_kwargs_problems(r, n))
         if not any(p.fatal for p in row_problems):
             kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
             # a text prompt before message replies is a user turn (ultrafeedback_binarized's shape); not the reverse
@@ -503,8 +646,11 @@ def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
                     name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
                     pairing: str = "best_worst", min_score_margin: float = 0.0, seed: int = 0,
-                    config: str | None = None, schema: RowSchema | None = None) -> tuple[RawData, list[Problem]]:
+                    config: str | None = None, schema: RowSchema | None = None,
+                    select: Sequence[str] | None = None) -> tuple[RawData, list[Problem]]:
     """Read, map, convert and validate rows; return the rows and the non-fatal problems (warnings).
+
+    ``select``: the only columns read (alignment-handbook's list form of ``columns``; see select_columns).
 
     Scored completions are paired first (``pairing``, ``min_score_margin``, ``seed``: data/scored.py).
     ``on_invalid_row="error"``: raise on the first row that cannot be trained on. ``"skip"``: leave such rows out
@@ -520,7 +666,7 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
-    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns, schema)
+    raw = map_columns(pair_scored_rows(select_columns(raw, select), pairing, min_score_margin, seed), columns, schema)
     return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name), schema=schema)
 
 

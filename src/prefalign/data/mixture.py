@@ -34,21 +34,22 @@ from typing import Any
 
 from ..errors import ConfigError
 from .format import is_messages, to_example
-from .load import PREFERENCE_ROWS, Problem, RawData, RowSchema, as_dataset, read_valid_rows
+from .load import PREFERENCE_ROWS, Problem, RawData, as_dataset, read_valid_rows
 
 _MEMBER_KEYS = {"id", "path", "split", "config", "columns", "weight"}
 _TRL_MEMBER_KEYS = {"name": "config", "fraction": "weight"}  # TRL's DatasetConfig names
 _BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets.load_dataset builders that data_files go with
 
 
-def _member_columns(columns: Any, where: str, schema: RowSchema = PREFERENCE_ROWS) -> dict[str, str] | None:
-    """alignment-handbook's list of columns to keep, or prefalign's mapping onto canonical names."""
+def _member_columns(columns: Any, where: str) -> tuple[dict[str, str] | None, list[str] | None]:
+    """``(mapping, selection)``: prefalign's mapping onto canonical names, or alignment-handbook's list of the
+    columns to keep (its ``select_columns``: the others are dropped before anything reads them)."""
     if columns is None:
-        return None
+        return None, None
     if isinstance(columns, Mapping):
-        return {str(k): str(v) for k, v in columns.items()}
-    if isinstance(columns, list) and all(isinstance(c, str) for c in columns):
-        return {c: c for c in columns if c in schema.columns} or None
+        return {str(k): str(v) for k, v in columns.items()}, None
+    if isinstance(columns, list) and columns and all(isinstance(c, str) for c in columns):
+        return None, list(columns)
     raise ConfigError(f"{where}: columns={columns!r} is neither a list of column names nor a mapping. Fix: write "
                       "columns: [prompt, chosen, rejected] or columns: {chosen: good, rejected: bad}")
 
@@ -116,9 +117,8 @@ def _mix(members: list[Any], part: str, seed: int, options: Mapping[str, Any] | 
             raise ConfigError(f"{where}: weight={weight!r} is out of range. Fix: a fraction in (0, 1] of that "
                               "dataset's rows")
         config = member.get("config")
-        raw, _ = read_valid_rows(source, str(member.get("split", "train")),
-                                 _member_columns(member.get("columns"), where,
-                                                 (options or {}).get("schema") or PREFERENCE_ROWS),
+        mapping, select = _member_columns(member.get("columns"), where)
+        raw, _ = read_valid_rows(source, str(member.get("split", "train")), mapping, select=select,
                                  config=None if config is None else str(config), **dict(options or {}))
         order = list(range(len(raw.rows)))
         random.Random(seed * 7919 + i).shuffle(order)

@@ -139,7 +139,8 @@ def prepare_rows(source: Any, settings: PrepareSettings, tokenizer: Any = None
                 continue
         seen_pairs.add(key)
         seen_prompts.add(prompt_key)
-        out.append({"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected, "source_row": n})
+        kwargs = {"chat_template_kwargs": dict(ex.chat_template_kwargs)} if ex.chat_template_kwargs else {}
+        out.append({"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected, **kwargs, "source_row": n})
     report.written = len(out)
     return out, report
 

@@ -16,14 +16,23 @@ skipped under ``on_invalid_row: skip``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
 from .format import is_messages, to_example
-from .load import Problem, RawData, RowSchema, _check_messages, _type_name, duplicate_of, validate_rows
-from .tokenize import TokenizeReport, _template, has_chat_template, tokenize_replies
+from .load import (
+    Problem,
+    RawData,
+    RowSchema,
+    _check_messages,
+    _type_name,
+    duplicate_of,
+    template_kwargs_problems,
+    validate_rows,
+)
+from .tokenize import TokenizeReport, _template, has_chat_template, template_kwargs, tokenize_replies
 
 SFT_KINDS = ("text", "messages", "prompt_completion", "preference")
 
@@ -101,7 +110,7 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
         if kind == "preference":
             continue  # validated above
         row_problems = {"text": _text_problems, "messages": _messages_problems,
-                        "prompt_completion": _prompt_completion_problems}[kind](r, n)
+                        "prompt_completion": _prompt_completion_problems}[kind](r, n) + template_kwargs_problems(r, n)
         if not any(p.fatal for p in row_problems):
             row_problems.extend(duplicate_of(seen, [r.get(c) for c in ("system", "text", "messages", "prompt",
                                                                        "completion")], n, raw.row_label))
@@ -110,7 +119,7 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
 
 
 SFT_ROWS = RowSchema(
-    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system"),
+    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system", "chat_template_kwargs"),
     (("messages",), ("text",), ("completion",), ("chosen",)), validate_sft_rows,
     {"text": ("content", "document"), "messages": ("conversations", "conversation", "chat"),
      "completion": ("response", "output", "answer", "target")},
@@ -130,17 +139,19 @@ class SFTTokenizeSettings:
     completion_only_loss: bool | None = None
     assistant_only_loss: bool | None = None
     chat: bool = True
+    chat_template_kwargs: Mapping[str, Any] | None = None  # the run's; a row's own are merged over them
 
 
-def _assistant_mask(messages: list[dict], tokenizer: Any, ids: list[int], where: dict[str, Any]) -> list[int]:
+def _assistant_mask(messages: list[dict], tokenizer: Any, ids: list[int], where: dict[str, Any],
+                    kw: Mapping[str, Any]) -> list[int]:
     """1 on the tokens of every assistant turn (its content and end-of-turn tokens), found by rendering the
     conversation up to each assistant turn: the tokens between the generation prompt and the turn's end."""
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_template(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        upto = _template(tokenizer, messages[:i + 1])
+        start = len(_template(tokenizer, messages[:i], add_generation_prompt=True, **kw)) if i else 0
+        upto = _template(tokenizer, messages[:i + 1], **kw)
         if ids[:len(upto)] != upto or start > len(upto):
             raise DataError(f"the chat template renders the conversation up to message {i} differently from the "
                             "whole conversation, so its assistant tokens cannot be located.", **where,
@@ -151,10 +162,12 @@ def _assistant_mask(messages: list[dict], tokenizer: Any, ids: list[int], where:
 
 
 def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenizeSettings, *, row: int | None = None,
-                     source: str | None = None, row_label: str = "row") -> tuple[dict[str, list[int]], bool]:
+                     source: str | None = None, row_label: str = "row",
+                     rerendered: list[str] | None = None) -> tuple[dict[str, list[int]], bool]:
     """``({"input_ids", "loss_mask"}, cut)`` for one validated row (``data``); ``cut``: max_length or
-    max_prompt_length cut it."""
+    max_prompt_length cut it. ``rerendered``: as tokenize_replies' (a prompt split at the common prefix)."""
     where = {"source": source, "row": row, "row_label": row_label}
+    kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"))
     kind = row_kind(data)
     cut = False
     if kind == "text":
@@ -170,12 +183,12 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
         messages = [{"role": str(m["role"]), "content": m["content"]} for m in data["messages"]]
         if data.get("system") is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": data["system"]})
-        ids = _template(tokenizer, messages)
+        ids = _template(tokenizer, messages, **kw)
         if settings.assistant_only_loss is not False:
             if not any(m["role"] == "assistant" for m in messages):
                 raise DataError("has no assistant message, so no token would carry the loss.", **where,
                                 field="messages", fix="add the assistant reply, or set assistant_only_loss: false")
-            mask = _assistant_mask(messages, tokenizer, ids, where)
+            mask = _assistant_mask(messages, tokenizer, ids, where, kw)
         else:
             mask = [1] * len(ids)
     else:
@@ -183,7 +196,7 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
                                                                     settings.chat, where)
         field = "completion" if kind == "prompt_completion" else "chosen"
         out = tokenize_replies(prompt, {"completion": completion}, conversational, tokenizer, **where,
-                               fields={"completion": field})
+                               fields={"completion": field}, template_kwargs=kw, rerendered=rerendered)
         prompt_ids = out["prompt_ids"]
         if settings.max_prompt_length is not None and len(prompt_ids) > settings.max_prompt_length:
             prompt_ids, cut = prompt_ids[-settings.max_prompt_length:], True
@@ -235,7 +248,9 @@ def tokenize_sft_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: 
     out = []
     for i, (r, n) in enumerate(zip(rows, numbers, strict=True)):
         try:
-            example, cut = tokenize_sft_row(r, tokenizer, settings, row=n, source=source, row_label=row_label)
+            rerendered: list[str] = []
+            example, cut = tokenize_sft_row(r, tokenizer, settings, row=n, source=source, row_label=row_label,
+                                            rerendered=rerendered)
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -243,5 +258,6 @@ def tokenize_sft_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: 
             continue
         if cut:
             report.sequence_truncated.append(n)
+        report.prompt_rerendered.extend({"row": n, "field": f} for f in rerendered)
         out.append(example)
     return out, report

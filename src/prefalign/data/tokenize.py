@@ -1,19 +1,21 @@
 """Token ids for each pair: prompt ids, chosen ids, rejected ids, with truncation counted, never silent.
 
 The chat template is applied once to the prompt (with the generation prompt) and once to prompt + reply; the
-completion is exactly the tokens after the prompt. If the prompt does not tokenize as a prefix of prompt + reply
-(a template that rewrites earlier turns, or text whose boundary merges into one token), that is an error: guessing
-would train on tokens the model never produces.
+completion is the tokens of prompt + reply after the longest prefix they share with the prompt's (as TRL >= 1.14).
+Usually that is the whole prompt; a template that renders the prompt alone differently (Gemma's, a reasoning
+template that drops earlier ``<think>`` blocks, a generation-prompt suffix the full conversation lacks) or text whose
+boundary merges into one token leaves the prompt's differing end out. Such rows are trained, and counted and listed
+(row + field) in ``TokenizeReport.prompt_rerendered``, never silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError, row_list
-from .format import Example, to_example
+from .format import Example, common_prefix_len, to_example
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TokenizeSettings:
     # TRL's ORPOTrainer adds these at token level; reproduced only in ORPOConfig(trl_compat=True).
     ensure_bos: bool = False
     ensure_eos: bool = False
+    # the run's chat_template_kwargs (TRL's name), passed to every apply_chat_template; a row's own override them
+    chat_template_kwargs: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -46,6 +50,9 @@ class TokenizeReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     converted_from: str | None = None  # a published format the rows were converted from
     pairing: dict[str, Any] | None = None  # scored completions paired (data/scored.py's counts)
+    # rows whose templated prompt is not a token prefix of prompt + reply, split at the longest common prefix:
+    # {"row", "field"} (the reply's column)
+    prompt_rerendered: list[dict[str, Any]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = []
@@ -59,6 +66,13 @@ class TokenizeReport:
                 " ..." if len(self.skipped) > 3 else "")
             out.append(f"{len(self.skipped)} invalid rows skipped (on_invalid_row=skip; all listed in "
                        f"data_report.json): {shown}")
+        if self.prompt_rerendered:
+            rows = sorted({r["row"] for r in self.prompt_rerendered})
+            shown = "; ".join(f"{r['row']} ({r['field']})" for r in self.prompt_rerendered[:3]) + (
+                " ..." if len(self.prompt_rerendered) > 3 else "")
+            out.append(f"{len(rows)} of {self.rows} rows trained with the prompt split at the longest token prefix "
+                       "it shares with prompt + reply (the chat template renders the prompt alone differently, or "
+                       f"tokens merge at the boundary; all listed in data_report.json): {shown}")
         for name, rows in (("prompts cut to max_prompt_length", self.prompt_truncated),
                            ("chosen replies cut to max_length / max_completion_length", self.chosen_truncated),
                            ("rejected replies cut to max_length / max_completion_length", self.rejected_truncated),
@@ -83,11 +97,20 @@ def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
     return _ids(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs))
 
 
+def template_kwargs(run: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments for apply_chat_template: a row's ``chat_template_kwargs`` merged over the run's (as
+    TRL 1.16). A row key whose value is None is left out: `datasets` fills the keys other rows use with None."""
+    return {**(run or {}), **{k: v for k, v in (row or {}).items() if v is not None}}
+
+
 def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
-                     source: str | None = None, row_label: str = "row") -> dict[str, list[int]]:
-    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one pair, before truncation."""
+                     source: str | None = None, row_label: str = "row",
+                     rerendered: list[str] | None = None) -> dict[str, list[int]]:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one pair, before truncation; ``rerendered`` (see
+    tokenize_replies) collects the replies whose prompt was split at the common prefix."""
     out = tokenize_replies(ex.prompt, {"chosen": ex.chosen, "rejected": ex.rejected}, ex.conversational, tokenizer,
-                           row=row, source=source, row_label=row_label)
+                           row=row, source=source, row_label=row_label, rerendered=rerendered,
+                           template_kwargs=template_kwargs(settings.chat_template_kwargs, ex.chat_template_kwargs))
     if settings.ensure_bos and tokenizer.bos_token_id is not None and out["prompt_ids"][:1] != [
             tokenizer.bos_token_id]:
         out["prompt_ids"] = [tokenizer.bos_token_id] + out["prompt_ids"]
@@ -104,10 +127,13 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
 
 def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool, tokenizer: Any, *,
                      row: int | None = None, source: str | None = None, row_label: str = "row",
-                     fields: dict[str, str] | None = None) -> dict[str, list[int]]:
+                     fields: dict[str, str] | None = None, template_kwargs: Mapping[str, Any] | None = None,
+                     rerendered: list[str] | None = None) -> dict[str, list[int]]:
     """``{"prompt_ids", "<name>_ids" for each reply}``: the prompt once, each reply as the tokens of prompt + reply
     after the prompt's (chat template, or text + EOS). Shared by pairs, SFT prompt-completion rows and unpaired rows.
-    ``fields`` names each reply's column in errors (default: its key)."""
+    ``fields`` names each reply's column in errors (default: its key). ``template_kwargs`` go to every
+    apply_chat_template. When the prompt's tokens are not a prefix of prompt + reply, the prompt is its longest
+    prefix common to all of them (as TRL >= 1.14) and the replies' fields are appended to ``rerendered``."""
     where = {"source": source, "row": row, "row_label": row_label}
     fields = fields or {}
     if conversational:
@@ -117,25 +143,23 @@ def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool,
                                 "in Python `model, tokenizer = prefalign.setup_chat_format(model, tokenizer)`), a "
                                 "Jinja chat_template, a chat model's tokenizer, or plain-text rows")
         # Always open a new assistant turn (as TRL): the reply is a new message even after an assistant turn.
-        prompt_ids = _template(tokenizer, prompt, add_generation_prompt=True)
-        full = {k: _template(tokenizer, prompt + v) for k, v in replies.items()}
+        kw = dict(template_kwargs or {})
+        prompt_ids = _template(tokenizer, prompt, add_generation_prompt=True, **kw)
+        full = {k: _template(tokenizer, prompt + v, **kw) for k, v in replies.items()}
     else:
         prompt_ids = _ids(tokenizer(prompt))
         eos = tokenizer.eos_token or ""
         full = {k: _ids(tokenizer(prompt + (v if v.endswith(eos) else v + eos))) for k, v in replies.items()}
-    out = {"prompt_ids": prompt_ids}
+    shared = min(common_prefix_len(prompt_ids, ids) for ids in full.values())
+    if shared < len(prompt_ids) and rerendered is not None:
+        rerendered.extend(fields.get(k, k) for k, ids in full.items() if common_prefix_len(prompt_ids, ids)
+                          < len(prompt_ids))
+    out = {"prompt_ids": prompt_ids[:shared]}
     for k, ids in full.items():
-        field = fields.get(k, k)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            at = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b) \
-                if any(a != b for a, b in zip(ids, prompt_ids, strict=False)) else min(len(ids), len(prompt_ids))
-            raise DataError(f"the prompt's tokens are not a prefix of prompt + {field} (they differ at token {at}), "
-                            "so the completion cannot be located.", **where, field=field,
-                            fix="move trailing spaces from the prompt to the start of the reply, or check the chat "
-                                "template")
-        out[f"{k}_ids"] = ids[len(prompt_ids):]
+        out[f"{k}_ids"] = ids[shared:]
         if not out[f"{k}_ids"]:
-            raise DataError("tokenizes to no completion tokens.", **where, field=field, fix="give a non-empty reply")
+            raise DataError("tokenizes to no completion tokens.", **where, field=fields.get(k, k),
+                            fix="give a non-empty reply")
     return out
 
 
@@ -196,8 +220,9 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
         where = {"source": source, "row_label": row_label}
         try:
             ex = to_example(r, chat=chat, row_number=n, **where)
-            pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, **where), settings, row=n,
-                                 **where)
+            rerendered: list[str] = []
+            pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, rerendered=rerendered, **where),
+                                 settings, row=n, **where)
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -206,5 +231,6 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
             continue
         for name in cut:
             getattr(report, f"{name}_truncated").append(n)
+        report.prompt_rerendered.extend({"row": n, "field": f} for f in rerendered)
         out.append(pair)
     return out, report

@@ -32,13 +32,21 @@ from .load import (
     as_dataset,
     log_kept,
     read_valid_rows,
+    template_kwargs_problems,
     validate_rows,
 )
-from .tokenize import TokenizeReport, TokenizeSettings, has_chat_template, tokenize_replies, truncate
+from .tokenize import (
+    TokenizeReport,
+    TokenizeSettings,
+    has_chat_template,
+    template_kwargs,
+    tokenize_replies,
+    truncate,
+)
 
 logger = logging.getLogger("prefalign")
 
-UNPAIRED_COLUMNS = ("prompt", "completion", "label", "system", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label", "system", "chosen", "rejected", "chat_template_kwargs")
 UNPAIRED_ALIASES = {**_ALIASES, "completion": ("response", "output", "answer", "generation"),
                     "label": ("desirable", "thumbs_up", "is_good", "kto_label", "feedback")}
 _LABEL_FIX = "write label as true (desirable) or false (undesirable), the JSON booleans"
@@ -97,6 +105,7 @@ def validate_unpaired(raw: RawData) -> list[Problem]:
             row_problems.append(Problem(n, "label", f"is {shown}; expected true (desirable) or false (undesirable).",
                                         _LABEL_FIX + (" (in CSV: the text true or false)" if raw.kind == "csv"
                                                       else ", not text or numbers")))
+        row_problems.extend(template_kwargs_problems(r, n))
         if not any(p.fatal for p in row_problems):
             if is_messages(r["prompt"]) and not is_messages(r["completion"]):
                 row_problems.append(Problem(n, None, "mixes a message-list prompt with a text completion.",
@@ -149,12 +158,13 @@ def unpair_rows(raw: RawData) -> RawData:
         for label, part in ((True, "chosen"), (False, "rejected")):
             for r, n in split:
                 rows.append({"prompt": r["prompt"], "completion": r[part], "label": label,
-                             **({"system": r["system"]} if r.get("system") is not None else {})})
+                             **{k: r[k] for k in ("system", "chat_template_kwargs") if r.get(k) is not None}})
                 numbers.append(n)
     note = f"preference pairs, each split into a desirable and an undesirable row ({len(raw.rows)} pairs → " \
            f"{len(rows)} rows)"
     converted = f"{raw.converted_from}; {note}" if raw.converted_from else note
-    columns = ["prompt", "completion", "label"] + (["system"] if any("system" in r for r in rows) else [])
+    columns = ["prompt", "completion", "label"] + [k for k in ("system", "chat_template_kwargs")
+                                                   if any(k in r for r in rows)]
     logger.info("%s: %s", raw.source, note)
     return replace(raw, rows=rows, row_numbers=numbers, columns=columns, converted_from=converted,
                    skipped=list(raw.skipped))
@@ -206,9 +216,13 @@ def tokenize_unpaired(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: 
         where = {"source": source, "row": n, "row_label": row_label}
         try:
             ex = to_example({"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"],
-                             "system": r.get("system")}, chat=chat, row_number=n, source=source, row_label=row_label)
+                             "system": r.get("system"), "chat_template_kwargs": r.get("chat_template_kwargs")},
+                            chat=chat, row_number=n, source=source, row_label=row_label)
+            rerendered: list[str] = []
             ids = tokenize_replies(ex.prompt, {"chosen": ex.chosen}, ex.conversational, tokenizer,
-                                   fields={"chosen": "completion"}, **where)
+                                   fields={"chosen": "completion"}, rerendered=rerendered,
+                                   template_kwargs=template_kwargs(settings.chat_template_kwargs,
+                                                                   ex.chat_template_kwargs), **where)
             if not ids["prompt_ids"]:
                 raise DataError("the prompt tokenizes to no tokens, so nothing predicts the completion's first "
                                 "token.", **where, field="prompt",
@@ -220,6 +234,7 @@ def tokenize_unpaired(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: 
             report.skipped.append({"row": n, "field": e.field, "reason": e.message, "index": i})
             continue
         kept.append((n, ids, bool(r["label"])))
+        report.prompt_rerendered.extend({"row": n, "field": f} for f in rerendered)
     completions = [ids["chosen_ids"] for _, ids, _ in kept]
     kl = kl_completions(completions, kl_chunk) if kl_chunk else [[] for _ in kept]
     out = []
