@@ -3,13 +3,10 @@
 offline / CPU impossibilities switched off (`handbook_fixtures.localize`), and must exit 0 with a loadable run
 directory and finite losses.
 
-`KNOWN_FAILING` is today's list: each recipe that does not run yet, with the errors it stops on (the first one on the
-hub-snapshot layout, and the ones found behind it with ``scripts/handbook_check.py --layout saved`` and the earlier
-causes taken out by hand). A listed recipe must
-still fail with one of those errors (a new error fails the test, so it is seen), and one that runs fails the test
-until it is taken off the list: the list can only shrink, and the target is an empty list.
-The 22 runs together take a few minutes on two shared cores, so they are ``slow``; three representative ones
-(DPO and SFT from a mixture, ORPO from a dataset name) run by default.
+`KNOWN_FAILING` lists recipes that do not run yet, with the errors they stop on; it is empty: all 22 run. A listed
+recipe must still fail with one of those errors, and one that runs fails the test until it is taken off the list.
+The 22 runs together take a few minutes on two shared cores, so they are ``slow``; seven, one per cause that once
+stopped a recipe, run by default.
 """
 
 from __future__ import annotations
@@ -35,36 +32,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny import save_tiny
 
-SNAPSHOT = "directory holds no data files"  # a hub snapshot directory (README.md + data/...) is not read yet
-BF16 = "expected m1 and m2 to have the same dtype"  # bf16: true on a float32 model (torch_dtype: null)
-PREFIX = "the prompt's tokens are not a prefix of prompt + chosen"  # system turns / multi-turn chosen vs prompt
-RERENDER = "renders the conversation up to message"  # gemma template: eos only after the last assistant turn
-KNOWN_FAILING: dict[str, tuple[str, ...]] = {
-    "constitutional-ai/dpo/config_anthropic.yaml": (SNAPSHOT, BF16),
-    "constitutional-ai/sft/config_anthropic.yaml": (SNAPSHOT,),
-    "constitutional-ai/sft/config_grok.yaml": (SNAPSHOT,),
-    "pref_align_scan/dpo/config_openhermes.yaml": (SNAPSHOT, PREFIX),
-    "pref_align_scan/dpo/config_zephyr.yaml": (SNAPSHOT, BF16),
-    "smollm/sft/config.yaml": ("unknown option 'dataset_kwargs'", SNAPSHOT),
-    "smollm2/dpo/config.yaml": (SNAPSHOT,),
-    "smollm2/dpo/config_smol.yaml": (SNAPSHOT,),
-    "smollm2/sft/config.yaml": (SNAPSHOT,),
-    "smollm2/sft/config_smol.yaml": (SNAPSHOT,),
-    "smollm3/dpo/apo.yaml": ("use_liger_kernel: true is not supported", SNAPSHOT),
-    "smollm3/sft/mid.yaml": ("unknown option 'eos_token'", SNAPSHOT),
-    "smollm3/sft/sft.yaml": ("unknown option 'eos_token'", SNAPSHOT, "unknown option 'packing_strategy'"),
-    "starchat2-15b/dpo/config_v0.1.yaml": (SNAPSHOT, PREFIX),
-    "starchat2-15b/sft/config_v0.1.yaml": (SNAPSHOT,),
-    "zephyr-141b-A35b/orpo/config_full.yaml": (SNAPSHOT, PREFIX),
-    "zephyr-7b-beta/dpo/config_full.yaml": (SNAPSHOT, BF16),
-    "zephyr-7b-beta/dpo/config_qlora.yaml": (SNAPSHOT,),
-    "zephyr-7b-beta/sft/config_full.yaml": (SNAPSHOT,),
-    "zephyr-7b-beta/sft/config_qlora.yaml": (SNAPSHOT,),
-    "zephyr-7b-gemma/dpo/config_full.yaml": (SNAPSHOT,),
-    "zephyr-7b-gemma/sft/config_full.yaml": ("unknown option 'dataset_kwargs'", SNAPSHOT, RERENDER),
-}
+# Each recipe that does not run yet, with the errors it may stop on. Empty since the snapshot layout, bf16 autocast,
+# the common-prefix split, the TRL 1.16 options and the last-turn template landed; a recipe that breaks again fails.
+KNOWN_FAILING: dict[str, tuple[str, ...]] = {}
+# one of each cause that once stopped a recipe: DPO / SFT from a mixture, ORPO from a dataset name, bf16 on a float32
+# model, orca's system-turn prompt, SmolLM3's per-row chat_template_kwargs and eos_token, the eos-after-last-turn
+# template
 FAST = {"zephyr-7b-beta/dpo/config_full.yaml", "zephyr-7b-beta/sft/config_full.yaml",
-        "zephyr-141b-A35b/orpo/config_full.yaml"}
+        "zephyr-141b-A35b/orpo/config_full.yaml", "constitutional-ai/dpo/config_anthropic.yaml",
+        "pref_align_scan/dpo/config_openhermes.yaml", "smollm3/sft/sft.yaml", "zephyr-7b-gemma/sft/config_full.yaml"}
 RECIPES = recipe_paths()
 
 

@@ -221,3 +221,23 @@ def test_prepare_keeps_a_rows_kwargs(tmp_path):
                     + json.dumps({**base, "chosen": [_bot("Hey")]}) + "\n")
     rows, _ = prepare_rows(str(path), PrepareSettings())
     assert [r.get("chat_template_kwargs") for r in rows] == [{"enable_thinking": False}, None]
+
+
+# Gemma / zephyr-7b-gemma style: the end-of-sequence token follows only the final turn, so a conversation cut after
+# an earlier assistant turn renders that turn with an EOS the whole conversation does not have there.
+EOS_LAST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% if loop.last and m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_sft_assistant_turns_under_a_template_that_marks_the_last_turn():
+    tok = _tok(EOS_LAST)
+    rows = [{"messages": [_user("Hi"), _bot("Hello there"), _user("And you?"), _bot("Fine, thanks")]},
+            {"messages": [_user("One turn"), _bot("One reply")]}]
+    examples, report = tokenize_sft_rows(rows, tok, SFTTokenizeSettings())
+    assert report.prompt_rerendered == [{"row": 1, "field": "messages[1]"}]  # the last turn renders as a prefix
+    ids, mask = examples[0]["input_ids"], examples[0]["loss_mask"]
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    # each assistant turn's content and end-of-turn token, nothing of the user turns or headers
+    assert trained == "Hello there<|im_end|>\nFine, thanks<|im_end|>\n<|endoftext|>"
+    assert tok.decode(ids).count("<|endoftext|>") == 1

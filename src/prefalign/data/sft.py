@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .format import is_messages, to_example
+from .format import common_prefix_len, is_messages, to_example
 from .load import (
     Problem,
     RawData,
@@ -143,21 +143,29 @@ class SFTTokenizeSettings:
 
 
 def _assistant_mask(messages: list[dict], tokenizer: Any, ids: list[int], where: dict[str, Any],
-                    kw: Mapping[str, Any]) -> list[int]:
+                    kw: Mapping[str, Any], rerendered: list[str] | None) -> list[int]:
     """1 on the tokens of every assistant turn (its content and end-of-turn tokens), found by rendering the
-    conversation up to each assistant turn: the tokens between the generation prompt and the turn's end."""
+    conversation up to each assistant turn: the tokens between the generation prompt and the turn's end.
+
+    A template that renders a turn differently when it is the last one (an end token only after the final turn,
+    earlier ``<think>`` blocks dropped) makes those renders no prefix of the whole: the turn is then bounded by the
+    longest token prefix each shares with the whole conversation, as the prompt split of pairs (TRL >= 1.14), and its
+    field goes to ``rerendered``."""
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_template(tokenizer, messages[:i], add_generation_prompt=True, **kw)) if i else 0
+        before = _template(tokenizer, messages[:i], add_generation_prompt=True, **kw) if i else []
         upto = _template(tokenizer, messages[:i + 1], **kw)
-        if ids[:len(upto)] != upto or start > len(upto):
-            raise DataError(f"the chat template renders the conversation up to message {i} differently from the "
-                            "whole conversation, so its assistant tokens cannot be located.", **where,
+        start, end = common_prefix_len(before, ids), common_prefix_len(upto, ids)
+        if end <= start:
+            raise DataError(f"the chat template renders the conversation up to message {i} so differently from the "
+                            "whole conversation that its assistant tokens cannot be located.", **where,
                             field=f"messages[{i}]",
                             fix="set assistant_only_loss: false to train on every token, or check the template")
-        mask[start:len(upto)] = [1] * (len(upto) - start)
+        if (start, end) != (len(before), len(upto)) and rerendered is not None:
+            rerendered.append(f"messages[{i}]")
+        mask[start:end] = [1] * (end - start)
     return mask
 
 
@@ -188,7 +196,7 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
             if not any(m["role"] == "assistant" for m in messages):
                 raise DataError("has no assistant message, so no token would carry the loss.", **where,
                                 field="messages", fix="add the assistant reply, or set assistant_only_loss: false")
-            mask = _assistant_mask(messages, tokenizer, ids, where, kw)
+            mask = _assistant_mask(messages, tokenizer, ids, where, kw, rerendered)
         else:
             mask = [1] * len(ids)
     else:
