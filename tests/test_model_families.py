@@ -164,18 +164,19 @@ def test_dpo_evaluate_matches_trl_116_on_qwen3_moe(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["olmo3", "qwen3_moe"])
-def test_packed_sft_step_equals_padded_plain(family, tmp_path):
-    """Packed SFT rows, fast path, on a model with 8-token sliding windows (olmo3): the windowed per-layer masks
-    (the one-row spans have no window) give the loss of padded rows on the plain path, where transformers builds
-    the masks; the MoE one with its aux loss too (padding not counted)."""
+def test_packed_sft_step_equals_padded_rows(family, tmp_path):
+    """SFT on a model with 8-token sliding windows (olmo3): packed rows with the fast path (one row of spans) and
+    with the plain path (a 4-D mask: logps.kernel_mask's windowed one per layer type) give the loss of padded rows,
+    where transformers builds every mask; the MoE one with its aux loss too (padding not counted)."""
     tok = smollm2_tokenizer()
     rows = [{"messages": r["prompt"] + r["rejected"]} for r in conversational_rows(4)]
     coef = 0.5 if family in MOE else None
     losses = []
-    for fast_path in (True, False):
-        args = SFTConfig(output_dir=str(tmp_path / str(fast_path)), **COMMON, packing=fast_path, fast_path=fast_path,
-                         router_aux_loss_coef=coef)
+    for fast_path, packing in ((True, True), (False, True), (False, False)):
+        args = SFTConfig(output_dir=str(tmp_path / f"{fast_path}{packing}"), **COMMON, packing=packing,
+                         fast_path=fast_path, router_aux_loss_coef=coef)
         t = SFTTrainer(tiny_family(family, tok, 1), args=args, train_dataset=rows, processing_class=tok)
         t.train()
         losses.append(t.state.log_history[0]["loss"])
-    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert losses[0] == pytest.approx(losses[2], abs=1e-4)
+    assert losses[1] == pytest.approx(losses[2], abs=1e-4)

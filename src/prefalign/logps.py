@@ -74,10 +74,6 @@ def _sliding_window(model: Any) -> tuple[int | None, bool]:
     return int(window), "sliding_attention" in (getattr(text, "layer_types", None) or [])
 
 
-def has_sliding_window(model: Any) -> bool:
-    return _sliding_window(model)[0] is not None
-
-
 def custom_mask_refusal(model: Any) -> str | None:
     """Why a custom 4-D mask (prefix sharing, packed rows) would change this model's numbers, or None.
 

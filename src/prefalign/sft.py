@@ -21,7 +21,7 @@ from .data.collate import LMCollator
 from .data.load import RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
-from .logps import custom_mask_refusal, has_sliding_window, lm_logps, mask_kind
+from .logps import custom_mask_refusal, lm_logps, mask_kind
 from .models import unwrap
 from .router import load_balancing_loss
 from .speed.attention import takes_segments
@@ -106,10 +106,9 @@ class SFTTrainer(_Trainer):
         if (args.packing if pack is None else pack) and refusal is not None:
             logger.warning("packing: off for %s: %s", type(unwrap(model)).__name__, refusal)
         pack = (args.packing if pack is None else pack) and mask_kind(model) is not None
-        # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA; it has no sliding
-        # window), else masked rows (logps.kernel_mask adds the window)
-        flat = (pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
-                and not has_sliding_window(model))
+        # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA; a sliding window
+        # comes with transformers' mask, applied within each span), else masked rows (logps.kernel_mask)
+        flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
         return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
