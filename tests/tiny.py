@@ -114,3 +114,51 @@ def save_tiny_base(path, seed: int = 0) -> str:
     tiny_llama(tok, seed).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# Tiny random models of the families TRL's tests cover, over the SmolLM2 vocabulary: (config class, model class,
+# options). Sliding windows are 8 tokens, shorter than the test sequences, so a layout that ignores them shows.
+_COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, head_dim=8)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+                       mlp_only_layers=[], router_aux_loss_coef=0.01)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8, intermediate_size=16,
+                     layer_types=["sliding_attention", "full_attention"], router_aux_loss_coef=0.01,
+                     attn_implementation="eager")),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
+                dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
+              dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM",
+             dict(layer_types=["conv", "full_attention"], block_ff_dim=64, conv_L_cache=3)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0, attn_implementation="eager")),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                    final_logit_softcapping=5.0)),
+}
+
+
+def tiny_family(family: str, tokenizer=None, seed: int = 0, **overrides):
+    """A 2-layer random model of ``family`` (a FAMILIES key) over the full SmolLM2 vocabulary, seeded, untied."""
+    import transformers
+
+    config_name, model_name, options = FAMILIES[family]
+    tok = tokenizer or _tokenizer()
+    cfg = dict(_COMMON, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **options)
+    cfg.update(overrides)
+    attn = cfg.pop("attn_implementation", "sdpa")
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**cfg)
+    config._attn_implementation = attn
+    model = getattr(transformers, model_name)(config)
+    model.eval()
+    return model

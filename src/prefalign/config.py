@@ -115,9 +115,10 @@ class TrainConfig(TrainingArguments):
                           "vocabulary). None: the tokenizer's own, else its EOS token. Padding never enters a loss."})
     router_aux_loss_coef: float | None = field(
         default=None,
-        metadata={"help": "TRL's weight of a Mixture-of-Experts model's load-balancing loss. None or 0: none. A "
-                          "non-zero value is refused for a model without router logits (as TRL 1.16); for an MoE "
-                          "model prefalign does not add the auxiliary loss yet and says so in one log line."})
+        metadata={"help": "TRL 1.16's weight of a Mixture-of-Experts model's router load-balancing loss, added to "
+                          "the loss as coef * aux_loss and logged as aux_loss (prefalign.router). None: the model "
+                          "config's own router_aux_loss_coef; 0: off. A non-zero value is refused for a model without "
+                          "router logits (as TRL 1.16)."})
     activation_offloading: bool = field(
         default=False,
         metadata={"help": "Keep the activations saved for backward in CPU memory (torch.autograd.graph.save_on_cpu) "

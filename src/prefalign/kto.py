@@ -55,6 +55,7 @@ class KTOTrainer(DPOTrainer):
 
     config_class = KTOConfig
     method = "kto"
+    aux_with_rejected = False  # TRL's router loss comes from the completions' forward, not the KL completions'
     schema = UNPAIRED_ROWS
     tokenized_columns = TOKENIZED_COLUMNS + ["label"]
     args: KTOConfig
@@ -91,7 +92,7 @@ class KTOTrainer(DPOTrainer):
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         args = self.args
-        policy = self.batch_logps(model, inputs)
+        policy = self.batch_logps(model, inputs, policy=True)
         ref_completion, ref_kl = self._reference_logps(model, inputs)
         if args.calculate_kl:
             kl = (policy.rejected - ref_kl).mean().detach()
@@ -108,7 +109,7 @@ class KTOTrainer(DPOTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         losses, metrics = self.pair_losses(model, inputs)
-        loss = losses.mean()  # TRL's mean over the concatenated desirable and undesirable losses
+        loss = self.add_aux_loss(model, losses.mean())  # TRL's mean over the concatenated desirable and undesirable
         self._record(self._metrics["train" if model.training else "eval"], metrics)
         return (loss, metrics) if return_outputs else loss
 

@@ -56,9 +56,57 @@ class PairLogps:
 
 def mask_kind(model: Any) -> str | None:
     """How a model takes a custom attention mask: "float" (SDPA and eager: additive), "block" (flex attention's
-    BlockMask), or None (flash-attention kernels take no mask)."""
+    BlockMask), or None (flash-attention kernels take no mask, and a model whose sliding window a custom mask
+    cannot carry: see custom_mask_refusal)."""
+    if custom_mask_refusal(model) is not None:
+        return None
     impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
     return _MASK_KINDS.get(impl or "")
+
+
+def _sliding_window(model: Any) -> tuple[int | None, bool]:
+    """The model's sliding window (None: none), and whether it takes one mask per layer type (``layer_types``)."""
+    config = getattr(unwrap(model), "config", None)
+    text = config.get_text_config() if config is not None else None
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None, False
+    return int(window), "sliding_attention" in (getattr(text, "layer_types", None) or [])
+
+
+def custom_mask_refusal(model: Any) -> str | None:
+    """Why a custom 4-D mask (prefix sharing, packed rows) would change this model's numbers, or None.
+
+    transformers uses a 4-D mask as given, with no sliding window added. Models with ``layer_types`` take a mask
+    per layer type, so prefalign builds the windowed one (``kernel_mask``); any other windowed model (Mistral's
+    style: one window for every layer) is refused and gets padded rows instead, as is a model with layers that
+    mix tokens without attention (LFM2's convolutions), which would mix the sequences sharing a row."""
+    config = getattr(unwrap(model), "config", None)
+    types = set(getattr(config.get_text_config(), "layer_types", None) or []) if config is not None else set()
+    mixing = sorted(types - {"full_attention", "sliding_attention"})
+    if mixing:  # convolutions, recurrent or linear-attention layers mix neighbouring tokens, whatever the mask
+        return (f"its {', '.join(mixing)} layers mix neighbouring tokens outside attention, so a row must hold one "
+                "sequence: rows are padded instead")
+    window, per_layer = _sliding_window(model)
+    if window is not None and not per_layer:
+        return (f"its sliding window ({window} tokens, every layer) cannot be carried by a custom attention mask, "
+                "so rows are padded instead")
+    return None
+
+
+def kernel_mask(model: Any, mask: Tensor, position_ids: Tensor) -> Any:
+    """A collator's boolean ``[R, 1, L, L]`` mask in the kernel's form (model_attention_mask). For a model with
+    sliding-window layers, one mask per layer type: the sliding one also hides keys ``sliding_window`` or more
+    positions back (by position id: the distance in the sequence the row's tokens come from), as transformers'
+    own sliding mask does."""
+    kind, dtype = mask_kind(model), unwrap(model).dtype
+    window, per_layer = _sliding_window(model)
+    if window is None or not per_layer:
+        return model_attention_mask(mask, kind, dtype)
+    distance = position_ids[:, :, None] - position_ids[:, None, :]
+    sliding = mask & (distance < window)[:, None]
+    return {"full_attention": model_attention_mask(mask, kind, dtype),
+            "sliding_attention": model_attention_mask(sliding, kind, dtype)}
 
 
 def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
@@ -115,7 +163,7 @@ def pair_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None, *,
     else:
         mask = batch["attention_mask"]
         if mask.dim() == 4 and mask.dtype == torch.bool:  # the collators' boolean mask, in the kernel's form
-            batch = {**batch, "attention_mask": model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)}
+            batch = {**batch, "attention_mask": kernel_mask(model, mask, batch["position_ids"])}
         tok, sq = fast_token_logps(model, batch, wanted, path, stats)
     chosen, rejected = batch["chosen_mask"].bool(), batch["rejected_mask"].bool()
     shared = torch.minimum(chosen.sum(-1), rejected.sum(-1))[:, None]
@@ -214,7 +262,7 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
         else:
             mask = segment_mask(batch["cu_seq_lens"])
     if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
-        mask = model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)
+        mask = kernel_mask(model, mask, batch["position_ids"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               **segments}
     if path is not None:
@@ -223,3 +271,28 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
     if stats is not None:
         stats.observe(logits, targets)
     return gather_logps(logits, targets)
+
+
+def router_token_weights(batch: dict[str, Tensor], plain: bool, with_rejected: bool = True) -> Tensor:
+    """Per-token weights ``[tokens]`` for the router's load-balancing loss (prefalign.router), in the token order of
+    the forward that ``pair_logps`` runs on ``batch``: the plain path's sequences (``plain``) or the batch's rows.
+
+    A weight is the number of TRL's sequences that hold the token: TRL's DPO layout runs prompt + chosen and
+    prompt + rejected (``with_rejected``; KTO's main forward runs prompt + completion only), so a prompt token counts
+    twice in a prefix-shared row, once per copy in a row of its own, and padding not at all."""
+    prompt, chosen, rejected = (batch[k].bool() for k in ("prompt_mask", "chosen_mask", "rejected_mask"))
+    if plain:  # plain_token_logps's rows: 2i = prompt + chosen, 2i + 1 = prompt + rejected, right-padded
+        p, c, r = prompt.sum(-1), chosen.sum(-1), rejected.sum(-1)
+        lengths = torch.stack([p + c, p + r], dim=1).reshape(-1)
+        weights = (torch.arange(int(lengths.max())) < lengths[:, None].cpu()).float()
+        if not with_rejected:
+            weights[1::2] = 0
+        return weights.to(prompt.device).reshape(-1)
+    weights = torch.zeros(batch["input_ids"].numel(), device=prompt.device)
+    index = batch["pair_index"]
+    weights.index_put_((index[prompt],), torch.tensor(2.0 if with_rejected else 1.0, device=prompt.device),
+                       accumulate=True)
+    weights.index_put_((index[chosen],), torch.tensor(1.0, device=prompt.device), accumulate=True)
+    if with_rejected:
+        weights.index_put_((index[rejected],), torch.tensor(1.0, device=prompt.device), accumulate=True)
+    return weights

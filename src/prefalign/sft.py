@@ -21,11 +21,12 @@ from .data.collate import LMCollator
 from .data.load import RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
-from .logps import lm_logps, mask_kind
+from .logps import custom_mask_refusal, lm_logps, mask_kind
 from .models import unwrap
+from .router import load_balancing_loss
 from .speed.attention import takes_segments
 from .speed.head import HeadStats
-from .trainer import _Trainer
+from .trainer import _Trainer, logger
 
 
 class SFTTrainer(_Trainer):
@@ -102,15 +103,26 @@ class SFTTrainer(_Trainer):
                                  row_label=raw.row_label, skip_invalid=args.on_invalid_row == "skip")
 
     def _default_collator(self, model: Any, tokenizer: Any, args: TrainConfig, pack: bool | None = None) -> Any:
+        refusal = custom_mask_refusal(model)
+        if (args.packing if pack is None else pack) and refusal is not None:
+            logger.warning("packing: off for %s: %s", type(unwrap(model)).__name__, refusal)
         pack = (args.packing if pack is None else pack) and mask_kind(model) is not None
-        # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA), else masked rows
+        # one row of spans where the speed boundary's attention runs each span alone (CPU SDPA; a sliding window
+        # comes with transformers' mask, applied within each span), else masked rows (logps.kernel_mask)
         flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
         return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         stats = HeadStats("hits")
-        logps = lm_logps(model, inputs, self._speed.path if self._speed is not None else None, stats)
+        path = self._speed.path if self._speed is not None else None
+        if self.router is None:
+            logps = lm_logps(model, inputs, path, stats)
+        else:  # TRL 1.16's router loss over the batch's tokens, padding not counted (prefalign.router)
+            with self.router.collect(model) as router_logits:
+                logps = lm_logps(model, inputs, path, stats)
+            self._aux_loss = load_balancing_loss(router_logits, inputs["token_mask"], self.router.num_experts,
+                                                 self.router.top_k)
         if self.args.loss_type == "dft":  # Dynamic Fine-Tuning: each token's NLL times its (detached) probability
             token_losses = -logps.exp().detach() * logps
         else:
@@ -121,6 +133,9 @@ class SFTTrainer(_Trainer):
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         else:
             loss = token_losses.sum() / max(token_losses.numel(), 1)
+        # TRL: the aux loss is a per-micro-batch mean; over the global batch's tokens it is averaged over the steps
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+        loss = self.add_aux_loss(model, loss, steps)
         hits = stats.get("hits")
         if hits.numel():
             self.log_metric(model, "mean_token_accuracy", hits.float().mean())

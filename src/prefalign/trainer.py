@@ -32,11 +32,12 @@ from .data.collate import PairCollator, PrefixSharedCollator
 from .data.load import PREFERENCE_ROWS, ROW_COLUMN, RawData, RowSchema, skipped_entries, validated_rows
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
-from .logps import PairLogps, mask_kind, pair_logps
+from .logps import PairLogps, custom_mask_refusal, mask_kind, pair_logps, router_token_weights
 from .losses import cpo_loss, dpo_loss, nll_loss, orpo_loss, pair_metrics, wpo_weights
 from .memory import activation_offload, selective_checkpointing
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, unwrap
 from .ref_sync import SyncReference, check_pair
+from .router import Router, find_router, is_moe, load_balancing_loss, router_coefficient
 
 logger = logging.getLogger("prefalign")
 TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -97,7 +98,11 @@ class _Trainer(CheckpointMixin, Trainer):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         apply_chat_template_option(model, tokenizer, args.chat_template, source=str(model_name))
         set_special_tokens(model, tokenizer, args)
-        check_router_aux_loss(model, args)
+        # TRL 1.16's router auxiliary loss (prefalign.router): its weight, whether it is on, and where the logits are
+        self.router_aux_loss_coef = router_coefficient(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = is_moe(model) and self.router_aux_loss_coef != 0.0
+        self.router: Router | None = find_router(model) if self.aux_loss_enabled else None
+        self._aux_loss: Tensor | None = None  # the last policy forward's, until compute_loss adds it
         self.tokenizer_ = tokenizer
         if peft_config is not None:
             from peft import get_peft_model
@@ -257,6 +262,16 @@ class _Trainer(CheckpointMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def add_aux_loss(self, model: Any, loss: Tensor, steps: int = 1) -> Tensor:
+        """``loss + router_aux_loss_coef * aux_loss / steps`` when the policy forward collected one (TRL 1.16; SFT
+        divides by the accumulation steps when its loss is over the global batch), logged as ``aux_loss``;
+        ``loss`` otherwise."""
+        aux, self._aux_loss = self._aux_loss, None
+        if aux is None:
+            return loss
+        self.log_metric(model, "aux_loss", aux)
+        return loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
+
     def log_metric(self, model: Any, key: str, value: Tensor) -> None:
         """Record one batch's value of a metric (averaged over processes now, over batches when logged)."""
         gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
@@ -300,23 +315,6 @@ def set_special_tokens(model: Any, tokenizer: Any, args: TrainConfig) -> None:
         tokenizer.pad_token = pad
 
 
-def check_router_aux_loss(model: Any, args: TrainConfig) -> None:
-    """``router_aux_loss_coef``: refused for a model without router logits (as TRL 1.16); for a Mixture-of-Experts
-    model prefalign's log-prob path does not collect router logits, so the auxiliary loss is not added (one line)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None else None
-    moe = text is not None and hasattr(text, "output_router_logits")
-    coef = args.router_aux_loss_coef
-    if coef and not moe:
-        raise ConfigError(f"router_aux_loss_coef={coef} but {type(model).__name__} is not a Mixture-of-Experts model "
-                          "with router logits, so there is no auxiliary loss to weight (TRL 1.16 refuses it too). "
-                          "Fix: remove router_aux_loss_coef")
-    weight = (getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef) if moe else 0.0
-    if weight:
-        logger.warning("router_aux_loss_coef: this Mixture-of-Experts model's load-balancing loss (weight %g) is not "
-                       "added: prefalign trains on the reply log-probs alone for now", weight)
-
-
 class _PreferenceTrainer(_Trainer):
     """What the pair trainers (DPO, ORPO, CPO) share: pair tokenisation and layout, the batch → log-probs contract,
     per-pair losses whose mean is the loss."""
@@ -339,16 +337,29 @@ class _PreferenceTrainer(_Trainer):
     def _default_collator(self, model: Any, tokenizer: Any, args: PreferenceConfig) -> Any:
         pad_id = getattr(args, "padding_value", None)  # ORPO / CPO: TRL's padding_value
         pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+        refusal = custom_mask_refusal(model)
+        if args.prefix_sharing and refusal is not None:
+            logger.warning("prefix_sharing: off for %s: %s", type(unwrap(model)).__name__, refusal)
         if args.prefix_sharing and mask_kind(model) is not None:
             return PrefixSharedCollator(pad_id, args.pad_to_multiple_of, args.packing)
         return PairCollator(pad_id, args.pad_to_multiple_of)
 
     # ----- loss ---------------------------------------------------------------------------------------------------
+    # TRL's sequences per pair that the router loss counts: prompt + chosen and prompt + rejected (KTO: the first)
+    aux_with_rejected = True
+
     def batch_logps(self, model: Any, inputs: dict[str, Tensor], nll_on_prompt: bool = False,
-                    log_sum_sq: bool = False) -> PairLogps:
-        """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``."""
-        return pair_logps(model, inputs, self._speed.path if self._speed is not None else None,
-                          nll_on_prompt=nll_on_prompt, log_sum_sq=log_sum_sq)
+                    log_sum_sq: bool = False, policy: bool = False) -> PairLogps:
+        """The batch → numbers contract (logps.pair_logps), on the fast path inside ``fast()``. For the ``policy``
+        forward of a Mixture-of-Experts model, also its router loss (kept for ``add_aux_loss``)."""
+        path = self._speed.path if self._speed is not None else None
+        if not policy or self.router is None:
+            return pair_logps(model, inputs, path, nll_on_prompt=nll_on_prompt, log_sum_sq=log_sum_sq)
+        with self.router.collect(model) as logits:
+            out = pair_logps(model, inputs, path, nll_on_prompt=nll_on_prompt, log_sum_sq=log_sum_sq)
+        weights = router_token_weights(inputs, plain=path is None, with_rejected=self.aux_with_rejected)
+        self._aux_loss = load_balancing_loss(logits, weights, self.router.num_experts, self.router.top_k)
+        return out
 
     def token_total(self, counts: Tensor) -> Tensor:
         """The token count a token-mean NLL divides by: this batch's, or under several processes the global count
@@ -366,7 +377,7 @@ class _PreferenceTrainer(_Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         losses, metrics = self.pair_losses(model, inputs)
-        loss = losses.mean()  # the one reduction: the mean over the batch's pairs
+        loss = self.add_aux_loss(model, losses.mean())  # the one reduction: the mean over the batch's pairs
         for key, value in metrics.items():
             self.log_metric(model, key, value)
         return (loss, metrics) if return_outputs else loss
@@ -553,7 +564,7 @@ class DPOTrainer(_PreferenceTrainer):
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         args = self.args
-        policy = self.batch_logps(model, inputs, log_sum_sq=args.use_weighting)
+        policy = self.batch_logps(model, inputs, log_sum_sq=args.use_weighting, policy=True)
         chosen, rejected = self._weighted(policy)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         weights = args.loss_weights or [1.0] * len(args.loss_type)
@@ -612,7 +623,7 @@ class ORPOTrainer(_ReferenceFreeTrainer):
     args: ORPOConfig
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.batch_logps(model, inputs, nll_on_prompt=self.args.trl_compat)
+        out = self.batch_logps(model, inputs, nll_on_prompt=self.args.trl_compat, policy=True)
         nll = nll_loss(out.nll, self.token_total(out.nll_tokens))  # a token mean over the (global) batch
         return orpo_loss(out.chosen / out.chosen_tokens.clamp(min=1), out.rejected / out.rejected_tokens.clamp(min=1),
                          nll, alpha=self.args.orpo_alpha, beta=self.args.orpo_beta)
@@ -629,7 +640,7 @@ class CPOTrainer(_ReferenceFreeTrainer):
 
     def pair_losses(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         args = self.args
-        out = self.batch_logps(model, inputs)
+        out = self.batch_logps(model, inputs, policy=True)
         chosen, rejected = out.chosen, out.rejected
         if args.loss_type in ("ipo", "simpo", "alphapo"):  # length-normalised rewards
             chosen, rejected = chosen / out.chosen_tokens.clamp(min=1), rejected / out.rejected_tokens.clamp(min=1)

@@ -198,7 +198,7 @@ class LMCollator:
                 position_ids[r, span] = torch.arange(len(ids))
                 start += len(ids)
         batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-                 "token_count": torch.tensor(sum(lengths))}
+                 "token_count": torch.tensor(sum(lengths)), "token_mask": (segment >= 0).long()}
         if flat:  # one row; padding from pad_to_multiple_of is a span of its own
             ends = torch.tensor([0, *lengths, length - sum(lengths)]).cumsum(0)
             batch["cu_seq_lens"] = ends.unique_consecutive().to(torch.int32)

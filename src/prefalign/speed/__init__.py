@@ -37,10 +37,11 @@ from .allocator import (
     retain_freed_memory,
 )
 from .attention import use_grouped_sdpa
-from .forward import FastPath
+from .forward import FastPath, chunk_refusal
 
 __all__ = ["FastPath", "Speed", "enable", "retain_freed_memory"]
 logger = logging.getLogger("prefalign")
+_TOLD: set[tuple[str, str]] = set()  # fallbacks already logged
 
 
 class Speed:
@@ -96,6 +97,11 @@ def enable(model: Any, args: Any) -> Speed:
     except BaseException:
         _run_all(undo)
         raise
+    refusal = chunk_refusal(inner)
+    if refusal is not None and (type(inner).__name__, refusal) not in _TOLD:  # once per process, not per enable
+        _TOLD.add((type(inner).__name__, refusal))
+        logger.warning("fast_path: the LM head runs on full logits for %s (as the plain path): %s",
+                       type(inner).__name__, refusal)
     path = FastPath(chunk_rows=getattr(args, "logprob_chunk_rows", None), rebuild_norm_outputs=bool(patched))
     return Speed(path, undo, lean_modules=len(patched), grouped_attention=attention_undo is not None)
 

@@ -38,11 +38,13 @@ def grouped_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
 
     grouped = key.shape[1] != query.shape[1]
     segments = kwargs.get("cu_seq_lens_q")
-    if segments is not None and query.device.type == "cpu" and not kwargs.get("output_attentions"):
+    if (segments is not None and query.device.type == "cpu" and not kwargs.get("output_attentions")
+            and kwargs.get("s_aux") is None and kwargs.get("softcap") is None):
         return _segment_sdpa(query, key, value, attention_mask, segments, kwargs.get("cu_seq_lens_k"), dropout,
                              scaling, grouped)
     if (attention_mask is None or not grouped or query.device.type != "cpu" or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,

@@ -19,10 +19,11 @@ from ..models import unwrap
 from .head import HeadStats, TiedGrad, chunked_head_logps, gather_logps, tied_embeds
 from .layers import recompute_norm_outputs
 
-# Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling or soft-capping.
+# Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling; soft-capping
+# (Gemma 2 / 3's ``final_logit_softcapping``) only where the config sets it, and then can_chunk says no.
 CHUNKED_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3", "olmo", "olmo2",
-    "gemma", "starcoder2", "gpt_neox", "gpt2",
+    "olmo3", "gemma", "gemma2", "gemma3_text", "starcoder2", "gpt_neox", "gpt2", "gpt_oss", "lfm2",
 })
 
 
@@ -39,10 +40,24 @@ class FastPath:
 
 
 def can_chunk(model: Any) -> bool:
+    return chunk_refusal(model) is None
+
+
+def chunk_refusal(model: Any) -> str | None:
+    """Why the chunked head cannot stand in for this model's logits (then target_logps computes the model's full
+    logits and gathers: the plain path's numbers), or None."""
     inner = unwrap(model)
     cfg = getattr(inner, "config", None)
-    return (cfg is not None and getattr(cfg, "model_type", None) in CHUNKED_MODEL_TYPES
-            and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None)
+    model_type = getattr(cfg, "model_type", None)
+    if cfg is None or not hasattr(inner, "get_decoder") or inner.get_output_embeddings() is None:
+        return "it has no decoder and output embeddings to run the head on"
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        return f"its logits are soft-capped (final_logit_softcapping={cfg.final_logit_softcapping})"
+    if model_type not in CHUNKED_MODEL_TYPES:
+        scale = next((n for n in ("logit_scale", "logits_scaling", "output_multiplier_scale") if hasattr(cfg, n)), None)
+        return (f"its logits are scaled ({scale})" if scale else
+                f"its head ({model_type}) is not one prefalign knows to be a plain linear layer")
+    return None
 
 
 def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Tensor, targets: Tensor,
