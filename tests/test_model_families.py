@@ -54,7 +54,7 @@ def test_fast_path_equals_plain_path(family, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
-def test_layouts_and_fallbacks_are_named_once(caplog):
+def test_layouts_and_fallbacks_are_named_once(caplog, monkeypatch):
     """Sliding windows get a windowed mask per layer type; LFM2's convolutions and soft-capped or scaled logits
     fall back (rows padded / full logits), each with one line naming the reason."""
     from prefalign import speed
@@ -71,6 +71,7 @@ def test_layouts_and_fallbacks_are_named_once(caplog):
         assert chunk_refusal(tiny_family(family, tok)) is None, family
     model = tiny_family("gemma2", tok)
     args = DPOConfig(output_dir="unused", report_to=[], use_cpu=True)
+    monkeypatch.setattr(speed, "_TOLD", set())  # once per process: an earlier test may have told it already
     with caplog.at_level(logging.WARNING, logger="prefalign"):
         speed.enable(model, args).undo()
         speed.enable(model, args).undo()
