@@ -26,6 +26,7 @@ from .models import unwrap
 from .speed.attention import ATTENTION_NAME
 from .speed.forward import FastPath, target_logps
 from .speed.head import HeadStats, gather_logps
+from .speed.precision import compute_dtype
 
 # attention implementations that take a custom mask, and in which form (see model_attention_mask)
 _MASK_KINDS = {"sdpa": "float", "eager": "float", ATTENTION_NAME: "float", "flex_attention": "block"}
@@ -64,10 +65,11 @@ def mask_kind(model: Any) -> str | None:
 def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
     """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
 
-    "float": additive, 0 or the dtype's minimum, built once per batch (eager; SDPA too: given a boolean mask, SDPA
-    converts it to this form in every layer and its kernels keep each copy for backward, 30 extra copies for
-    SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so fully
-    masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
+    "float": additive, 0 or the dtype's minimum (``dtype``: the one attention runs in, autocast's when the caller
+    runs under autocast, so an fp16 mask holds fp16's minimum), built once per batch (eager; SDPA too: given a
+    boolean mask, SDPA converts it to this form in every layer and its kernels keep each copy for backward, 30 extra
+    copies for SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so
+    fully masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
     """
     if kind == "float":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -115,7 +117,8 @@ def pair_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None, *,
     else:
         mask = batch["attention_mask"]
         if mask.dim() == 4 and mask.dtype == torch.bool:  # the collators' boolean mask, in the kernel's form
-            batch = {**batch, "attention_mask": model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)}
+            kernel_mask = model_attention_mask(mask, mask_kind(model), compute_dtype(unwrap(model)))
+            batch = {**batch, "attention_mask": kernel_mask}
         tok, sq = fast_token_logps(model, batch, wanted, path, stats)
     chosen, rejected = batch["chosen_mask"].bool(), batch["rejected_mask"].bool()
     shared = torch.minimum(chosen.sum(-1), rejected.sum(-1))[:, None]
@@ -214,7 +217,7 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
         else:
             mask = segment_mask(batch["cu_seq_lens"])
     if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
-        mask = model_attention_mask(mask, mask_kind(model), unwrap(model).dtype)
+        mask = model_attention_mask(mask, mask_kind(model), compute_dtype(unwrap(model)))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               **segments}
     if path is not None:
