@@ -1,15 +1,18 @@
-"""prefalign vs TRL 1.13, side by side in one run: same model, data, batch, steps, fp32.
+"""prefalign vs TRL (the installed version, named in every printed and saved baseline), side by side in one run:
+same model, data, batch, steps; fp32, or with ``--bf16`` both under bf16 autocast over float32 weights
+(TrainingArguments bf16=True, as TRL's recipes train on a GPU).
 
     .venv/bin/python benchmarks/bench_vs_trl.py [--steps 4] [--shapes long,short,mixed] [--methods dpo,orpo,cpo,kto]
+                                               [--bf16]
 
 Every (shape, method, library) runs in its own subprocess, so peak RSS is that configuration's alone. Reports
 seconds per optimizer step (median over the measured steps, after two warm-up steps: the first steps of any CPU
 run page-fault their buffers in and create the optimizer state), pairs/s, pair tokens/s (prompt
 + chosen + rejected tokens, the same count for both libraries), peak RSS, the per-step training losses of both (they
-must agree: same math), and achieved FLOP/s of the minimal work against this machine's measured fp32 matmul
-ceiling. prefalign's DPO precomputes reference log-probs once before training (cached for later runs); that pass is
-in the reported set-up time, not in s/step, so for one epoch over the data the fair comparison is the set-up column
-too.
+must agree: same math), and achieved FLOP/s of the minimal work against this machine's measured matmul ceiling
+(fp32, or bf16 with ``--bf16``). prefalign's DPO precomputes reference log-probs once before training (cached for
+later runs); that pass is in the reported set-up time, not in s/step, so for one epoch over the data the fair
+comparison is the set-up column too.
 ORPO runs with `trl_compat=True` so both libraries optimise the same loss (TRL's NLL covers the prompt).
 KTO trains on the same pairs, each split into a desirable and an undesirable row by both libraries (``--batch`` rows
 per step; its "pairs/s" are rows/s, its pair tokens prompt + completion + KL completion), both in TRL's sequential
@@ -74,22 +77,25 @@ def synthetic_pairs(tok, n: int, prompt_tokens: tuple[int, int], answer_tokens: 
     return synthetic_conversations(tok, n, prompt_tokens, answer_tokens, ("chosen", "rejected"), seed)
 
 
-def matmul_ceiling() -> float:
-    """fp32 FLOP/s of a large square matmul on this machine (best of a few)."""
+def matmul_ceiling(bf16: bool = False) -> float:
+    """FLOP/s of a large square matmul on this machine (best of a few), in fp32 or bf16."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    n = 1024 if bf16 else 2048  # a CPU without bf16 instructions multiplies bf16 far slower: keep this short
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(5):
         t = time.perf_counter()
         a @ b
-        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
-def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int):
-    """The trainer both the benchmark and the profiler run: fp32, CPU, each library's default reference."""
+def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int, bf16: bool = False):
+    """The trainer both the benchmark and the profiler run: CPU, fp32 (or bf16 autocast over fp32 weights), each
+    library's default reference."""
     import datasets
 
     from prefalign.models import load_model, load_tokenizer
@@ -98,7 +104,7 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
     tok = load_tokenizer()
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_length=512, max_steps=steps,
                   learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
-                  bf16=False, gradient_checkpointing=False, disable_tqdm=True)
+                  bf16=bf16, gradient_checkpointing=False, disable_tqdm=True)
     model = load_model()
     peft = {}
     if lib.endswith("-lora"):
@@ -142,8 +148,9 @@ def make_trainer(lib: str, method: str, rows: list[dict], steps: int, batch: int
                                  processing_class=tok, **peft)
 
 
-def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
+def worker(lib: str, method: str, shape: str, steps: int, batch: int, bf16: bool = False) -> dict:
     import torch
+    import trl
     from transformers import TrainerCallback
 
     from prefalign.models import load_tokenizer
@@ -163,7 +170,7 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
             times.append(time.perf_counter() - self.t)
 
     t0 = time.perf_counter()
-    trainer = make_trainer(lib, method, rows, total_steps, batch)
+    trainer = make_trainer(lib, method, rows, total_steps, batch, bf16)
     setup = time.perf_counter() - t0
     trainer.add_callback(Clock())
     trainer.train()
@@ -174,7 +181,9 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int) -> dict:
     prompt_tokens = sum(len(e["prompt_ids"]) for e in tokenized) / len(rows)
     reply_tokens = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in tokenized) / (2 * len(rows))
     pair_tokens = prompt_tokens + 2 * reply_tokens
-    return {"lib": lib, "method": method, "shape": shape, "s_per_step": s_step, "pairs_per_s": batch / s_step,
+    return {"lib": lib, "trl_version": trl.__version__, "precision": "bf16 autocast" if bf16 else "fp32",
+            "mixed_precision": trainer.accelerator.mixed_precision,
+            "method": method, "shape": shape, "s_per_step": s_step, "pairs_per_s": batch / s_step,
             "pair_tokens_per_s": batch * pair_tokens / s_step, "pair_tokens": pair_tokens,
             "prompt_tokens": prompt_tokens, "reply_tokens": reply_tokens,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "losses": losses,
@@ -214,7 +223,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--shapes", default="long,short,mixed")
     ap.add_argument("--methods", default="dpo,orpo")
-    ap.add_argument("--out", default="benchmarks/results.json")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results.json, with --bf16 "
+                                                   "benchmarks/results_bf16.json)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both libraries train under bf16 autocast over float32 weights (TrainingArguments bf16=True)")
     ap.add_argument("--memory-mode", action="store_true",
                     help="also run prefalign with release_cpu_memory_every=1, and in memory mode (that plus "
                          "gradient_checkpointing and logprob_chunk_rows=256): peak RSS vs speed")
@@ -224,10 +236,17 @@ def main() -> None:
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, steps=args.steps, batch=args.batch)), flush=True)
+        print("RESULT " + json.dumps(worker(*args.worker, steps=args.steps, batch=args.batch, bf16=args.bf16)),
+              flush=True)
         return
-    ceiling = matmul_ceiling()
-    print(f"fp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    import trl
+
+    baseline = f"TRL {trl.__version__}"
+    precision = "bf16" if args.bf16 else "fp32"
+    out = args.out or ("benchmarks/results_bf16.json" if args.bf16 else "benchmarks/results.json")
+    ceiling = matmul_ceiling(args.bf16)
+    print(f"baseline {baseline}, {precision}; {precision} matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s",
+          file=sys.stderr)
     results = []
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
@@ -237,7 +256,8 @@ def main() -> None:
             for lib in ("trl", "prefalign") + extra:
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
-                                       str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True,
+                                       str(args.steps), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else []),
+                                      capture_output=True, text=True,
                                       env={**os.environ, "TQDM_DISABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"})
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -265,21 +285,20 @@ def main() -> None:
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
                 "trl_flops_fraction": flops * t["pairs_per_s"] / ceiling,
                 "prefalign_flops_fraction": flops * p["pairs_per_s"] / ceiling})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    import trl  # the baseline's version labels every output
-
-    Path(args.out).write_text(json.dumps({"ceiling_flops": ceiling, "rows": rows, "date": time.strftime("%Y-%m-%d"),
-                                          "steps": args.steps, "batch": args.batch, "trl_version": trl.__version__},
-                                         indent=2) + "\n")
-    print(f"baseline: TRL {trl.__version__}")
-    print(render(rows, ceiling))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"baseline": baseline, "trl_version": trl.__version__, "precision": precision,
+                                     "ceiling_flops": ceiling, "rows": rows, "date": time.strftime("%Y-%m-%d"),
+                                     "steps": args.steps, "batch": args.batch}, indent=2) + "\n")
+    print(render(rows, ceiling, baseline, precision))
 
 
-def render(rows: list[dict], ceiling: float) -> str:
-    lines = [f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
-             "| shape | method | TRL s/step | prefalign s/step | TRL pairs/s | prefalign pairs/s | speed-up | "
-             "TRL tokens/s | prefalign tokens/s | TRL peak RSS | prefalign peak RSS | RSS ratio | max \\|Δ loss\\| | "
-             "% of ceiling (TRL / prefalign) |",
+def render(rows: list[dict], ceiling: float, baseline: str = "TRL", precision: str = "fp32") -> str:
+    """The results as Markdown; every TRL figure is labelled with ``baseline`` (e.g. "TRL 1.13.0")."""
+    T = baseline
+    lines = [f"prefalign vs {T}, {precision}; {precision} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
+             f"| shape | method | {T} s/step | prefalign s/step | {T} pairs/s | prefalign pairs/s | speed-up | "
+             f"{T} tokens/s | prefalign tokens/s | {T} peak RSS | prefalign peak RSS | RSS ratio | max \\|Δ loss\\| | "
+             f"% of ceiling ({T} / prefalign) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, p = r["trl"], r["prefalign"]
@@ -302,14 +321,14 @@ def render(rows: list[dict], ceiling: float) -> str:
                 g, t = r[key], r["trl"]
                 diff = max(abs(a - b) for a, b in zip(t["losses"], g["losses"], strict=False))
                 lines.append(f"\n{label}, {r['shape']} {r['method'].upper()}: {g['s_per_step']:.2f} s/step "
-                             f"({t['s_per_step'] / g['s_per_step']:.2f}× TRL), peak RSS {g['peak_rss_gb']:.2f} GB "
-                             f"({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× TRL), max |Δ loss| vs TRL {diff:.1e}")
+                             f"({t['s_per_step'] / g['s_per_step']:.2f}× {T}), peak RSS {g['peak_rss_gb']:.2f} GB "
+                             f"({g['peak_rss_gb'] / t['peak_rss_gb']:.2f}× {T}), max |Δ loss| vs {T} {diff:.1e}")
     for r in rows:
         if r.get("prefalign_lora") and r.get("trl_lora"):
             tl, pl, t, p = r["trl_lora"], r["prefalign_lora"], r["trl"], r["prefalign"]
             n = min(len(tl["losses"]), len(pl["losses"]))
             diff = max(abs(a - b) for a, b in zip(tl["losses"][:n], pl["losses"][:n], strict=True))
-            lines.append(f"\nLoRA (r {LORA['r']}, all-linear), {r['shape']} {r['method'].upper()}: TRL "
+            lines.append(f"\nLoRA (r {LORA['r']}, all-linear), {r['shape']} {r['method'].upper()}: {T} "
                          f"{tl['s_per_step']:.2f} s/step, {tl['peak_rss_gb']:.2f} GB (full fine-tune "
                          f"{t['peak_rss_gb']:.2f} GB); prefalign {pl['s_per_step']:.2f} s/step, "
                          f"{pl['peak_rss_gb']:.2f} GB (full fine-tune {p['peak_rss_gb']:.2f} GB); speed-up "

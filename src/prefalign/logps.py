@@ -26,6 +26,7 @@ from .models import unwrap
 from .speed.attention import ATTENTION_NAME
 from .speed.forward import FastPath, target_logps
 from .speed.head import HeadStats, gather_logps
+from .speed.precision import compute_dtype
 
 # attention implementations that take a custom mask, and in which form (see model_attention_mask)
 _MASK_KINDS = {"sdpa": "float", "eager": "float", ATTENTION_NAME: "float", "flex_attention": "block"}
@@ -99,7 +100,7 @@ def kernel_mask(model: Any, mask: Tensor, position_ids: Tensor) -> Any:
     sliding-window layers, one mask per layer type: the sliding one also hides keys ``sliding_window`` or more
     positions back (by position id: the distance in the sequence the row's tokens come from), as transformers'
     own sliding mask does."""
-    kind, dtype = mask_kind(model), unwrap(model).dtype
+    kind, dtype = mask_kind(model), compute_dtype(unwrap(model))  # autocast's dtype when the caller has it on
     window, per_layer = _sliding_window(model)
     if window is None or not per_layer:
         return model_attention_mask(mask, kind, dtype)
@@ -112,10 +113,11 @@ def kernel_mask(model: Any, mask: Tensor, position_ids: Tensor) -> Any:
 def model_attention_mask(mask: Tensor, kind: str | None, dtype: torch.dtype) -> Any:
     """A boolean ``[R, 1, L, L]`` mask (True = may attend) in the form the attention kernel takes.
 
-    "float": additive, 0 or the dtype's minimum, built once per batch (eager; SDPA too: given a boolean mask, SDPA
-    converts it to this form in every layer and its kernels keep each copy for backward, 30 extra copies for
-    SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so fully
-    masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
+    "float": additive, 0 or the dtype's minimum (``dtype``: the one attention runs in, autocast's when the caller
+    runs under autocast, so an fp16 mask holds fp16's minimum), built once per batch (eager; SDPA too: given a
+    boolean mask, SDPA converts it to this form in every layer and its kernels keep each copy for backward, 30 extra
+    copies for SmolLM2). "bool": as is. "block": a flex-attention BlockMask whose mask_mod reads the boolean mask, so
+    fully masked blocks (between packed pairs, rejected rows over chosen columns) are skipped rather than computed.
     """
     if kind == "float":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

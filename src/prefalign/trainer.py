@@ -38,6 +38,7 @@ from .memory import activation_offload, selective_checkpointing
 from .models import load_model, load_tokenizer, unwrap
 from .ref_sync import SyncReference, check_pair
 from .router import Router, find_router, is_moe, load_balancing_loss, router_coefficient
+from .speed.precision import autocast_dtype
 
 logger = logging.getLogger("prefalign")
 TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -91,6 +92,10 @@ class _Trainer(CheckpointMixin, Trainer):
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
+        if args.fp16 and args.device.type == "cpu":
+            raise ConfigError("fp16 mixed precision does not run on CPU: accelerate would silently train in float32 "
+                              "there. Fix: bf16: true (CPU autocast), or float16 weights (model_init_kwargs: {dtype: "
+                              "float16}) without fp16, or a GPU.")
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
@@ -238,13 +243,9 @@ class _Trainer(CheckpointMixin, Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """The Trainer's step, then a check that the loss and every gradient are finite (see on_nonfinite)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # One fused norm (NaN/inf if any element is) instead of a pass per tensor: ~20x cheaper on SmolLM2-135M.
-        if torch.isfinite(loss).all() and (not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        what = nonfinite_part(loss, model)
+        if what is None:
             return loss
-        what = "loss" if not torch.isfinite(loss).all() else next(
-            f"gradient of {n}" for n, p in model.named_parameters() if p.grad is not None
-            and not torch.isfinite(p.grad).all())
         step = self.state.global_step + 1
         if self.args.on_nonfinite == "skip":
             model.zero_grad(set_to_none=True)  # the optimizer skips parameters without gradients
@@ -383,6 +384,21 @@ class _PreferenceTrainer(_Trainer):
         return (loss, metrics) if return_outputs else loss
 
 
+def nonfinite_part(loss: Tensor, model: torch.nn.Module) -> str | None:
+    """``"loss"`` or ``"gradient of NAME"`` when that is NaN or infinite, else None.
+
+    One fused norm over all gradients screens them (NaN/inf if any element is; ~20x cheaper than a pass per tensor on
+    SmolLM2-135M). In half precision the norm itself can overflow while every element is finite (fp16's largest value
+    is 65504), so a tripped screen is confirmed tensor by tensor before anything is called non-finite.
+    """
+    if not torch.isfinite(loss).all():
+        return "loss"
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named or torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named])):
+        return None
+    return next((f"gradient of {n}" for n, g in named if not torch.isfinite(g).all()), None)
+
+
 def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
     """``tokenizer=`` is TRL's older name for ``processing_class`` (the course's notebooks use it): both work."""
     if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
@@ -476,6 +492,12 @@ class DPOTrainer(_PreferenceTrainer):
         rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
         alpha = getattr(self.args, "ld_alpha", None)  # LD-DPO weights the sums (KTOConfig has no ld_alpha)
         variant = "" if alpha is None else f"-ld{alpha!r}"
+        # As TRL: the reference runs under the policy's autocast, so at step 0 policy and reference agree to the bit
+        # instead of differing by bf16 rounding. The weights' dtypes are in the model fingerprint; the autocast dtype
+        # goes in the key here (an fp32 cache is never read under bf16 autocast, nor the reverse).
+        with self.accelerator.autocast():
+            amp = autocast_dtype(self.accelerator.device)
+        variant += f"-amp-{str(amp).removeprefix('torch.')}" if amp is not None else ""
         path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows) + variant)
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
 
@@ -483,7 +505,7 @@ class DPOTrainer(_PreferenceTrainer):
             bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
                        disable=not self.is_world_process_zero())
             try:
-                with self.fast():
+                with self.fast(), self.accelerator.autocast():
                     return batched_pair_logps(self._weighted_reference, rows, self.data_collator, batch_size,
                                               self.accelerator.device, bar.update)
             finally:

@@ -2,8 +2,9 @@
 
 For known decoder-only architectures the model runs with ``logits_to_keep=1`` (through its own forward, so DDP and
 PEFT wrappers see the call) while a hook on the decoder captures the final hidden states; the head then runs on the
-rows that predict a target (speed/head.py). Other architectures compute full logits and gather, with the same
-numbers at a higher cost.
+rows that predict a target (speed/head.py), under the autocast the model's forward ran under (accelerate enables
+it inside the forward only), as the model's own head would. Other architectures compute full logits and gather,
+with the same numbers at a higher cost.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from ..models import unwrap
 from .head import HeadStats, TiedGrad, chunked_head_logps, gather_logps, tied_embeds
 from .layers import recompute_norm_outputs
+from .precision import autocast_dtype
 
 # Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling; soft-capping
 # (Gemma 2 / 3's ``final_logit_softcapping``) only where the config sets it, and then can_chunk says no.
@@ -79,7 +81,9 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
         captured: dict[str, Tensor] = {}
 
         def hook(_module: Any, _args: Any, output: Any) -> None:
-            captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            captured["h"] = h = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            amp = autocast_dtype(h.device)  # on inside the forward (accelerate wraps it): the head runs under it too
+            captured["amp"] = torch.autocast(h.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
         head = inner.get_output_embeddings()
         tied = TiedGrad()
@@ -93,5 +97,6 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
             model(**kwargs, logits_to_keep=1)
         finally:
             handle.remove()
-        return chunked_head_logps(head, captured["h"][rows, src], targets, path.chunk_rows,
-                                  tied=tied if embeds is not None else None, stats=stats)
+        with captured["amp"]:  # the head as the model's own forward would run it
+            return chunked_head_logps(head, captured["h"][rows, src], targets, path.chunk_rows,
+                                      tied=tied if embeds is not None else None, stats=stats)

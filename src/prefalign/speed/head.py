@@ -3,7 +3,8 @@
 A plain linear head is fused with the log-softmax (``_LinearHeadLogps``: row chunks, the softmax gradient built in
 place); any other head runs as a module, chunk by chunk under activation checkpointing. A tied input embedding adds
 its gradient rows into the head's weight gradient in place (``TiedGrad``). Same numbers as full logits
-(tests/test_logprobs.py).
+(tests/test_logprobs.py). Under autocast the head's matmul runs in autocast's dtype as ``nn.Linear`` would, the
+log-softmax in float32 (speed/precision.py; tests/test_mixed_precision.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from .precision import matmul_dtype, outside_autocast
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
 
@@ -77,14 +80,18 @@ class _LinearHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
+    @outside_autocast
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int, tied: TiedGrad | None = None, stats: HeadStats | None = None) -> Tensor:
-        out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+                chunk_rows: int, tied: TiedGrad | None = None, stats: HeadStats | None = None,
+                dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or hidden.dtype  # the matmul dtype (autocast's); logsumexp and outputs in float32 at least
+        w, b = _cast(weight, dtype), _cast(bias, dtype)
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(dtype, torch.float32))
         lse = torch.empty_like(out)
         buf = None
         for start in range(0, hidden.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
-            z = buf = _logits(hidden[sl], weight, bias, buf)
+            z = buf = _logits(hidden[sl].to(dtype), w, b, buf)
             m = z.amax(-1, keepdim=True)
             picked = z.gather(-1, targets[sl, None])
             if stats is not None and stats.wants("hits"):
@@ -98,12 +105,15 @@ class _LinearHeadLogps(torch.autograd.Function):
         keep = hidden.shape[0] <= chunk_rows and any(ctx.needs_input_grad[:3])
         ctx.softmax = z.mul_((m - lse[:, None]).exp_()) if keep else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_rows, ctx.tied = chunk_rows, tied
+        ctx.chunk_rows, ctx.tied, ctx.dtype = chunk_rows, tied, dtype
         return out
 
     @staticmethod
+    @outside_autocast
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        w, b = _cast(weight, dtype), _cast(bias, dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
@@ -111,26 +121,37 @@ class _LinearHeadLogps(torch.autograd.Function):
         buf = None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             sl = slice(start, start + ctx.chunk_rows)
+            h = hidden[sl].to(dtype)
             g = grad_out[sl].to(lse.dtype)
             if ctx.softmax is not None:
                 dz, ctx.softmax = ctx.softmax, None  # dL/dz built in place in the kept softmax
             else:
-                dz = buf = _logits(hidden[sl], weight, bias, buf)  # recomputed, then turned into dL/dz in place
+                dz = buf = _logits(h, w, b, buf)  # recomputed, then turned into dL/dz in place
                 dz.sub_(lse[sl, None]).exp_()
             dz.mul_(-g[:, None]).scatter_add_(-1, targets[sl, None], g[:, None])
-            dz = dz.to(weight.dtype)
+            dz = dz.to(dtype)
             if need_h:
-                torch.mm(dz, weight, out=grad_h[sl])
+                if grad_h.dtype == dtype:
+                    torch.mm(dz, w, out=grad_h[sl])
+                else:  # a float32 hidden state under autocast: its gradient in its own dtype
+                    grad_h[sl] = torch.mm(dz, w)
             if need_w:
-                if start == 0:
-                    torch.mm(dz.t(), hidden[sl], out=grad_w)
+                if weight.dtype != dtype:  # under autocast: each chunk's product summed in the weight's dtype
+                    part = torch.mm(dz.t(), h)
+                    grad_w.copy_(part) if start == 0 else grad_w.add_(part)
+                elif start == 0:
+                    torch.mm(dz.t(), h, out=grad_w)
                 else:
-                    grad_w.addmm_(dz.t(), hidden[sl])
+                    grad_w.addmm_(dz.t(), h)
             if need_b:
                 grad_b.add_(dz.sum(0))
         if ctx.tied is not None:
             ctx.tied.grad = grad_w  # the tied input embedding adds its rows here (_SparseGradEmbedding)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 class TiedGrad:
@@ -181,7 +202,8 @@ def chunked_head_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor,
         vocab = getattr(head, "out_features", None) or (weight.shape[0] if isinstance(weight, Tensor) else 0)
         chunk_rows = max(1, CHUNK_BYTES // (4 * vocab)) if vocab else 512
     if materialised_linear(head, hidden):
-        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied, stats)
+        dtype = matmul_dtype(hidden, head.weight)  # autocast's when it is on (speed/precision.py)
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows, tied, stats, dtype)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -208,6 +230,7 @@ class _SparseGradEmbedding(torch.autograd.Function):
     """
 
     @staticmethod
+    @outside_autocast
     def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None,
                 tied: TiedGrad | None = None) -> Tensor:
         ctx.save_for_backward(ids)
@@ -215,6 +238,7 @@ class _SparseGradEmbedding(torch.autograd.Function):
         return torch.nn.functional.embedding(ids, weight)
 
     @staticmethod
+    @outside_autocast
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (ids,) = ctx.saved_tensors
         ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])

@@ -15,6 +15,11 @@ gate/up projections save their input for the weight gradient): inside ``recomput
 tensor is stored as a recipe over the norm's own saved input and reciprocal RMS, and rebuilt bit for bit in backward.
 That is two more ``[tokens, hidden]`` tensors per layer (0.14 GB for the same batch), for one elementwise pass each.
 
+Under autocast each function computes what the stock module computes under it (speed/precision.py): the caller
+passes the dtype autocast would run the down projection in, the functions cast their matmul operands to it with
+autocast off, and gradients come back in each input's own dtype. The RMSNorm has no matmul and computes in float32
+as the stock one does.
+
 Only modules whose forward is known to be exactly the Llama one are patched (by class name and structure); any other
 module is left alone. Patching sets an instance attribute ``forward``; ``restore`` removes it. Only the speed
 boundary (``prefalign.speed.enable``) patches, and its ``undo`` restores.
@@ -31,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .precision import matmul_dtype, outside_autocast
 
 # RMSNorm classes whose forward is Llama's: weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)
 RMSNORM_CLASSES = frozenset({
@@ -50,6 +57,7 @@ class _RMSNorm(torch.autograd.Function):
     """
 
     @staticmethod
+    @outside_autocast
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -61,6 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @outside_autocast
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, rstd = ctx.saved_tensors
         xhat = x.float() * rstd
@@ -149,21 +158,26 @@ class _SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, u: Tensor, weight: Tensor) -> Tensor:
+    @outside_autocast
+    def forward(ctx: Any, g: Tensor, u: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(g, u, weight)
-        return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, weight)
+        ctx.dtype = dtype
+        h = torch.nn.functional.silu(g) * u
+        return torch.nn.functional.linear(h.to(dtype), weight.to(dtype))
 
     @staticmethod
+    @outside_autocast
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         g, u, weight = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
         sig = torch.sigmoid(g)
         silu = g * sig
         grad_w = None
         if ctx.needs_input_grad[2]:
-            h = silu * u
+            h = (silu * u).to(ctx.dtype)
             grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
-        dh = grad.matmul(weight.to(grad.dtype))  # under autocast the forward's product ran in grad's dtype
-        return (*_swiglu_input_grads(g, u, sig, silu, dh, *ctx.needs_input_grad[:2]), grad_w)
+        dh = grad.matmul(weight.to(ctx.dtype)).to(g.dtype)
+        return (*_swiglu_input_grads(g, u, sig, silu, dh, *ctx.needs_input_grad[:2]), grad_w, None)
 
 
 class _SwiGLUDownLoRA(torch.autograd.Function):
@@ -174,26 +188,31 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
+    @outside_autocast
+    def forward(ctx: Any, g: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(g, u, weight, lora_a)
-        h = torch.nn.functional.silu(g) * u
-        return torch.nn.functional.linear(h, weight), torch.nn.functional.linear(h, lora_a)
+        ctx.dtype = dtype
+        h = (torch.nn.functional.silu(g) * u).to(dtype)
+        return torch.nn.functional.linear(h, weight.to(dtype)), torch.nn.functional.linear(h, lora_a.to(dtype))
 
     @staticmethod
+    @outside_autocast
     def backward(ctx: Any, grad: Tensor, grad_low: Tensor) -> tuple[Tensor | None, ...]:
         g, u, weight, lora_a = ctx.saved_tensors
+        grad, grad_low = grad.to(ctx.dtype), grad_low.to(ctx.dtype)
         sig = torch.sigmoid(g)
         silu = g * sig
         need_g, need_u, need_w, need_a = ctx.needs_input_grad[:4]
         grad_w = grad_a = None
         if need_w or need_a:
-            h = (silu * u).reshape(-1, g.shape[-1])
+            h = (silu * u).to(ctx.dtype).reshape(-1, g.shape[-1])
             if need_w:
-                grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h)
+                grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h).to(weight.dtype)
             if need_a:
-                grad_a = grad_low.reshape(-1, grad_low.shape[-1]).t().mm(h)
-        dh = grad.matmul(weight).add_(grad_low.matmul(lora_a))
-        return (*_swiglu_input_grads(g, u, sig, silu, dh, need_g, need_u), grad_w, grad_a)
+                grad_a = grad_low.reshape(-1, grad_low.shape[-1]).t().mm(h).to(lora_a.dtype)
+        dh = grad.matmul(weight.to(ctx.dtype)).add_(grad_low.matmul(lora_a.to(ctx.dtype))).to(g.dtype)
+        return (*_swiglu_input_grads(g, u, sig, silu, dh, need_g, need_u), grad_w, grad_a, None)
 
 
 def _plain_lora(m: Any) -> tuple[torch.nn.Module, torch.nn.Module, float] | None:
@@ -223,12 +242,14 @@ def _mlp_forward(self: Any, x: Tensor) -> Tensor:
     g, u = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     if _bias_free_linear(down):
-        return _SwiGLUDown.apply(g, u, down.weight)
-    lora = _plain_lora(down) if torch.is_grad_enabled() and g.dtype == down.base_layer.weight.dtype else None
+        return _SwiGLUDown.apply(g, u, down.weight, matmul_dtype(g, down.weight))
+    base_weight = down.base_layer.weight
+    dtype = matmul_dtype(g, base_weight)
+    lora = _plain_lora(down) if torch.is_grad_enabled() and g.dtype == dtype else None
     if lora is None:  # the stock computation (adapter disabled, dropout, no gradients, ...)
         return down(self.act_fn(g) * u)
     lora_a, lora_b, scaling = lora
-    base, low = _SwiGLUDownLoRA.apply(g, u, down.base_layer.weight, lora_a.weight)
+    base, low = _SwiGLUDownLoRA.apply(g, u, base_weight, lora_a.weight, dtype)
     return base + lora_b(low) * scaling
 
 
