@@ -35,12 +35,16 @@ def test_precomputed_reference_matches_live_and_frees_the_model(tmp_path, home):
     ds = datasets.Dataset.from_list(conversational_rows(7))
     live = _trainer(tmp_path, False, ds)
     cached = _trainer(tmp_path, True, ds)
-    assert live.ref_model is not None and cached.ref_model is None
     assert "ref_chosen_logps" in cached.train_dataset.column_names
     a, b = live.evaluate(), cached.evaluate()
     for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/chosen", "eval_logps/rejected"):
         assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert abs(a["eval_rewards/margins"]) > 1e-3
+    # the reference is kept until training starts (as TRL: evaluate() may bring new sets), then freed
+    assert cached.ref_model is not None
+    cached.args.max_steps = 1
+    cached.train()
+    assert live.ref_model is not None and cached.ref_model is None
     assert len(list((home / "cache" / "ref-logps").iterdir())) == 1  # train and eval are the same pairs: one file
 
 
@@ -75,8 +79,11 @@ def test_damaged_cache_file_is_recomputed(tmp_path, home):
 
 def test_new_eval_dataset_after_freeing_the_reference_is_a_clear_error(tmp_path, home):
     tr = _trainer(tmp_path, True, datasets.Dataset.from_list(conversational_rows(4)))
+    assert tr.evaluate(conversational_rows(6)[4:])["eval_loss"] > 0  # before train(): ref_model is still held
+    tr.args.max_steps = 1
+    tr.train()
     with pytest.raises(ConfigError, match="precompute_ref_log_probs=False"):
-        tr.evaluate(conversational_rows(6)[4:])
+        tr.evaluate(conversational_rows(7)[4:])
 
 
 def test_peft_reference_precompute_uses_the_adapter_disabled_base(tmp_path, home):

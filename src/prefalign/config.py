@@ -284,7 +284,7 @@ class ReferenceConfig(PreferenceConfig):
         default=0.6, metadata={"help": "TR-DPO's alpha in [0, 1]: the policy's share of the synced reference."})
     ref_model_sync_steps: int = field(
         default=512, metadata={"help": "TR-DPO: optimizer steps between reference updates."})
-    precompute_ref_log_probs: bool = field(default=True, metadata={"help": "See DPOConfig / KTOConfig."})
+    precompute_ref_log_probs: bool | None = field(default=None, metadata={"help": "See DPOConfig / KTOConfig."})
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", self.ref_model_mixup_alpha,
@@ -335,12 +335,14 @@ class DPOConfig(ReferenceConfig):
                           "token distribution's sum of squared probabilities; detached), so off-policy pairs count "
                           "less. Not with loss_type 'aot' / 'aot_unpaired' (they sort the batch). With 'sft', the "
                           "batch's NLL times the mean weight (TRL 1.13 fails on that combination)."})
-    precompute_ref_log_probs: bool = field(
-        default=True,
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
         metadata={"help": "Compute the reference log-probs of every train/eval pair once before training (cached on "
                           "disk under $PREFALIGN_HOME/cache, keyed by reference weights and tokenised data), then "
-                          "free a separate reference model. Saves the reference forward pass on every step. False: "
-                          "run the reference live each step (TRL's default)."})
+                          "free a separate reference model when training starts. Saves the reference forward pass on "
+                          "every step. False: run the reference live each step (TRL's default). Unset (None): on, "
+                          "except when a train or eval dataset is a stream (IterableDataset: it cannot be "
+                          "precomputed), then off with one log line; True with a stream is an error."})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size for precomputing; default per_device_eval_batch_size."})
 
@@ -613,12 +615,14 @@ class KTOConfig(ReferenceConfig):
                                        "are fewer (the paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3])."})
     undesirable_weight: float = field(
         default=1.0, metadata={"help": "Weight of the undesirable rows' losses (lambda_U)."})
-    precompute_ref_log_probs: bool = field(
-        default=True,
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
         metadata={"help": "Compute the reference log-probs of every row's completion and KL completion once before "
                           "training (cached on disk under $PREFALIGN_HOME/cache, keyed by reference weights and "
-                          "tokenised rows), then free a separate reference model. False: run the reference live "
-                          "each step (TRL's default)."})
+                          "tokenised rows), then free a separate reference model when training starts. False: run "
+                          "the reference live each step (TRL's default). Unset (None): on, except when a train or "
+                          "eval dataset is a stream (IterableDataset: it cannot be precomputed), then off with one "
+                          "log line; True with a stream is an error."})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size for precomputing; default per_device_eval_batch_size."})
     train_sampling_strategy: str = field(

@@ -59,6 +59,9 @@ class SFTTrainer(_Trainer):
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
                                         and set(self.tokenized_columns) <= set(dataset.column_names)):
+            if getattr(args, "skip_prepare_dataset", False) and isinstance(dataset, datasets.IterableDataset):
+                return dataset.map(lambda r, i: _prepared_row(r, i + 1, name), with_indices=True,
+                                   remove_columns=_stream_columns(dataset))
             if getattr(args, "skip_prepare_dataset", False):
                 dataset = _prepared_rows(dataset, name)
             else:
@@ -86,6 +89,11 @@ class SFTTrainer(_Trainer):
         field = getattr(args, "dataset_text_field", "text")
         if self.formatting_func is None and field == "text":
             return dataset
+        if isinstance(dataset, datasets.IterableDataset):  # a stream: formatted as it is read
+            formatting_func = self.formatting_func
+            if formatting_func is not None:
+                return dataset.map(lambda r: {"text": formatting_func(r)}, remove_columns=_stream_columns(dataset))
+            return dataset.map(lambda r: {"text": r[field]}, remove_columns=[field])
         rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
         if self.formatting_func is not None:
             rows = [{"text": self.formatting_func(r)} for r in rows]
@@ -150,23 +158,29 @@ def _prepared_rows(dataset: Any, name: str) -> datasets.Dataset:
     """TRL's ``dataset_kwargs: {skip_prepare_dataset: true}``: rows already tokenized. ``input_ids`` are taken as
     they are; the loss covers ``completion_mask`` / ``assistant_masks`` where given, else the tokens whose
     ``labels`` are not -100, else every token (never the first: nothing predicts it)."""
+    rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
+    return datasets.Dataset.from_list([_prepared_row(row, n, name) for n, row in enumerate(rows, start=1)])
+
+
+def _prepared_row(row: dict[str, Any], n: int, name: str) -> dict[str, list[int]]:
+    """One already-tokenized row (see _prepared_rows) as ``input_ids`` + ``loss_mask``."""
     from .errors import DataError
 
-    rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
-    out = []
-    for n, row in enumerate(rows, start=1):
-        ids = row.get("input_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-            raise DataError("has no input_ids list, and dataset_kwargs.skip_prepare_dataset says the rows are "
-                            "already tokenized.", source=f"{name} dataset", row=n, field="input_ids",
-                            fix="tokenize the rows first, or remove skip_prepare_dataset")
-        mask = row.get("completion_mask") or row.get("assistant_masks")
-        if mask is None and row.get("labels") is not None:
-            mask = [int(label != -100) for label in row["labels"]]
-        mask = [int(bool(m)) for m in (mask or [1] * len(ids))]
-        if len(mask) != len(ids):
-            raise DataError(f"its loss mask has {len(mask)} entries for {len(ids)} input_ids.",
-                            source=f"{name} dataset", row=n, field="input_ids",
-                            fix="give one mask entry per token")
-        out.append({"input_ids": ids, "loss_mask": [0, *mask[1:]]})
-    return datasets.Dataset.from_list(out)
+    ids = row.get("input_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        raise DataError("has no input_ids list, and dataset_kwargs.skip_prepare_dataset says the rows are "
+                        "already tokenized.", source=f"{name} dataset", row=n, field="input_ids",
+                        fix="tokenize the rows first, or remove skip_prepare_dataset")
+    mask = row.get("completion_mask") or row.get("assistant_masks")
+    if mask is None and row.get("labels") is not None:
+        mask = [int(label != -100) for label in row["labels"]]
+    mask = [int(bool(m)) for m in (mask or [1] * len(ids))]
+    if len(mask) != len(ids):
+        raise DataError(f"its loss mask has {len(mask)} entries for {len(ids)} input_ids.",
+                        source=f"{name} dataset", row=n, field="input_ids", fix="give one mask entry per token")
+    return {"input_ids": ids, "loss_mask": [0, *mask[1:]]}
+
+
+def _stream_columns(dataset: datasets.IterableDataset) -> list[str]:
+    """A stream's columns (a generator's: those of its first row)."""
+    return dataset.column_names or list(next(iter(dataset), {}).keys())

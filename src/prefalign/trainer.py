@@ -29,7 +29,15 @@ from .chat_format import apply_chat_template_option
 from .checkpoints import CheckpointMixin, GracefulStop
 from .config import CPOConfig, DPOConfig, ORPOConfig, PreferenceConfig, TrainConfig
 from .data.collate import PairCollator, PrefixSharedCollator
-from .data.load import PREFERENCE_ROWS, ROW_COLUMN, RawData, RowSchema, skipped_entries, validated_rows
+from .data.load import (
+    PREFERENCE_ROWS,
+    ROW_COLUMN,
+    RawData,
+    RowSchema,
+    skipped_entries,
+    validated_chunk,
+    validated_rows,
+)
 from .data.tokenize import TokenizeReport, TokenizeSettings, tokenize_rows
 from .errors import ConfigError, DataError, NonFiniteError
 from .logps import PairLogps, custom_mask_refusal, mask_kind, pair_logps, router_token_weights
@@ -96,6 +104,10 @@ class _Trainer(CheckpointMixin, Trainer):
             raise ConfigError("fp16 mixed precision does not run on CPU: accelerate would silently train in float32 "
                               "there. Fix: bf16: true (CPU autocast), or float16 weights (model_init_kwargs: {dtype: "
                               "float16}) without fp16, or a GPU.")
+        _check_datasets(args, train_dataset, eval_dataset)
+        if ref_model is not None and ref_model is model:
+            raise ConfigError("`model` and `ref_model` cannot be the same object (the reference must not train). Fix: "
+                              "omit ref_model (the untrained policy is then the reference), or pass another copy.")
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
@@ -121,6 +133,7 @@ class _Trainer(CheckpointMixin, Trainer):
         self._speed: speed.Speed | None = None  # set while train() / evaluate() / the reference precompute run
         self.ref_model = self._make_reference(model, ref_model, args, peft_config)
         self.data_reports: dict[str, TokenizeReport] = {}
+        self._stream_reports: set[str] = set()  # data_reports of streams, filled as they are read
         train_dataset = self._prepare_dataset(train_dataset, "train", args)
         if isinstance(eval_dataset, Mapping) and not isinstance(eval_dataset, datasets.Dataset):
             eval_dataset = {k: self._prepare_dataset(v, k, args) for k, v in eval_dataset.items()}
@@ -162,8 +175,11 @@ class _Trainer(CheckpointMixin, Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         selective = getattr(self.args, "_selective_checkpointing", False)
-        with self.fast(), selective_checkpointing(self.model, selective):
-            return super().train(*args, **kwargs)
+        try:
+            with self.fast(), selective_checkpointing(self.model, selective):
+                return super().train(*args, **kwargs)
+        finally:
+            self._log_stream_reports()
 
     def compute_loss_context_manager(self) -> Any:
         """The Trainer's context for the forward, plus activation_offloading's (prefalign.memory) while training."""
@@ -205,6 +221,8 @@ class _Trainer(CheckpointMixin, Trainer):
         """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._prepare_stream(dataset, name, args)
         if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) <= set(dataset.column_names):
             return dataset
         raw = self._rows(validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args)),
@@ -224,17 +242,76 @@ class _Trainer(CheckpointMixin, Trainer):
             logger.warning("%s: %s", raw.source, line)
         return datasets.Dataset.from_list([{**p, ROW_COLUMN: n} for p, n in zip(pairs, numbers, strict=True)])
 
+    def _prepare_stream(self, dataset: datasets.IterableDataset, name: str,
+                        args: TrainConfig) -> datasets.IterableDataset:
+        """A stream, tokenized on the fly (IterableDataset.map, as TRL): each chunk of ``per_device_train_batch_size``
+        rows is validated (data.load.validated_chunk: the checks one row allows, rows numbered from 1 in stream
+        order) and tokenized as it is read (KTO's KL completions pair rows within the chunk). Skipped and truncated
+        rows are counted in ``data_reports[name]`` as the stream is read, once per row however many passes; they are
+        logged when train() / evaluate() end. No whole-dataset statistics: the stream is never read in full here."""
+        columns = dataset.column_names
+        if columns is None:  # a generator's stream: its columns are those of its first row
+            columns = list(next(iter(dataset), {}).keys())
+        if set(self.tokenized_columns) <= set(columns):
+            return dataset
+        report = TokenizeReport()
+        self.data_reports[name] = report
+        self._stream_reports.add(name)
+        counted: set[int] = set()  # chunks already counted (by their first row), as a stream is read every epoch
+        source, options = f"{name} dataset", row_options(args)
+
+        def prepare(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            raw = validated_chunk(rows, [i + 1 for i in indices], source, self.schema, **options)
+            unpaired = self._rows(raw, args) if raw.rows else raw
+            pairs, part = self._tokenize(unpaired, args) if raw.rows else ([], TokenizeReport())
+            for entry in part.skipped:
+                entry.pop("index")
+            if indices[0] not in counted:
+                counted.add(indices[0])
+                _merge_report(report, part, len(rows), skipped_entries(raw))
+            # no source_row column: a stream's rows are named by their running index in the messages above
+            return {c: [p[c] for p in pairs] for c in self.tokenized_columns}
+
+        # KTO pairs each row's completion with another row's of its chunk: chunks are the train batch size
+        chunk = max(args.per_device_train_batch_size, 1)
+        return dataset.map(prepare, batched=True, batch_size=chunk, with_indices=True, remove_columns=columns)
+
+    def _log_stream_reports(self) -> None:
+        """What the streams read so far skipped or cut (their rows are counted as they are read)."""
+        for name in sorted(self._stream_reports):
+            for line in self.data_reports[name].lines():
+                logger.warning("%s dataset (stream, %d rows read): %s", name, self.data_reports[name].rows, line)
+
     def _finish_eval_dataset(self, dataset: Any, name: str) -> Any:
         return dataset
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """As Trainer.evaluate; a dataset passed here gets the same validation and tokenisation as at construction."""
+        outer = self._speed is None  # not an evaluation during train()
         with self.fast():
-            if eval_dataset is not None and not isinstance(eval_dataset, str):
+            if isinstance(eval_dataset, Mapping) and not isinstance(eval_dataset, datasets.Dataset):
+                # each set prepared on its own and evaluated under eval_<name>_ (as TRL 1.16), not via the Trainer's
+                # own loop over a dict, which would come back here with a prepared set
+                metrics: dict[str, float] = {}
+                for key, dataset in eval_dataset.items():
+                    prepared = self._finish_eval_dataset(self._prepare_dataset(dataset, key, self.args), key)
+                    metrics.update(super().evaluate(prepared, ignore_keys, f"{metric_key_prefix}_{key}"))
+            elif eval_dataset is not None and not isinstance(eval_dataset, str):
                 prepared = self._prepare_dataset(eval_dataset, metric_key_prefix, self.args)
-                eval_dataset = self._finish_eval_dataset(prepared, metric_key_prefix)
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                metrics = super().evaluate(self._finish_eval_dataset(prepared, metric_key_prefix), ignore_keys,
+                                           metric_key_prefix)
+            else:
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if outer:
+            self._log_stream_reports()
+        return metrics
+
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        if _is_stream(dataset) and dataset.column_names is None:  # a stream we tokenized: only the batch's columns
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -399,6 +476,63 @@ def nonfinite_part(loss: Tensor, model: torch.nn.Module) -> str | None:
     return next((f"gradient of {n}" for n, g in named if not torch.isfinite(g).all()), None)
 
 
+def _is_stream(dataset: Any) -> bool:
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def _streams(dataset: Any) -> bool:
+    """Whether a dataset, or one of a dict's, is a stream."""
+    if isinstance(dataset, Mapping) and not isinstance(dataset, datasets.Dataset):
+        return any(_is_stream(d) for d in dataset.values())
+    return _is_stream(dataset)
+
+
+def _check_datasets(args: TrainConfig, train_dataset: Any, eval_dataset: Any) -> None:
+    """TRL 1.16's construction checks on the datasets, and what a stream needs (max_steps, dispatch_batches=False,
+    the reference run live)."""
+    if train_dataset is None:
+        raise ConfigError("`train_dataset` is required (as TRL). Fix: pass train_dataset=...; to only evaluate, pass "
+                          "the evaluation rows as train_dataset too and call evaluate().")
+    if isinstance(train_dataset, datasets.IterableDatasetDict) or (
+            isinstance(train_dataset, Mapping) and not isinstance(train_dataset, datasets.Dataset)):
+        raise ConfigError(f"`train_dataset` must be one dataset, not a {type(train_dataset).__name__} of splits. Fix: "
+                          "pick a split, e.g. train_dataset=dataset['train'].")
+    if _is_stream(train_dataset):
+        if args.max_steps is None or args.max_steps <= 0:
+            raise ConfigError("train_dataset is a stream (IterableDataset), whose length is unknown, so the number of "
+                              "steps cannot be derived from epochs. Fix: set max_steps (as transformers requires).")
+    # a stream's batches are read by each process (as TRL; accelerate's dispatching concatenates them, which fails
+    # on a short batch); unset, that is also what map-style data gets, so eval streams passed later work too
+    if args.accelerator_config.dispatch_batches is None:
+        args.accelerator_config.dispatch_batches = False
+    elif args.accelerator_config.dispatch_batches and (_is_stream(train_dataset) or _streams(eval_dataset)):
+        logger.warning("dispatch_batches: off, a dataset is a stream (as TRL; each process reads its own batches)")
+        args.accelerator_config.dispatch_batches = False
+    if not hasattr(args, "precompute_ref_log_probs") or not (_is_stream(train_dataset) or _streams(eval_dataset)):
+        if getattr(args, "precompute_ref_log_probs", False) is None:
+            args.precompute_ref_log_probs = True
+        return
+    if args.precompute_ref_log_probs:
+        raise ConfigError("`precompute_ref_log_probs=True` is not supported with IterableDataset (a stream is read "
+                          "as training goes; its reference log-probs cannot be computed up front). Fix: set "
+                          "precompute_ref_log_probs=False (or leave it unset: streams then run the reference live), "
+                          "or use a map-style Dataset.")
+    if args.precompute_ref_log_probs is None:
+        logger.warning("precompute_ref_log_probs: off, the reference runs live on each batch (a dataset is a stream, "
+                       "which cannot be precomputed)")
+        args.precompute_ref_log_probs = False
+
+
+def _merge_report(report: TokenizeReport, part: TokenizeReport, rows: int, skipped: list[dict[str, Any]]) -> None:
+    """Add one streamed chunk's counts (``rows`` read, ``skipped`` by validation) to its dataset's report."""
+    report.rows += rows
+    report.skipped = sorted(report.skipped + skipped + part.skipped, key=lambda s: s["row"])
+    for name in ("prompt_truncated", "chosen_truncated", "rejected_truncated", "sequence_truncated",
+                 "prompt_rerendered"):
+        getattr(report, name).extend(getattr(part, name))
+    report.converted_from = report.converted_from or part.converted_from
+
+
 def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
     """``tokenizer=`` is TRL's older name for ``processing_class`` (the course's notebooks use it): both work."""
     if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
@@ -470,20 +604,30 @@ class DPOTrainer(_PreferenceTrainer):
                 self.eval_dataset = {k: self._with_reference_logps(v, k) for k, v in self.eval_dataset.items()}
             else:
                 self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval")
-            # Every number the reference can give is cached: free it. Without PEFT the policy itself was the
-            # reference for the precompute (it had not trained yet), so no copy was ever made.
-            if self.ref_model is not None or not _is_peft(self.accelerator.unwrap_model(self.model)):
-                self.ref_model = None
-                self._reference_released = True
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """With precomputed reference log-probs, the reference is freed as training starts: every number it can give
+        the datasets passed so far is cached. Until then (as TRL) evaluate() takes new eval sets, the reference being
+        ``ref_model`` or the untrained policy. Without PEFT the policy was the reference, so no copy was ever made."""
+        if self.args.precompute_ref_log_probs and not self._reference_released and (
+                self.ref_model is not None or not _is_peft(self.accelerator.unwrap_model(self.model))):
+            self.ref_model = None
+            self._reference_released = True
+        return super().train(*args, **kwargs)
 
     def _with_reference_logps(self, dataset: Any, name: str) -> Any:
         """Add ref_chosen_logps / ref_rejected_logps columns, from the disk cache when possible."""
+        if _is_stream(dataset):
+            raise ConfigError(f"`precompute_ref_log_probs=True` is not supported with IterableDataset (the {name} "
+                              "dataset is a stream). Fix: use a map-style Dataset, or build the trainer with "
+                              "precompute_ref_log_probs=False.")
         if dataset is None or "ref_chosen_logps" in dataset.column_names:
             return dataset
         if self._reference_released:
             raise ConfigError(f"cannot compute reference log-probs for the {name} dataset: the reference model was "
-                              "freed after precomputing. Fix: pass it as eval_dataset when building the trainer, or "
-                              "set precompute_ref_log_probs=False.")
+                              "freed when training started (precompute_ref_log_probs). Fix: pass it as eval_dataset "
+                              "when building the trainer, evaluate it before train(), or set "
+                              "precompute_ref_log_probs=False (the reference is then kept for later eval sets).")
         from tqdm.auto import tqdm
 
         from .reference import batched_pair_logps, cache_path, data_fingerprint, load_or_compute, model_fingerprint
@@ -565,8 +709,9 @@ class DPOTrainer(_PreferenceTrainer):
         """The reference's log-probs of a batch: ``ref_model``, else the policy with its adapter disabled (PEFT),
         else the policy itself (before training, for the precompute)."""
         if self._reference_released:
-            raise ConfigError("this batch has no precomputed reference log-probs and the reference model was freed. "
-                              "Fix: evaluate datasets passed at construction, or set precompute_ref_log_probs=False.")
+            raise ConfigError("this batch has no precomputed reference log-probs and the reference model was freed "
+                              "when training started. Fix: pass the dataset as eval_dataset when building the trainer, "
+                              "or set precompute_ref_log_probs=False (the reference is then kept for later eval sets).")
         with torch.no_grad():
             if self.ref_model is not None:
                 return self.batch_logps(self.ref_model, inputs)

@@ -832,3 +832,29 @@ def log_kept(raw: RawData, problems: list[Problem]) -> None:
                                                                                             raw.skipped]
     for kind, rows in groups.items():
         logger.warning("%s: %d %s (%ss %s)", raw.source, len(rows), kind, raw.row_label, row_list(rows))
+
+
+def validated_chunk(rows: list[dict[str, Any]], numbers: list[int], source: str, schema: RowSchema | None = None,
+                    **options: Any) -> RawData:
+    """A chunk of a stream (``datasets.IterableDataset``), validated as it is read: the checks one row allows.
+
+    Rows are numbered by the stream's running index (``numbers``); whole-dataset checks (one format for every row,
+    duplicates) see only the chunk. ``options`` as validated_rows'; under ``on_invalid_row="skip"`` the chunk's bad
+    rows are in ``raw.skipped`` and the chunk may come back empty, otherwise the first bad row raises.
+    """
+    on_invalid_row = options.get("on_invalid_row", "error")
+    raw = RawData(source, "stream", rows, _columns_of(rows), "row", list(numbers))
+    raw = map_columns(pair_scored_rows(raw, options.get("pairing", "best_worst"), options.get("min_score_margin", 0.0),
+                                       options.get("seed", 0)), None, schema)
+    raw, conversion = convert_published_formats(raw, options.get("text_format", "auto"))
+    problems = conversion + (schema or PREFERENCE_ROWS).validate(raw)
+    fatal = [p for p in problems if p.fatal]
+    if fatal and on_invalid_row != "skip":
+        raise fatal[0].as_error(raw.source, raw.row_label, " (a streamed dataset: rows are numbered from 1 in the "
+                                "order the stream yields them)" + _SKIP_HINT)
+    first: dict[int, Problem] = {}
+    for p in fatal:
+        first.setdefault(p.row, p)
+    keep = [i for i, n in enumerate(raw.row_numbers) if n not in first]
+    return replace(raw, rows=[raw.rows[i] for i in keep], row_numbers=[raw.row_numbers[i] for i in keep],
+                   skipped=sorted(first.values(), key=lambda p: p.row))
