@@ -331,3 +331,18 @@ def test_float16_weights_train_through_the_fast_path(tmp_path, tok, method):
     assert len(runs[0]) == 2 and all(torch.isfinite(torch.tensor(runs[0])))
     assert runs[0][1] < runs[0][0]
     assert runs[0] == pytest.approx(runs[1], rel=BF16_TOL)
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(tmp_path, tok, monkeypatch, caplog, has_bf16):
+    import logging
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="prefalign"):
+        DPOTrainer(tiny_llama(tok, 1), args=args, train_dataset=conversational_rows(2), processing_class=tok)
+    lines = [r.getMessage() for r in caplog.records if "bf16 matrix instructions" in r.getMessage()]
+    assert len(lines) == (0 if has_bf16 else 1)
+    if lines:
+        assert "bf16: false trains faster" in lines[0]

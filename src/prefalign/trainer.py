@@ -46,7 +46,7 @@ from .memory import activation_offload, selective_checkpointing
 from .models import load_model, load_tokenizer, unwrap
 from .ref_sync import SyncReference, check_pair
 from .router import Router, find_router, is_moe, load_balancing_loss, router_coefficient
-from .speed.precision import autocast_dtype
+from .speed.precision import autocast_dtype, cpu_bf16_note
 
 logger = logging.getLogger("prefalign")
 TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -104,6 +104,8 @@ class _Trainer(CheckpointMixin, Trainer):
             raise ConfigError("fp16 mixed precision does not run on CPU: accelerate would silently train in float32 "
                               "there. Fix: bf16: true (CPU autocast), or float16 weights (model_init_kwargs: {dtype: "
                               "float16}) without fp16, or a GPU.")
+        if args.bf16 and args.device.type == "cpu" and (note := cpu_bf16_note()) is not None:
+            logger.warning("bf16: %s", note)
         _check_datasets(args, train_dataset, eval_dataset)
         if ref_model is not None and ref_model is model:
             raise ConfigError("`model` and `ref_model` cannot be the same object (the reference must not train). Fix: "
