@@ -252,6 +252,18 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
     labels = batch["labels"]
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     targets = labels[rows, cols]
+    inputs = lm_inputs(model, batch)
+    if path is not None:
+        return target_logps(model, inputs, rows, cols - 1, targets, path, stats)
+    logits = model(**inputs, use_cache=False).logits[rows, cols - 1]
+    if stats is not None:
+        stats.observe(logits, targets)
+    return gather_logps(logits, targets)
+
+
+def lm_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
+    """The model's forward inputs for an LM batch: ids, position ids, and its mask in the form the model's attention
+    takes (span boundaries for attention that runs spans alone, a block mask otherwise)."""
     mask = batch["attention_mask"]
     segments: dict[str, Any] = {}
     if "cu_seq_lens" in batch:  # one packed row: spans for attention that takes them, else their block mask
@@ -263,14 +275,8 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
             mask = segment_mask(batch["cu_seq_lens"])
     if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
         mask = kernel_mask(model, mask, batch["position_ids"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
-              **segments}
-    if path is not None:
-        return target_logps(model, inputs, rows, cols - 1, targets, path, stats)
-    logits = model(**inputs, use_cache=False).logits[rows, cols - 1]
-    if stats is not None:
-        stats.observe(logits, targets)
-    return gather_logps(logits, targets)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+            **segments}
 
 
 def router_token_weights(batch: dict[str, Tensor], plain: bool, with_rejected: bool = True) -> Tensor:

@@ -21,7 +21,7 @@ from .data.collate import LMCollator
 from .data.load import RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
-from .logps import custom_mask_refusal, lm_logps, mask_kind
+from .logps import custom_mask_refusal, lm_inputs, lm_logps, mask_kind
 from .models import unwrap
 from .router import load_balancing_loss
 from .speed.attention import takes_segments
@@ -50,11 +50,13 @@ class SFTTrainer(_Trainer):
                  processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
                  peft_config: Any = None, tokenizer: Any = None,
-                 formatting_func: Callable[[dict[str, Any]], str] | None = None) -> None:
+                 formatting_func: Callable[[dict[str, Any]], str] | None = None,
+                 preprocess_logits_for_metrics: Any = None) -> None:
         self.formatting_func = formatting_func
         self._trained_tokens = 0
         super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
@@ -111,6 +113,15 @@ class SFTTrainer(_Trainer):
         # comes with transformers' mask, applied within each span), else masked rows (logps.kernel_mask)
         flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
         return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
+
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """As TRL's SFTTrainer: the model's full logits ``[rows, L, vocab]`` and ``labels`` ``[rows, L]`` in row layout
+        (a position's label is predicted by the position before it; -100 where no loss: prompt, padding, each
+        sequence's first token), so TRL's compute_metrics functions work unchanged. This costs one more forward
+        with full logits per evaluation batch (training's loss never builds them); it runs only when predictions
+        are asked for (``compute_metrics`` set, or ``predict()``)."""
+        logits = model(**lm_inputs(model, inputs), use_cache=False).logits
+        return logits.detach(), inputs["labels"]
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:

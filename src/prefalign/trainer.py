@@ -86,6 +86,7 @@ class _Trainer(CheckpointMixin, Trainer):
         optimizers: tuple[Any, Any] = (None, None),
         peft_config: Any = None,
         tokenizer: Any = None,
+        preprocess_logits_for_metrics: Any = None,
     ) -> None:
         processing_class = _processing_class(processing_class, tokenizer)
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
@@ -128,7 +129,8 @@ class _Trainer(CheckpointMixin, Trainer):
                                              self.graceful_stop]
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
@@ -256,11 +258,23 @@ class _Trainer(CheckpointMixin, Trainer):
                              "or set on_nonfinite='skip'.")
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, Any, Tensor | None]:
+        """The loss; and unless ``prediction_loss_only`` (the Trainer asks for predictions when ``compute_metrics``
+        is set, and in ``predict()``), ``(predictions, label_ids)`` for ``compute_metrics`` (see ``_predictions``).
+        A dict of predictions loses the keys in ``ignore_keys``."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            predictions, labels = self._predictions(model, inputs, outputs)
+        if isinstance(predictions, dict) and ignore_keys:
+            predictions = {k: v for k, v in predictions.items() if k not in ignore_keys}
+        return loss.detach(), predictions, labels
+
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """``(predictions, label_ids)`` of one batch for compute_metrics, from compute_loss's per-pair metrics."""
+        raise NotImplementedError
 
     def add_aux_loss(self, model: Any, loss: Tensor, steps: int = 1) -> Tensor:
         """``loss + router_aux_loss_coef * aux_loss / steps`` when the policy forward collected one (TRL 1.16; SFT
@@ -374,6 +388,15 @@ class _PreferenceTrainer(_Trainer):
         """Per-pair losses ``[B]`` and per-pair metrics of one batch."""
         raise NotImplementedError
 
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """Per-pair numbers the loss computed anyway, as ``{metric name: [B] tensor}`` (``rewards/chosen``,
+        ``rewards/rejected``, ``logps/chosen``, ..., the logged metrics' names; a batch-level value such as ORPO's
+        ``nll_loss`` repeated per pair), and label ids ``[B]`` of zeros: class 0, the chosen reply, is the preferred
+        one, so ``argmax([rewards/chosen, rewards/rejected]) == label`` is the reward accuracy."""
+        pairs = inputs["chosen_mask"].shape[0]
+        predictions = {k: _per_pair(v, pairs) for k, v in outputs.items()}
+        return predictions, torch.zeros(pairs, dtype=torch.long, device=inputs["chosen_mask"].device)
+
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         losses, metrics = self.pair_losses(model, inputs)
@@ -381,6 +404,12 @@ class _PreferenceTrainer(_Trainer):
         for key, value in metrics.items():
             self.log_metric(model, key, value)
         return (loss, metrics) if return_outputs else loss
+
+
+def _per_pair(value: Tensor, pairs: int) -> Tensor:
+    """A metric as a float ``[pairs]`` tensor: per-pair values as they are, a batch-level value repeated."""
+    value = value.detach().float().reshape(-1)
+    return value.expand(pairs).clone() if value.numel() == 1 and pairs != 1 else value
 
 
 def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
@@ -599,10 +628,11 @@ class _ReferenceFreeTrainer(_PreferenceTrainer):
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
-                 peft_config: Any = None, tokenizer: Any = None) -> None:
+                 peft_config: Any = None, tokenizer: Any = None, preprocess_logits_for_metrics: Any = None) -> None:
         # TRL's ORPOTrainer / CPOTrainer signature: no ref_model, args second.
         super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
     def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
         settings = super()._tokenize_settings(args)
