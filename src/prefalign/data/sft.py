@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .format import common_prefix_len, is_messages, to_example
+from .format import common_prefix_len, is_messages, parse_tools, to_example
+from .format import messages as to_messages
 from .load import (
     Problem,
     RawData,
@@ -30,6 +31,7 @@ from .load import (
     _type_name,
     duplicate_of,
     template_kwargs_problems,
+    tools_problems,
     validate_rows,
 )
 from .tokenize import TokenizeReport, _template, has_chat_template, template_kwargs, tokenize_replies
@@ -110,7 +112,8 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
         if kind == "preference":
             continue  # validated above
         row_problems = {"text": _text_problems, "messages": _messages_problems,
-                        "prompt_completion": _prompt_completion_problems}[kind](r, n) + template_kwargs_problems(r, n)
+                        "prompt_completion": _prompt_completion_problems}[kind](r, n) + template_kwargs_problems(r, n) \
+            + tools_problems(r, n)
         if not any(p.fatal for p in row_problems):
             row_problems.extend(duplicate_of(seen, [r.get(c) for c in ("system", "text", "messages", "prompt",
                                                                        "completion")], n, raw.row_label))
@@ -119,7 +122,8 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
 
 
 SFT_ROWS = RowSchema(
-    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system", "chat_template_kwargs"),
+    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system", "chat_template_kwargs",
+            "tools"),
     (("messages",), ("text",), ("completion",), ("chosen",)), validate_sft_rows,
     {"text": ("content", "document"), "messages": ("conversations", "conversation", "chat"),
      "completion": ("response", "output", "answer", "target")},
@@ -175,7 +179,8 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
     """``({"input_ids", "loss_mask"}, cut)`` for one validated row (``data``); ``cut``: max_length or
     max_prompt_length cut it. ``rerendered``: as tokenize_replies' (a prompt split at the common prefix)."""
     where = {"source": source, "row": row, "row_label": row_label}
-    kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"))
+    kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"),
+                         parse_tools(data.get("tools")))
     kind = row_kind(data)
     cut = False
     if kind == "text":
@@ -188,7 +193,7 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
             raise DataError("conversational data needs a chat template, and this tokenizer has none.", **where,
                             fix="set chat_template: chatml (ChatML for a base model), use a chat model's tokenizer, "
                                 "or give text rows")
-        messages = [{"role": str(m["role"]), "content": m["content"]} for m in data["messages"]]
+        messages = to_messages(data["messages"])
         if data.get("system") is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": data["system"]})
         ids = _template(tokenizer, messages, **kw)
@@ -232,11 +237,11 @@ def _prompt_and_completion(row: dict[str, Any], kind: str, chat: bool, where: di
         return ex.prompt, ex.chosen, ex.conversational
     prompt, completion, system = row.get("prompt"), row["completion"], row.get("system")
     if is_messages(completion):
-        msgs = ([{"role": str(m["role"]), "content": m["content"]} for m in prompt] if is_messages(prompt)
+        msgs = (to_messages(prompt) if is_messages(prompt)
                 else [{"role": "user", "content": prompt}] if prompt else [])
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": system})
-        return msgs, [{"role": str(m["role"]), "content": m["content"]} for m in completion], True
+        return msgs, to_messages(completion), True
     prompt = prompt or ""
     if chat:
         msgs = [{"role": "user", "content": prompt}]

@@ -97,10 +97,15 @@ def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
     return _ids(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs))
 
 
-def template_kwargs(run: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> dict[str, Any]:
+def template_kwargs(run: Mapping[str, Any] | None, row: Mapping[str, Any] | None,
+                    tools: list[Any] | None = None) -> dict[str, Any]:
     """The keyword arguments for apply_chat_template: a row's ``chat_template_kwargs`` merged over the run's (as
-    TRL 1.16). A row key whose value is None is left out: `datasets` fills the keys other rows use with None."""
-    return {**(run or {}), **{k: v for k, v in (row or {}).items() if v is not None}}
+    TRL 1.16), and the row's ``tools`` (TRL's column) as ``tools=``. A row key whose value is None is left out:
+    `datasets` fills the keys other rows use with None."""
+    out = {**(run or {}), **{k: v for k, v in (row or {}).items() if v is not None}}
+    if tools:
+        out["tools"] = tools
+    return out
 
 
 def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
@@ -110,7 +115,8 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
     tokenize_replies) collects the replies whose prompt was split at the common prefix."""
     out = tokenize_replies(ex.prompt, {"chosen": ex.chosen, "rejected": ex.rejected}, ex.conversational, tokenizer,
                            row=row, source=source, row_label=row_label, rerendered=rerendered,
-                           template_kwargs=template_kwargs(settings.chat_template_kwargs, ex.chat_template_kwargs))
+                           template_kwargs=template_kwargs(settings.chat_template_kwargs, ex.chat_template_kwargs,
+                                                           ex.tools))
     if settings.ensure_bos and tokenizer.bos_token_id is not None and out["prompt_ids"][:1] != [
             tokenizer.bos_token_id]:
         out["prompt_ids"] = [tokenizer.bos_token_id] + out["prompt_ids"]
