@@ -142,3 +142,70 @@ def test_sharegpt_unknown_from_names_row_and_field(tmp_path):
         SFTTrainer(tiny_llama(tok), args=SFTConfig(output_dir=str(tmp_path), **COMMON), train_dataset=rows,
                    processing_class=tok)
     assert e.value.row == 3 and e.value.field == "messages[2]"
+
+
+def test_sft_pretokenized_rows_as_trl(tmp_path):
+    """``input_ids`` rows skip templating; the loss follows labels, else completion_mask, else assistant_masks;
+    padding (attention_mask 0) is left out; max_length cuts and counts; the dataset carries TRL's labels."""
+    import datasets
+
+    tok = smollm2_tokenizer()
+    rows = [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "labels": None, "attention_mask": None},
+            {"input_ids": [9, 10, 11], "completion_mask": None, "labels": [-100, 10, -100], "attention_mask": None},
+            {"input_ids": [12, 13, 14, 0], "completion_mask": None, "labels": None, "attention_mask": [1, 1, 1, 0]},
+            {"input_ids": list(range(20, 40)), "completion_mask": None, "labels": None, "attention_mask": None}]
+    trainer = SFTTrainer(tiny_llama(tok), args=SFTConfig(output_dir=str(tmp_path), **{**COMMON, "max_length": 8}),
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    ds = trainer.train_dataset
+    assert ds["input_ids"][:3] == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    assert ds["loss_mask"][:3] == [[0, 0, 1, 1], [0, 1, 0], [0, 1, 1]]
+    assert ds["labels"][:3] == [[-100, -100, 7, 8], [-100, 10, -100], [-100, 13, 14]]
+    assert ds["input_ids"][3] == list(range(20, 28))
+    assert trainer.data_reports["train"].sequence_truncated == [4]
+    trainer.train()  # trains on them (one step is enough to show the collator takes the rows)
+
+
+@pytest.mark.parametrize("row, field, words", [
+    ({"input_ids": [5, 6, 10**7]}, "input_ids", "outside the tokenizer's vocabulary"),
+    ({"input_ids": [5, "a"]}, "input_ids", "expected a non-empty list of token ids"),
+    ({"input_ids": [5, 6], "completion_mask": [1]}, "completion_mask", "one per input_ids entry"),
+])
+def test_sft_bad_pretokenized_rows(tmp_path, row, field, words):
+    tok = smollm2_tokenizer()
+    with pytest.raises(DataError, match=words) as e:
+        SFTTrainer(tiny_llama(tok), args=SFTConfig(output_dir=str(tmp_path), **COMMON),
+                   train_dataset=[{"input_ids": [1, 2, 3]}, row], processing_class=tok)
+    assert e.value.row == 2 and e.value.field == field
+
+
+def test_dpo_pretokenized_rows_as_trl(tmp_path):
+    import datasets
+
+    tok = smollm2_tokenizer()
+    rows = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8]},
+            {"prompt_ids": [9] * 6, "chosen_ids": [10] * 6, "rejected_ids": [11]}]
+    args = DPOConfig(output_dir=str(tmp_path), **{**COMMON, "max_length": 8, "max_prompt_length": 4})
+    trainer = DPOTrainer(tiny_llama(tok), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok)
+    ds = trainer.train_dataset
+    assert ds[0]["prompt_ids"] == [1, 2, 3] and ds[0]["chosen_ids"] == [4, 5] and ds[0]["rejected_ids"] == [6, 7, 8]
+    assert ds[1]["prompt_ids"] == [9] * 4 and ds[1]["chosen_ids"] == [10] * 4  # cut as text rows are, and counted
+    report = trainer.data_reports["train"]
+    assert report.prompt_truncated == [2] and report.chosen_truncated == [2]
+    assert "ref_chosen_logps" in ds.column_names and len(ds) == 2
+    with pytest.raises(DataError, match="outside the tokenizer's vocabulary") as e:
+        DPOTrainer(tiny_llama(tok), args=args, processing_class=tok,
+                   train_dataset=[rows[0], {**rows[1], "rejected_ids": [-1]}])
+    assert e.value.row == 2 and e.value.field == "rejected_ids"
+
+
+def test_trl_column_names_on_prepared_datasets(tmp_path):
+    tok = smollm2_tokenizer()
+    rows = [{"prompt": [{"role": "user", "content": f"Hi {i}"}],
+             "completion": [{"role": "assistant", "content": f"Hello {i}"}]} for i in range(2)]
+    sft = SFTTrainer(tiny_llama(tok), args=SFTConfig(output_dir=str(tmp_path), **COMMON), train_dataset=rows,
+                     processing_class=tok)
+    example = sft.train_dataset[0]
+    assert len(example["labels"]) == len(example["input_ids"])
+    assert all(label in (-100, t) for label, t in zip(example["labels"], example["input_ids"], strict=True))
+    assert tok.decode([t for t in example["labels"] if t != -100]).startswith("Hello 0")

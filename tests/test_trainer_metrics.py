@@ -155,3 +155,67 @@ def test_preprocess_logits_for_metrics_sees_the_predictions(tmp_path):
                      preprocess_logits_for_metrics=keep_chosen)
     dpo.evaluate()
     assert "rewards/chosen" in calls[-1] and seen[0].predictions.shape == (4,)
+
+
+# ----- PEFT prompt learning ------------------------------------------------------------------------------------------
+def _prompt_configs():
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    return {"prompt_tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+            "prefix_tuning": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+            "p_tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16)}
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_sft_prompt_learning_loss_is_peft_own(tmp_path, method, caplog):
+    """The evaluation loss of one row is PEFT's own causal-LM loss (its virtual tokens accounted for), and training
+    moves only the prompt parameters."""
+    tok = smollm2_tokenizer()
+    rows = _sft_rows(3)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, learning_rate=1e-2,
+                     **{**COMMON, "per_device_eval_batch_size": 1})
+    with caplog.at_level("WARNING", logger="prefalign"):
+        trainer = SFTTrainer(tiny_llama(tok, 1), args=args, train_dataset=rows, eval_dataset=rows[:1],
+                             processing_class=tok, peft_config=_prompt_configs()[method])
+        loss = trainer.evaluate()["eval_loss"]
+    model = trainer.model
+    ex = trainer.eval_dataset[0]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    assert any("fast_path: off for PEFT" in r.message for r in caplog.records)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all("prompt_encoder" in n for n in moved)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_dpo_prompt_learning_rewards_are_adapter_against_base(tmp_path, method):
+    """DPO's reference is the base model (adapter disabled); the policy's log-probs are PEFT's forward's, with
+    the virtual tokens' logits left out: rewards/chosen = beta * (policy - base) log-prob of the chosen reply."""
+    tok = smollm2_tokenizer()
+    pairs = conversational_rows(2)
+    seen, compute_metrics = _capture()
+    args = DPOConfig(output_dir=str(tmp_path), **{**COMMON, "per_device_eval_batch_size": 2})
+    trainer = DPOTrainer(tiny_llama(tok, 1), args=args, train_dataset=pairs, eval_dataset=pairs,
+                         processing_class=tok, peft_config=_prompt_configs()[method], compute_metrics=compute_metrics)
+    trainer.evaluate()
+    model = trainer.model
+    ex = trainer.eval_dataset[1]
+    ids = torch.tensor([ex["prompt_ids"] + ex["chosen_ids"]])
+    n = len(ex["chosen_ids"])
+
+    def reply_logp(m):
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[:, -ids.shape[1]:]
+        logps = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return logps[-n:].sum().item()
+
+    policy = reply_logp(model)
+    with model.disable_adapter():
+        base = reply_logp(model)
+    p = seen[0].predictions
+    assert abs(policy - base) > 1e-3  # the virtual tokens change the numbers
+    assert p["logps/chosen"][1] == pytest.approx(policy, abs=1e-4)
+    assert p["rewards/chosen"][1] == pytest.approx(args.beta * (policy - base), abs=1e-4)

@@ -18,10 +18,10 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from .config import SFTConfig, TrainConfig
 from .data.collate import LMCollator
-from .data.load import RawData
+from .data.load import ROW_COLUMN, RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
-from .logps import custom_mask_refusal, lm_inputs, lm_logps, mask_kind
+from .logps import custom_mask_refusal, lm_inputs, lm_logps, mask_kind, own_logits
 from .models import unwrap
 from .router import load_balancing_loss
 from .speed.attention import takes_segments
@@ -60,12 +60,16 @@ class SFTTrainer(_Trainer):
 
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
-                                        and set(self.tokenized_columns) <= set(dataset.column_names)):
+                                        and {*self.tokenized_columns, ROW_COLUMN} <= set(dataset.column_names)):
             if getattr(args, "skip_prepare_dataset", False):
                 dataset = _prepared_rows(dataset, name)
             else:
                 dataset = self._as_text_rows(dataset, args)
         prepared = super()._prepare_dataset(dataset, name, args)
+        if prepared is not None and "labels" not in prepared.column_names:  # TRL's column (user code reads it)
+            prepared = prepared.add_column("labels", [[t if m else -100 for t, m in zip(ids, mask, strict=True)]
+                                                      for ids, mask in zip(prepared["input_ids"],
+                                                                           prepared["loss_mask"], strict=True)])
         if prepared is not None and getattr(args, "shuffle_dataset", False):  # as TRL: every dataset it prepares
             prepared = prepared.shuffle(seed=args.seed)
         return prepared
@@ -120,7 +124,7 @@ class SFTTrainer(_Trainer):
         sequence's first token), so TRL's compute_metrics functions work unchanged. This costs one more forward
         with full logits per evaluation batch (training's loss never builds them); it runs only when predictions
         are asked for (``compute_metrics`` set, or ``predict()``)."""
-        logits = model(**lm_inputs(model, inputs), use_cache=False).logits
+        logits = own_logits(model(**lm_inputs(model, inputs), use_cache=False).logits, inputs["input_ids"])
         return logits.detach(), inputs["labels"]
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
@@ -179,5 +183,5 @@ def _prepared_rows(dataset: Any, name: str) -> datasets.Dataset:
             raise DataError(f"its loss mask has {len(mask)} entries for {len(ids)} input_ids.",
                             source=f"{name} dataset", row=n, field="input_ids",
                             fix="give one mask entry per token")
-        out.append({"input_ids": ids, "loss_mask": [0, *mask[1:]]})
+        out.append({"input_ids": ids, "loss_mask": [0, *mask[1:]], ROW_COLUMN: n})
     return datasets.Dataset.from_list(out)

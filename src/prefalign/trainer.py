@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from . import speed
 from .chat_format import apply_chat_template_option
@@ -92,6 +92,8 @@ class _Trainer(CheckpointMixin, Trainer):
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
+        elif type(args) is TrainingArguments:  # a plain TrainingArguments becomes this method's config (as TRL)
+            args = self.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
@@ -131,6 +133,8 @@ class _Trainer(CheckpointMixin, Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        if hasattr(self.model, "add_model_tags"):  # the model card's tags (TRL: "trl" and the method)
+            self.model.add_model_tags(["prefalign", self.method])
         # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
@@ -202,7 +206,9 @@ class _Trainer(CheckpointMixin, Trainer):
         """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
-        if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) <= set(dataset.column_names):
+        # prepared here before (its source rows numbered); a user's pre-tokenized rows are validated and truncated
+        if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) | {ROW_COLUMN} <= set(
+                dataset.column_names):
             return dataset
         raw = self._rows(validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args)),
                          args)

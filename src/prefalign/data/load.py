@@ -27,6 +27,7 @@ from .format import is_messages, parse_tools
 logger = logging.getLogger("prefalign")
 
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system", "chat_template_kwargs", "tools")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # pre-tokenized pairs (TRL's processed columns)
 REQUIRED_COLUMNS = ("chosen", "rejected")
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` values, as roles
@@ -546,6 +547,9 @@ def validate_rows(raw: RawData) -> list[Problem]:
     seen: dict[str, int] = {}
     first_kind: tuple[int, bool] | None = None  # (row number, is messages) of the first well-formed row
     for r, n in zip(raw.rows, raw.row_numbers, strict=True):
+        if r.get("chosen_ids") is not None or r.get("rejected_ids") is not None:
+            problems.extend(_id_problems(r, n))
+            continue
         row_problems: list[Problem] = []
         for name in ("prompt", "chosen", "rejected", "system"):
             if name not in r:
@@ -597,6 +601,20 @@ def validate_rows(raw: RawData) -> list[Problem]:
     return problems
 
 
+def _id_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
+    """A pre-tokenized pair: ``prompt_ids`` (may be empty), ``chosen_ids`` and ``rejected_ids`` lists of token ids."""
+    out = []
+    for name in ID_COLUMNS:
+        v = r.get(name)
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            out.append(Problem(n, name, f"is {_type_name(v)}; expected a list of token ids.",
+                               f"give {name} as a list of integers (a pre-tokenized pair has prompt_ids, "
+                               "chosen_ids and rejected_ids)"))
+        elif not v and name != "prompt_ids":
+            out.append(Problem(n, name, "is an empty list of token ids.", "give the reply's tokens"))
+    return out
+
+
 def duplicate_of(seen: dict[str, int], fields: list[Any], row: int, row_label: str) -> list[Problem]:
     """A warning when ``fields`` repeat an earlier row's (recorded in ``seen``); duplicates are kept, not fatal."""
     key = json.dumps(fields, sort_keys=True)
@@ -606,7 +624,8 @@ def duplicate_of(seen: dict[str, int], fields: list[Any], row: int, row_label: s
     return []
 
 
-PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS, (REQUIRED_COLUMNS,), validate_rows, _ALIASES,
+PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS + ID_COLUMNS, (REQUIRED_COLUMNS, ID_COLUMNS[1:]),
+                            validate_rows, _ALIASES,
                             "preference rows with chosen and rejected fields")
 
 

@@ -169,6 +169,24 @@ def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool,
     return out
 
 
+def token_ids(data: Mapping[str, Any], tokenizer: Any, *, row: int | None = None, source: str | None = None,
+              row_label: str = "row") -> dict[str, list[int]]:
+    """A pre-tokenized pair's ids (load.py checked they are integer lists), each within the tokenizer's vocabulary."""
+    vocab = len(tokenizer)
+    out = {}
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = list(data.get(name) or [])
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise DataError(f"holds token id {bad}, outside the tokenizer's vocabulary of {vocab}.", source=source,
+                            row=row, row_label=row_label, field=name, fix="tokenize with this model's tokenizer")
+        out[name] = ids
+    if not out["prompt_ids"]:
+        raise DataError("is empty, so nothing predicts the reply's first token.", source=source, row=row,
+                        row_label=row_label, field="prompt_ids", fix="give at least one prompt token (a BOS)")
+    return out
+
+
 def truncate(pair: dict[str, list[int]], settings: TokenizeSettings, *, row: int | None = None,
              source: str | None = None, row_label: str = "row") -> tuple[dict[str, list[int]], set[str]]:
     """Apply max_prompt_length (keep the prompt's end), max_completion_length (keep replies' starts), then
@@ -225,10 +243,13 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
     for i, (r, n) in enumerate(zip(rows, numbers, strict=True)):
         where = {"source": source, "row_label": row_label}
         try:
-            ex = to_example(r, chat=chat, row_number=n, **where)
             rerendered: list[str] = []
-            pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, rerendered=rerendered, **where),
-                                 settings, row=n, **where)
+            if r.get("chosen_ids") is not None:  # pre-tokenized (TRL's processed rows): no template
+                ids = token_ids(r, tokenizer, row=n, **where)
+            else:
+                ex = to_example(r, chat=chat, row_number=n, **where)
+                ids = tokenize_example(ex, tokenizer, settings, row=n, rerendered=rerendered, **where)
+            pair, cut = truncate(ids, settings, row=n, **where)
         except DataError as e:
             if not skip_invalid:
                 raise
