@@ -209,3 +209,32 @@ def test_trl_column_names_on_prepared_datasets(tmp_path):
     assert len(example["labels"]) == len(example["input_ids"])
     assert all(label in (-100, t) for label, t in zip(example["labels"], example["input_ids"], strict=True))
     assert tok.decode([t for t in example["labels"] if t != -100]).startswith("Hello 0")
+
+
+def test_plain_training_arguments_tags_and_chat_template_from_a_model_directory(tmp_path):
+    from transformers import TrainingArguments
+
+    tok = smollm2_tokenizer()
+    rows = [{"messages": _tool_messages(i)} for i in range(2)]
+    plain = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, learning_rate=3e-4,
+                              per_device_train_batch_size=3)
+    trainer = SFTTrainer(tiny_llama(tok), args=plain, train_dataset=rows, processing_class=tok)
+    assert isinstance(trainer.args, SFTConfig)
+    assert trainer.args.learning_rate == 3e-4 and trainer.args.per_device_train_batch_size == 3
+    assert trainer.args.max_length == SFTConfig(output_dir="x").max_length  # SFT's own defaults for the rest
+    assert {"prefalign", "sft"} <= set(trainer.model.model_tags)
+    dpo = DPOTrainer(tiny_llama(tok), args=DPOConfig(output_dir=str(tmp_path / "d"), **COMMON),
+                     train_dataset=[{"prompt": "a", "chosen": "b", "rejected": "c"}], processing_class=tok)
+    assert {"prefalign", "dpo"} <= set(dpo.model.model_tags)
+
+    # chat_template_path naming a model directory: that tokenizer's template (TRL's clone_chat_template)
+    source = _tool_tokenizer()
+    source.add_tokens(["<tool_call_token>"])
+    source.save_pretrained(tmp_path / "source")
+    model = tiny_llama(tok)
+    args = SFTConfig(output_dir=str(tmp_path / "c"), chat_template_path=str(tmp_path / "source"), **COMMON)
+    cloned = SFTTrainer(model, args=args, train_dataset=rows, processing_class=tok)
+    assert cloned.tokenizer_.chat_template == TOOL_TEMPLATE
+    assert "<tool_call_token>" in cloned.tokenizer_.get_vocab()
+    assert model.get_input_embeddings().weight.shape[0] == len(cloned.tokenizer_)
+    assert "<tool_response>" in cloned.tokenizer_.decode(cloned.train_dataset[0]["input_ids"])
