@@ -81,6 +81,14 @@ def test_dpo_tool_call_replies(tmp_path):
     assert tok.decode(row["chosen_ids"]).startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": '
                                                     '"city 2"}}')
     assert tok.decode(row["rejected_ids"]).startswith("I cannot know the weather.")
+    from prefalign import KTOConfig, KTOTrainer
+
+    kto = KTOTrainer(tiny_llama(tok), args=KTOConfig(output_dir=str(tmp_path / "k"), **COMMON), train_dataset=rows,
+                     processing_class=tok)
+    desirable = [r for r in kto.train_dataset if r["label"]]
+    assert all("get_weather" in tok.decode(r["prompt_ids"]) for r in kto.train_dataset)
+    assert all(tok.decode(r["completion_ids"]).startswith("<tool_call>") for r in desirable)  # TRL's column name
+    assert all(r["completion_ids"] == r["chosen_ids"] for r in kto.train_dataset)
 
 
 @pytest.mark.parametrize("message, field, words", [

@@ -51,6 +51,7 @@ class KTOTrainer(DPOTrainer):
     with its KL completion), averaged over processes and detached, as TRL. Logged: ``kl``, ``rewards/chosen``,
     ``rewards/rejected``, ``logps/chosen``, ``logps/rejected`` (each a batch's sum over its desirable / undesirable
     rows over their count, for batches that have such rows) and ``rewards/margins`` (batches that have both).
+    ``compute_metrics`` gets per-row ``rewards`` / ``logps`` / ``kl`` arrays and each row's label (see _predictions).
     """
 
     config_class = KTOConfig
@@ -70,6 +71,13 @@ class KTOTrainer(DPOTrainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if data_collator is None:  # the reference precompute above needed only the pair layout
             self.data_collator = UnpairedCollator(self.data_collator)
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> Any:
+        """As the pair trainers'; the completion's ids also under TRL's KTO name, ``completion_ids``."""
+        prepared = super()._prepare_dataset(dataset, name, args)
+        if prepared is not None and "completion_ids" not in prepared.column_names:
+            prepared = prepared.add_column("completion_ids", prepared["chosen_ids"])
+        return prepared
 
     def _rows(self, raw: RawData, args: TrainConfig) -> RawData:
         return unpair_rows(raw)  # preference pairs become one desirable and one undesirable row

@@ -35,7 +35,11 @@ class SFTTrainer(_Trainer):
     Data: ``text`` rows (every token), ``messages`` rows (assistant turns), ``prompt`` + ``completion`` rows (the
     completion), or preference rows (prompt + chosen). ``formatting_func(row) -> str`` turns each row into text
     first, as in TRL. Logs ``loss``, ``mean_token_accuracy`` (the share of labelled tokens that were the model's top
-    prediction) and ``num_tokens`` (tokens trained on so far, prompts included, padding not).
+    prediction) and ``num_tokens`` (tokens trained on so far, prompts included, padding not). Pre-tokenized rows
+    (``input_ids``) and tool-call conversations are taken as TRL takes them (data/sft.py).
+
+    ``compute_metrics`` gets the full logits and the labels, as TRL's (see ``_predictions``): this costs one more
+    forward with full logits per evaluation batch, made only when compute_metrics (or predict()) asks for them.
     """
 
     config_class = SFTConfig

@@ -461,6 +461,10 @@ class DPOTrainer(_PreferenceTrainer):
     adapter disabled; else the untrained policy itself. With ``precompute_ref_log_probs`` (default) its log-probs are
     computed before the first step and no second model is kept; with live reference passes, a frozen copy of the
     policy in the policy's own dtype (as TRL 1.13; older TRL kept an fp32 copy).
+
+    ``compute_metrics`` gets per-pair arrays named as the logged metrics (``rewards/chosen``, ``logps/chosen``, ...)
+    and label ids of zeros (the chosen reply is class 0): see ``_PreferenceTrainer._predictions``. The same holds
+    for ORPO and CPO.
     """
 
     config_class = DPOConfig
