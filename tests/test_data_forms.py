@@ -246,3 +246,27 @@ def test_plain_training_arguments_tags_and_chat_template_from_a_model_directory(
     assert "<tool_call_token>" in cloned.tokenizer_.get_vocab()
     assert model.get_input_embeddings().weight.shape[0] == len(cloned.tokenizer_)
     assert "<tool_response>" in cloned.tokenizer_.decode(cloned.train_dataset[0]["input_ids"])
+
+
+def test_data_check_takes_the_new_forms(tmp_path):
+    from prefalign.data.check import check_dataset
+
+    tok = _tool_tokenizer()
+    forms = {"sharegpt": [_sharegpt(i) for i in range(2)],
+             "tokenized": [{"input_ids": [1, 2, 3 + i], "completion_mask": [0, 1, 1]} for i in range(2)],
+             "pairs": [{"prompt_ids": [1, 2], "chosen_ids": [3 + i], "rejected_ids": [9]} for i in range(2)],
+             "tools": [{"messages": _tool_messages(i), "tools": [WEATHER]} for i in range(2)]}
+    formats = {}
+    for name, rows in forms.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        report = check_dataset(path, tokenizer=tok)
+        assert report.ok, (name, [f.text for f in report.errors])
+        formats[name] = report.format
+    assert formats == {"sharegpt": "SFT rows: messages", "tokenized": "SFT rows: tokenized",
+                       "pairs": "pre-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)",
+                       "tools": "SFT rows: messages"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_sharegpt(0)) + "\n" + json.dumps(_sharegpt(1, gpt="bot")) + "\n", encoding="utf-8")
+    report = check_dataset(bad, tokenizer=tok)
+    assert not report.ok and "line 2" in report.errors[0].text and "'bot'" in report.errors[0].text
