@@ -63,6 +63,8 @@ def _is_tokenizer_source(spec: str) -> bool:
     import re
     from pathlib import Path
 
+    if _is_jinja(spec) or "\n" in spec or len(spec) > 1024:
+        return False
     path = Path(spec).expanduser()
     if path.is_dir():
         return (path / "tokenizer_config.json").is_file()
