@@ -218,7 +218,9 @@ def test_sft_dataset_kwargs_shuffle_and_eval_packing(tmp_path):
             {"input_ids": [8, 9], "labels": [-100, 9]}]
     args = SFTConfig(output_dir=str(tmp_path), **COMMON, dataset_kwargs={"skip_prepare_dataset": True})
     tr = SFTTrainer(tiny_llama(tok, 1), args=args, train_dataset=rows, processing_class=tok)
-    assert tr.train_dataset.to_list() == [{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]},
+    assert tr.train_dataset["labels"] == [[-100, -100, 3, 4], [-100, 6, 7], [-100, 9]]  # TRL's column
+    assert tr.train_dataset.select_columns(["input_ids", "loss_mask"]).to_list() == [
+                                         {"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]},
                                           {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]},
                                           {"input_ids": [8, 9], "loss_mask": [0, 1]}]
     text = [{"text": f"row {i}"} for i in range(8)]

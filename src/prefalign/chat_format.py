@@ -58,19 +58,61 @@ def _is_jinja(spec: str) -> bool:
     return "{%" in spec or "{{" in spec
 
 
+def _is_tokenizer_source(spec: str) -> bool:
+    """A model directory (one with a tokenizer) or a hub id (``owner/name``, not a path that exists)."""
+    import re
+    from pathlib import Path
+
+    if _is_jinja(spec) or "\n" in spec or len(spec) > 1024:
+        return False
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path / "tokenizer_config.json").is_file()
+    return not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and path.suffix.lower() \
+        not in TEMPLATE_FILE_SUFFIXES
+
+
+def clone_chat_template(model: Any, tokenizer: Any, source: str) -> bool:
+    """TRL's ``chat_template_path`` given a model directory or hub id (its clone_chat_template): that tokenizer's
+    chat template, the added tokens it has and this one lacks, and its EOS (the model's and generation EOS too);
+    the embeddings grow to the new vocabulary (TRL also rounds them up to a multiple of 64; here they are not).
+    Returns whether the vocabulary was resized."""
+    from .errors import ConfigError
+    from .models import load_tokenizer
+
+    other = load_tokenizer(source)
+    template = getattr(other, "chat_template", None)
+    if not template:
+        raise ConfigError(f"chat_template_path={source!r}: that tokenizer has no chat template. Fix: name a chat "
+                          "model's directory or hub id, or a .jinja file")
+    tokenizer.chat_template = template
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens([t for t in other.added_tokens_decoder.values() if t.content not in vocab])
+    if other.eos_token is not None:
+        tokenizer.eos_token = other.eos_token
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    before = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > before:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.get_input_embeddings().weight.shape[0] != before
+
+
 def check_chat_template_option(spec: str) -> None:
     """The ``chat_template`` option's form, checked when the config is built (before anything loads)."""
     from pathlib import Path
 
     from .errors import ConfigError
 
-    if spec in CHAT_FORMATS or _is_jinja(spec):
+    if spec in CHAT_FORMATS or _is_jinja(spec) or _is_tokenizer_source(spec):
         return
     path = Path(spec).expanduser()
     if path.suffix.lower() not in TEMPLATE_FILE_SUFFIXES or not path.is_file():
         what = "no such file" if not path.exists() else "not a .jinja / .j2 / .txt file"
-        raise ConfigError(f"chat_template={spec!r}: {what}. Fix: use 'chatml', a Jinja template string, or the path "
-                          "of a .jinja / .j2 / .txt file holding one")
+        raise ConfigError(f"chat_template={spec!r}: {what}. Fix: use 'chatml', a Jinja template string, the path "
+                          "of a .jinja / .j2 / .txt file holding one, or a model directory / hub id whose tokenizer's "
+                          "template to use")
 
 
 def apply_chat_template_option(model: Any, tokenizer: Any, spec: str | None, *, source: str = "the model") -> bool:
@@ -94,6 +136,8 @@ def apply_chat_template_option(model: Any, tokenizer: Any, spec: str | None, *, 
         before = model.get_input_embeddings().weight.shape[0]
         setup_chat_format(model, tokenizer, spec)
         return model.get_input_embeddings().weight.shape[0] != before
+    if _is_tokenizer_source(spec):
+        return clone_chat_template(model, tokenizer, spec)
     text = spec if _is_jinja(spec) else Path(spec).expanduser().read_text(encoding="utf-8")
     tokenizer.chat_template = text
     return False

@@ -55,12 +55,13 @@ class TrainConfig(TrainingArguments):
                           "None: the tokenizer's own; 'chatml': ChatML for a model without a template (its special "
                           "tokens added, the embeddings resized, <|im_end|> as EOS and padding; "
                           "prefalign.setup_chat_format); a Jinja string (it contains '{%' or '{{'; replaces the "
-                          "tokenizer's template, as alignment-handbook's chat_template); or a path to a .jinja / "
-                          ".j2 / .txt file holding one."})
+                          "tokenizer's template, as alignment-handbook's chat_template); a path to a .jinja / "
+                          ".j2 / .txt file holding one; or a model directory / hub id (its tokenizer's template)."})
     chat_template_path: str | None = field(
         default=None,
-        metadata={"help": "TRL's name for the file form of chat_template (a .jinja / .j2 / .txt file); sets "
-                          "chat_template."})
+        metadata={"help": "TRL's name for the file form of chat_template (a .jinja / .j2 / .txt file), or a model "
+                          "directory / hub id whose tokenizer's template, added tokens and EOS to take (TRL's "
+                          "clone_chat_template; embeddings resized); sets chat_template."})
     chat_template_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for the chat template (TRL's name), e.g. {enable_thinking: false}: "

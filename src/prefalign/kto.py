@@ -51,6 +51,7 @@ class KTOTrainer(DPOTrainer):
     with its KL completion), averaged over processes and detached, as TRL. Logged: ``kl``, ``rewards/chosen``,
     ``rewards/rejected``, ``logps/chosen``, ``logps/rejected`` (each a batch's sum over its desirable / undesirable
     rows over their count, for batches that have such rows) and ``rewards/margins`` (batches that have both).
+    ``compute_metrics`` gets per-row ``rewards`` / ``logps`` / ``kl`` arrays and each row's label (see _predictions).
     """
 
     config_class = KTOConfig
@@ -64,11 +65,19 @@ class KTOTrainer(DPOTrainer):
                  args: KTOConfig | None = None, data_collator: Any = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
-                 peft_config: Any = None, tokenizer: Any = None) -> None:
+                 peft_config: Any = None, tokenizer: Any = None, preprocess_logits_for_metrics: Any = None) -> None:
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if data_collator is None:  # the reference precompute above needed only the pair layout
             self.data_collator = UnpairedCollator(self.data_collator)
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> Any:
+        """As the pair trainers'; the completion's ids also under TRL's KTO name, ``completion_ids``."""
+        prepared = super()._prepare_dataset(dataset, name, args)
+        if prepared is not None and "completion_ids" not in prepared.column_names:
+            prepared = prepared.add_column("completion_ids", prepared["chosen_ids"])
+        return prepared
 
     def _rows(self, raw: RawData, args: TrainConfig) -> RawData:
         return unpair_rows(raw)  # preference pairs become one desirable and one undesirable row
@@ -105,6 +114,14 @@ class KTOTrainer(DPOTrainer):
         metrics = {"rewards": args.beta * logratios.detach(), "logps": policy.chosen.detach(),
                    "label": inputs["label"].bool(), "kl": kl}
         return losses, metrics
+
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """Per row: ``{"rewards": beta * (policy - reference) log-prob of the completion, "logps": the policy's,
+        "kl": the batch's KL estimate repeated}``, and label ids ``[B]``: 1 desirable, 0 undesirable (TRL's label)."""
+        label = outputs["label"].long()
+        rows = label.shape[0]
+        return {"rewards": outputs["rewards"].float(), "logps": outputs["logps"].float(),
+                "kl": outputs["kl"].detach().float().reshape(1).expand(rows).clone()}, label
 
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:

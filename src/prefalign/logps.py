@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models import unwrap
+from .models import prompt_learning, unwrap
 from .speed.attention import ATTENTION_NAME
 from .speed.forward import FastPath, target_logps
 from .speed.head import HeadStats, gather_logps
@@ -82,6 +82,9 @@ def custom_mask_refusal(model: Any) -> str | None:
     per layer type, so prefalign builds the windowed one (``kernel_mask``); any other windowed model (Mistral's
     style: one window for every layer) is refused and gets padded rows instead, as is a model with layers that
     mix tokens without attention (LFM2's convolutions), which would mix the sequences sharing a row."""
+    method = prompt_learning(model)
+    if method is not None:
+        return f"PEFT {method} takes a 2-D padding mask only (it prepends its virtual tokens): rows are padded instead"
     config = getattr(unwrap(model), "config", None)
     types = set(getattr(config.get_text_config(), "layer_types", None) or []) if config is not None else set()
     mixing = sorted(types - {"full_attention", "sliding_attention"})
@@ -220,7 +223,7 @@ def plain_token_logps(model: Any, batch: dict[str, Tensor], wanted: Tensor,
     attention = torch.zeros(len(seqs), length, dtype=torch.long, device=ids.device)
     for j, s in enumerate(seqs):
         input_ids[j, :len(s)], attention[j, :len(s)] = s, 1
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+    logits = own_logits(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits, input_ids)
     seq_logps = torch.zeros(input_ids.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
                             device=ids.device)
     seq_logps[:, 1:] = gather_logps(logits[:, :-1], input_ids[:, 1:])
@@ -254,6 +257,26 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
     labels = batch["labels"]
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     targets = labels[rows, cols]
+    inputs = lm_inputs(model, batch)
+    if path is not None:
+        return target_logps(model, inputs, rows, cols - 1, targets, path, stats)
+    logits = own_logits(model(**inputs, use_cache=False).logits, batch["input_ids"])[rows, cols - 1]
+    if stats is not None:
+        stats.observe(logits, targets)
+    return gather_logps(logits, targets)
+
+
+def own_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """The logits of the sequence's own positions: PEFT prompt tuning / P-tuning put its virtual tokens' first."""
+    return logits[:, logits.shape[1] - input_ids.shape[1]:]
+
+
+def lm_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
+    """The model's forward inputs for an LM batch: ids, position ids, and its mask in the form the model's attention
+    takes (span boundaries for attention that runs spans alone, a block mask otherwise). PEFT prompt learning takes
+    ids and the rows' 2-D padding mask only (it ignores position ids; its collator pads rows)."""
+    if prompt_learning(model) is not None:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     mask = batch["attention_mask"]
     segments: dict[str, Any] = {}
     if "cu_seq_lens" in batch:  # one packed row: spans for attention that takes them, else their block mask
@@ -265,14 +288,8 @@ def lm_logps(model: Any, batch: dict[str, Tensor], path: FastPath | None,
             mask = segment_mask(batch["cu_seq_lens"])
     if mask.dim() == 4 and mask.dtype == torch.bool:  # the collator's boolean mask, in the kernel's form
         mask = kernel_mask(model, mask, batch["position_ids"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
-              **segments}
-    if path is not None:
-        return target_logps(model, inputs, rows, cols - 1, targets, path, stats)
-    logits = model(**inputs, use_cache=False).logits[rows, cols - 1]
-    if stats is not None:
-        stats.observe(logits, targets)
-    return gather_logps(logits, targets)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+            **segments}
 
 
 def router_token_weights(batch: dict[str, Tensor], plain: bool, with_rejected: bool = True) -> Tensor:

@@ -80,6 +80,17 @@ def unwrap(model: Any) -> Any:
     return model
 
 
+def prompt_learning(model: Any) -> str | None:
+    """The PEFT prompt-learning method of ``model`` (prompt tuning, prefix tuning, P-tuning), or None. These add
+    virtual tokens (prompt tuning, P-tuning: embeddings before the sequence, whose logits come first) or past keys
+    and values (prefix tuning), with a 2-D padding mask only: the fast path and custom masks cannot serve them."""
+    config = getattr(unwrap(model), "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    kind = getattr(config, "peft_type", None)
+    return str(getattr(kind, "value", kind) or type(config).__name__)
+
+
 def prefalign_home() -> Path:
     """Where prefalign keeps converted models: ``$PREFALIGN_HOME`` if set, else ``~/.cache/prefalign``."""
     home = os.environ.get("PREFALIGN_HOME")

@@ -18,10 +18,10 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from .config import SFTConfig, TrainConfig
 from .data.collate import LMCollator
-from .data.load import RawData
+from .data.load import ROW_COLUMN, RawData
 from .data.sft import SFT_ROWS, SFTTokenizeSettings, tokenize_sft_rows
 from .data.tokenize import TokenizeReport
-from .logps import custom_mask_refusal, lm_logps, mask_kind
+from .logps import custom_mask_refusal, lm_inputs, lm_logps, mask_kind, own_logits
 from .models import unwrap
 from .router import load_balancing_loss
 from .speed.attention import takes_segments
@@ -35,7 +35,11 @@ class SFTTrainer(_Trainer):
     Data: ``text`` rows (every token), ``messages`` rows (assistant turns), ``prompt`` + ``completion`` rows (the
     completion), or preference rows (prompt + chosen). ``formatting_func(row) -> str`` turns each row into text
     first, as in TRL. Logs ``loss``, ``mean_token_accuracy`` (the share of labelled tokens that were the model's top
-    prediction) and ``num_tokens`` (tokens trained on so far, prompts included, padding not).
+    prediction) and ``num_tokens`` (tokens trained on so far, prompts included, padding not). Pre-tokenized rows
+    (``input_ids``) and tool-call conversations are taken as TRL takes them (data/sft.py).
+
+    ``compute_metrics`` gets the full logits and the labels, as TRL's (see ``_predictions``): this costs one more
+    forward with full logits per evaluation batch, made only when compute_metrics (or predict()) asks for them.
     """
 
     config_class = SFTConfig
@@ -50,15 +54,17 @@ class SFTTrainer(_Trainer):
                  processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
                  peft_config: Any = None, tokenizer: Any = None,
-                 formatting_func: Callable[[dict[str, Any]], str] | None = None) -> None:
+                 formatting_func: Callable[[dict[str, Any]], str] | None = None,
+                 preprocess_logits_for_metrics: Any = None) -> None:
         self.formatting_func = formatting_func
         self._trained_tokens = 0
         super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
-                                        and set(self.tokenized_columns) <= set(dataset.column_names)):
+                                        and {*self.tokenized_columns, ROW_COLUMN} <= set(dataset.column_names)):
             if getattr(args, "skip_prepare_dataset", False) and isinstance(dataset, datasets.IterableDataset):
                 return dataset.map(lambda r, i: _prepared_row(r, i + 1, name), with_indices=True,
                                    remove_columns=_stream_columns(dataset))
@@ -67,6 +73,11 @@ class SFTTrainer(_Trainer):
             else:
                 dataset = self._as_text_rows(dataset, args)
         prepared = super()._prepare_dataset(dataset, name, args)
+        if isinstance(prepared, datasets.IterableDataset):  # TRL's labels column (user code reads it), on the fly
+            prepared = prepared.map(lambda r: {"labels": _labels(r["input_ids"], r["loss_mask"])})
+        elif prepared is not None and "labels" not in prepared.column_names:
+            prepared = prepared.add_column("labels", [_labels(ids, mask) for ids, mask in
+                                                      zip(prepared["input_ids"], prepared["loss_mask"], strict=True)])
         if prepared is not None and getattr(args, "shuffle_dataset", False):  # as TRL: every dataset it prepares
             prepared = prepared.shuffle(seed=args.seed)
         return prepared
@@ -120,6 +131,15 @@ class SFTTrainer(_Trainer):
         flat = pack and args.fast_path and args.device.type == "cpu" and takes_segments(unwrap(model))
         return LMCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, pack=pack, flat=flat)
 
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """As TRL's SFTTrainer: the model's full logits ``[rows, L, vocab]`` and ``labels`` ``[rows, L]`` in row layout
+        (a position's label is predicted by the position before it; -100 where no loss: prompt, padding, each
+        sequence's first token), so TRL's compute_metrics functions work unchanged. This costs one more forward
+        with full logits per evaluation batch (training's loss never builds them); it runs only when predictions
+        are asked for (``compute_metrics`` set, or ``predict()``)."""
+        logits = own_logits(model(**lm_inputs(model, inputs), use_cache=False).logits, inputs["input_ids"])
+        return logits.detach(), inputs["labels"]
+
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         stats = HeadStats("hits")
@@ -154,12 +174,18 @@ class SFTTrainer(_Trainer):
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
 
+def _labels(ids: list[int], mask: list[int]) -> list[int]:
+    """TRL's ``labels``: the token where the loss is taken, -100 elsewhere."""
+    return [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+
+
 def _prepared_rows(dataset: Any, name: str) -> datasets.Dataset:
     """TRL's ``dataset_kwargs: {skip_prepare_dataset: true}``: rows already tokenized. ``input_ids`` are taken as
     they are; the loss covers ``completion_mask`` / ``assistant_masks`` where given, else the tokens whose
     ``labels`` are not -100, else every token (never the first: nothing predicts it)."""
     rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else list(dataset)
-    return datasets.Dataset.from_list([_prepared_row(row, n, name) for n, row in enumerate(rows, start=1)])
+    return datasets.Dataset.from_list([{**_prepared_row(row, n, name), ROW_COLUMN: n}
+                                       for n, row in enumerate(rows, start=1)])
 
 
 def _prepared_row(row: dict[str, Any], n: int, name: str) -> dict[str, list[int]]:

@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from . import speed
 from .chat_format import apply_chat_template_option
@@ -95,11 +95,14 @@ class _Trainer(CheckpointMixin, Trainer):
         optimizers: tuple[Any, Any] = (None, None),
         peft_config: Any = None,
         tokenizer: Any = None,
+        preprocess_logits_for_metrics: Any = None,
     ) -> None:
         processing_class = _processing_class(processing_class, tokenizer)
         model_name = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", "model")
         if args is None:
             args = self.config_class(output_dir=f"{Path(str(model_name)).name}-{self.method.upper()}")
+        elif type(args) is TrainingArguments:  # a plain TrainingArguments becomes this method's config (as TRL)
+            args = self.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         if args.fp16 and args.device.type == "cpu":
             raise ConfigError("fp16 mixed precision does not run on CPU: accelerate would silently train in float32 "
                               "there. Fix: bf16: true (CPU autocast), or float16 weights (model_init_kwargs: {dtype: "
@@ -148,7 +151,10 @@ class _Trainer(CheckpointMixin, Trainer):
                                              self.graceful_stop]
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        if hasattr(self.model, "add_model_tags"):  # the model card's tags (TRL: "trl" and the method)
+            self.model.add_model_tags(["prefalign", self.method])
         # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
@@ -225,7 +231,9 @@ class _Trainer(CheckpointMixin, Trainer):
             return None
         if isinstance(dataset, datasets.IterableDataset):
             return self._prepare_stream(dataset, name, args)
-        if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) <= set(dataset.column_names):
+        # prepared here before (its source rows numbered); a user's pre-tokenized rows are validated and truncated
+        if isinstance(dataset, datasets.Dataset) and set(self.tokenized_columns) | {ROW_COLUMN} <= set(
+                dataset.column_names):
             return dataset
         raw = self._rows(validated_rows(dataset, name=f"{name} dataset", schema=self.schema, **row_options(args)),
                          args)
@@ -336,11 +344,23 @@ class _Trainer(CheckpointMixin, Trainer):
                              "or set on_nonfinite='skip'.")
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, Any, Tensor | None]:
+        """The loss; and unless ``prediction_loss_only`` (the Trainer asks for predictions when ``compute_metrics``
+        is set, and in ``predict()``), ``(predictions, label_ids)`` for ``compute_metrics`` (see ``_predictions``).
+        A dict of predictions loses the keys in ``ignore_keys``."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            predictions, labels = self._predictions(model, inputs, outputs)
+        if isinstance(predictions, dict) and ignore_keys:
+            predictions = {k: v for k, v in predictions.items() if k not in ignore_keys}
+        return loss.detach(), predictions, labels
+
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """``(predictions, label_ids)`` of one batch for compute_metrics, from compute_loss's per-pair metrics."""
+        raise NotImplementedError
 
     def add_aux_loss(self, model: Any, loss: Tensor, steps: int = 1) -> Tensor:
         """``loss + router_aux_loss_coef * aux_loss / steps`` when the policy forward collected one (TRL 1.16; SFT
@@ -454,6 +474,15 @@ class _PreferenceTrainer(_Trainer):
         """Per-pair losses ``[B]`` and per-pair metrics of one batch."""
         raise NotImplementedError
 
+    def _predictions(self, model: Any, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """Per-pair numbers the loss computed anyway, as ``{metric name: [B] tensor}`` (``rewards/chosen``,
+        ``rewards/rejected``, ``logps/chosen``, ..., the logged metrics' names; a batch-level value such as ORPO's
+        ``nll_loss`` repeated per pair), and label ids ``[B]`` of zeros: class 0, the chosen reply, is the preferred
+        one, so ``argmax([rewards/chosen, rewards/rejected]) == label`` is the reward accuracy."""
+        pairs = inputs["chosen_mask"].shape[0]
+        predictions = {k: _per_pair(v, pairs) for k, v in outputs.items()}
+        return predictions, torch.zeros(pairs, dtype=torch.long, device=inputs["chosen_mask"].device)
+
     def compute_loss(self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, dict]:
         losses, metrics = self.pair_losses(model, inputs)
@@ -535,6 +564,12 @@ def _merge_report(report: TokenizeReport, part: TokenizeReport, rows: int, skipp
     report.converted_from = report.converted_from or part.converted_from
 
 
+def _per_pair(value: Tensor, pairs: int) -> Tensor:
+    """A metric as a float ``[pairs]`` tensor: per-pair values as they are, a batch-level value repeated."""
+    value = value.detach().float().reshape(-1)
+    return value.expand(pairs).clone() if value.numel() == 1 and pairs != 1 else value
+
+
 def _processing_class(processing_class: Any, tokenizer: Any) -> Any:
     """``tokenizer=`` is TRL's older name for ``processing_class`` (the course's notebooks use it): both work."""
     if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
@@ -578,6 +613,10 @@ class DPOTrainer(_PreferenceTrainer):
     adapter disabled; else the untrained policy itself. With ``precompute_ref_log_probs`` (default) its log-probs are
     computed before the first step and no second model is kept; with live reference passes, a frozen copy of the
     policy in the policy's own dtype (as TRL 1.13; older TRL kept an fp32 copy).
+
+    ``compute_metrics`` gets per-pair arrays named as the logged metrics (``rewards/chosen``, ``logps/chosen``, ...)
+    and label ids of zeros (the chosen reply is class 0): see ``_PreferenceTrainer._predictions``. The same holds
+    for ORPO and CPO.
     """
 
     config_class = DPOConfig
@@ -768,10 +807,11 @@ class _ReferenceFreeTrainer(_PreferenceTrainer):
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, compute_metrics: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple[Any, Any] = (None, None),
-                 peft_config: Any = None, tokenizer: Any = None) -> None:
+                 peft_config: Any = None, tokenizer: Any = None, preprocess_logits_for_metrics: Any = None) -> None:
         # TRL's ORPOTrainer / CPOTrainer signature: no ref_model, args second.
         super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, tokenizer)
+                         compute_metrics, callbacks, optimizers, peft_config, tokenizer,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
     def _tokenize_settings(self, args: PreferenceConfig) -> TokenizeSettings:
         settings = super()._tokenize_settings(args)

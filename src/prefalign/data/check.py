@@ -30,10 +30,11 @@ from .load import (
     map_columns,
     pair_scored_rows,
     read_rows,
+    sharegpt_to_chatml,
     source_name,
     validate_rows,
 )
-from .tokenize import TokenizeSettings, has_chat_template, tokenize_example, truncate
+from .tokenize import TokenizeSettings, has_chat_template, token_ids, tokenize_example, truncate
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "prompt+longest reply")
 PERCENTILES = (50, 90, 99)
@@ -240,10 +241,12 @@ def _validate(raw: RawData, columns: Mapping[str, str] | None,
     from .sft import SFT_ROWS, row_kind
     from .unpaired import UNPAIRED_ROWS
 
-    present = {c for c in ("completion", "label", "chosen", "text", "messages") if (columns or {}).get(c, c) in
-               raw.columns}
+    raw = sharegpt_to_chatml(raw, columns)
+    present = {c for c in ("completion", "label", "chosen", "text", "messages", "input_ids")
+               if (columns or {}).get(c, c) in raw.columns}
     unpaired = {"completion", "label"} <= present
-    sft = not unpaired and "chosen" not in present and bool(present & {"text", "messages", "completion"})
+    sft = not unpaired and "chosen" not in present and bool(present & {"text", "messages", "completion",
+                                                                        "input_ids"})
     schema = UNPAIRED_ROWS if unpaired else SFT_ROWS if sft else PREFERENCE_ROWS
     try:
         raw = map_columns(pair_scored_rows(raw, report.pairing, report.min_score_margin), columns, schema)
@@ -326,7 +329,8 @@ def _measure(rows: Sequence[tuple[int, dict[str, Any]]], tokenizer: Any, report:
     for n, row in rows:
         rerendered: list[str] = []
         try:
-            pair = tokenize_example(to_example(row, chat=chat), tokenizer, settings, rerendered=rerendered)
+            pair = token_ids(row, tokenizer, row=n) if row.get("chosen_ids") is not None else tokenize_example(
+                to_example(row, chat=chat), tokenizer, settings, rerendered=rerendered)
         except DataError as err:
             report.add_error(err, n)
             continue
@@ -383,6 +387,8 @@ def check_dataset(
         rows = _validate(raw, columns, report)
         if rows and report.sft_kind is not None:
             report.format = f"SFT rows: {report.sft_kind.replace('_', ' + ')}"
+        elif rows and rows[0][1].get("chosen_ids") is not None:
+            report.format = "pre-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)"
         elif rows:
             report.format = detect_format(rows[0][1]).describe()
             if report.converted_from:

@@ -6,6 +6,7 @@ implicit prompt shared by chosen and rejected; an optional system column) so tha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ class Example:
     rejected: Messages | str
     conversational: bool
     chat_template_kwargs: Mapping[str, Any] | None = None  # the row's own (TRL's column), merged over the run's
+    tools: list[Any] | None = None  # the row's tool schemas (TRL's column), the template's ``tools=``
 
 
 def is_messages(value: Any) -> bool:
@@ -65,8 +67,33 @@ def common_prefix_len(a: Sequence, b: Sequence) -> int:
     return n
 
 
-def _messages(value: Any) -> Messages:
-    return [{"role": str(m["role"]), "content": m["content"]} for m in value]
+def message(m: Mapping[str, Any]) -> dict[str, Any]:
+    """One validated message for the chat template: its role and content (an assistant message that only calls
+    tools has content ""), and its other keys (``tool_calls``, ``name``, ``tool_call_id``, ...) that are set
+    (`datasets` fills keys other messages use with None, which templates would read as given)."""
+    extra = {k: v for k, v in m.items() if k not in ("role", "content") and v is not None}
+    return {"role": str(m["role"]), "content": m.get("content") or "", **extra}
+
+
+def messages(value: Any) -> Messages:
+    return [message(m) for m in value]
+
+
+_messages = messages
+
+
+def parse_tools(value: Any) -> list[Any] | None:
+    """A row's ``tools``: a list of tool schemas, or that list as JSON text (as TRL); ValueError if neither."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"is text that is not JSON ({e})") from None
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise ValueError("is not a list of tool schemas (objects)")
+    return value
 
 
 def _without_prompt(reply: Messages, prompt: Messages) -> Messages:
@@ -74,8 +101,7 @@ def _without_prompt(reply: Messages, prompt: Messages) -> Messages:
     ``chosen`` / ``rejected`` conversations) without them; anything else as it is."""
     for head in (prompt, [m for m in prompt if m["role"] != "system"]):
         n = len(head)
-        if n and len(reply) > n and [(m["role"], m["content"]) for m in reply[:n]] == [
-                (m["role"], m["content"]) for m in head]:
+        if n and len(reply) > n and reply[:n] == head:
             return reply[n:]
     return reply
 
@@ -92,6 +118,7 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     system = row.get("system")
     kwargs = row.get("chat_template_kwargs")  # load.py validated it: a mapping or None
+    tools = parse_tools(row.get("tools"))
     if is_messages(prompt) and prompt and isinstance(chosen, str) and isinstance(rejected, str):
         # a conversation prompt with text replies (held-out prompts scored by compare / eval): assistant turns
         chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
@@ -124,13 +151,13 @@ def to_example(row: Mapping[str, Any], *, chat: bool, row_number: int | None = N
         if system is not None and (not prompt_msgs or prompt_msgs[0]["role"] != "system"):
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         chosen, rejected = (_without_prompt(_messages(m), prompt_msgs) for m in (chosen, rejected))
-        return Example(prompt_msgs, chosen, rejected, True, kwargs)
+        return Example(prompt_msgs, chosen, rejected, True, kwargs, tools)
     if chat:
         prompt_msgs = [{"role": "user", "content": prompt}]
         if system is not None:
             prompt_msgs.insert(0, {"role": "system", "content": system})
         return Example(prompt_msgs, [{"role": "assistant", "content": chosen}],
-                       [{"role": "assistant", "content": rejected}], True, kwargs)
+                       [{"role": "assistant", "content": rejected}], True, kwargs, tools)
     if system is not None:
         prompt = f"{system}\n\n{prompt}"
     return Example(prompt, chosen, rejected, False, kwargs)

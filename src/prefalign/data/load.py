@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, one_line, row_list
-from .format import is_messages
+from .format import is_messages, parse_tools
 
 logger = logging.getLogger("prefalign")
 
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system", "chat_template_kwargs")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system", "chat_template_kwargs", "tools")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # pre-tokenized pairs (TRL's processed columns)
 REQUIRED_COLUMNS = ("chosen", "rejected")
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` values, as roles
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # any file format, compressed
 ON_INVALID_ROW = ("error", "skip")
 TEXT_FORMATS = ("auto", "raw")
@@ -488,14 +490,36 @@ def _check_messages(value: list, row: int, name: str) -> Iterable[Problem]:
         return
     for j, m in enumerate(value):
         where = f"{name}[{j}]"
-        if "role" not in m or "content" not in m:
+        calls = m.get("tool_calls")
+        if "role" not in m and "from" in m:  # a ShareGPT message that sharegpt_to_chatml could not convert
+            yield Problem(row, where, f"unknown ShareGPT 'from' value {m['from']!r}.",
+                          f"use one of {', '.join(SHAREGPT_ROLES)} (or a role: {', '.join(KNOWN_ROLES)})")
+        elif "role" not in m or (m.get("content") is None and calls is None):
             miss = "role" if "role" not in m else "content"
             yield Problem(row, where, f"message has no '{miss}' (keys: {', '.join(m) or 'none'}).",
-                          'write messages as {"role": "user"|"assistant"|"system", "content": "..."}')
+                          'write messages as {"role": "user"|"assistant"|"system"|"tool", "content": "..."} (an '
+                          'assistant message may give "tool_calls" instead of content)')
         elif m["role"] not in KNOWN_ROLES:
             yield Problem(row, where, f"unknown role {m['role']!r}.", f"use one of {', '.join(KNOWN_ROLES)}")
-        elif not isinstance(m["content"], str):
+        elif m.get("content") is not None and not isinstance(m["content"], str):
             yield Problem(row, where, f"content is {_type_name(m['content'])}, not text.", "make content a string")
+        elif calls is not None and not (isinstance(calls, list) and all(isinstance(c, Mapping) for c in calls)):
+            yield Problem(row, f"{where}.tool_calls", f"is {_type_name(calls)}; expected a list of tool calls.",
+                          'write tool_calls as [{"type": "function", "function": {"name": ..., "arguments": {...}}}]')
+
+
+def tools_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
+    """A row's ``tools`` (TRL's column, passed to the chat template as ``tools=``): a list of JSON schemas or
+    functions' descriptions, or that list as a JSON string."""
+    v = r.get("tools")
+    if v is None:
+        return []
+    try:
+        parse_tools(v)
+    except ValueError as e:
+        return [Problem(n, "tools", f"{e}.", 'write tools as a list of function schemas, e.g. [{"type": "function", '
+                        '"function": {"name": ..., "parameters": {...}}}], or that list as a JSON string')]
+    return []
 
 
 def template_kwargs_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
@@ -523,6 +547,9 @@ def validate_rows(raw: RawData) -> list[Problem]:
     seen: dict[str, int] = {}
     first_kind: tuple[int, bool] | None = None  # (row number, is messages) of the first well-formed row
     for r, n in zip(raw.rows, raw.row_numbers, strict=True):
+        if r.get("chosen_ids") is not None or r.get("rejected_ids") is not None:
+            problems.extend(_id_problems(r, n))
+            continue
         row_problems: list[Problem] = []
         for name in ("prompt", "chosen", "rejected", "system"):
             if name not in r:
@@ -542,7 +569,7 @@ def validate_rows(raw: RawData) -> list[Problem]:
                 want = "text" if name == "system" else "text or a list of {role, content} messages"
                 row_problems.append(Problem(n, name, f"is {_type_name(v)}; expected {want}.",
                                             f"store {name} as {want}"))
-        row_problems.extend(template_kwargs_problems(r, n))
+        row_problems.extend(template_kwargs_problems(r, n) + tools_problems(r, n))
         if not any(p.fatal for p in row_problems):
             kinds = {k: is_messages(r[k]) for k in ("prompt", "chosen", "rejected") if r.get(k) is not None}
             # a text prompt before message replies is a user turn (ultrafeedback_binarized's shape); not the reverse
@@ -574,6 +601,20 @@ def validate_rows(raw: RawData) -> list[Problem]:
     return problems
 
 
+def _id_problems(r: Mapping[str, Any], n: int) -> list[Problem]:
+    """A pre-tokenized pair: ``prompt_ids`` (may be empty), ``chosen_ids`` and ``rejected_ids`` lists of token ids."""
+    out = []
+    for name in ID_COLUMNS:
+        v = r.get(name)
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            out.append(Problem(n, name, f"is {_type_name(v)}; expected a list of token ids.",
+                               f"give {name} as a list of integers (a pre-tokenized pair has prompt_ids, "
+                               "chosen_ids and rejected_ids)"))
+        elif not v and name != "prompt_ids":
+            out.append(Problem(n, name, "is an empty list of token ids.", "give the reply's tokens"))
+    return out
+
+
 def duplicate_of(seen: dict[str, int], fields: list[Any], row: int, row_label: str) -> list[Problem]:
     """A warning when ``fields`` repeat an earlier row's (recorded in ``seen``); duplicates are kept, not fatal."""
     key = json.dumps(fields, sort_keys=True)
@@ -583,13 +624,16 @@ def duplicate_of(seen: dict[str, int], fields: list[Any], row: int, row_label: s
     return []
 
 
-PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS, (REQUIRED_COLUMNS,), validate_rows, _ALIASES,
+PREFERENCE_ROWS = RowSchema("preference", CANONICAL_COLUMNS + ID_COLUMNS, (REQUIRED_COLUMNS, ID_COLUMNS[1:]),
+                            validate_rows, _ALIASES,
                             "preference rows with chosen and rejected fields")
 
 
 def _completion_text(value: Any) -> str:
     if isinstance(value, str):
         return value
+    if value and value[-1].get("tool_calls"):
+        return "tool calls"  # a reply that calls tools is not empty
     return value[-1].get("content") or "" if value else ""
 
 
@@ -643,6 +687,41 @@ def pair_scored_rows(raw: RawData, pairing: str = "best_worst", min_score_margin
                    pairing=report.to_dict())
 
 
+def sharegpt_to_chatml(raw: RawData, columns: Mapping[str, str] | None = None) -> RawData:
+    """ShareGPT conversations (``{"from": "human"|"gpt"|"system", "value": ...}``) as messages (``{"role", "content"}``,
+    human → user, gpt → assistant; a ``from`` that is already a role is kept), in every message column, and a
+    ``conversations`` column named ``messages`` (as TRL's maybe_convert_to_chatml; TRL keeps ``human`` / ``gpt`` as
+    role names, which chat templates do not know). A message with another ``from`` is left as it is, for validation
+    to report by row and field."""
+
+    def convert(value: Any) -> Any:
+        if not is_messages(value) or not any("from" in m and "role" not in m for m in value):
+            return value
+        out = []
+        for m in value:
+            role = SHAREGPT_ROLES.get(m.get("from"), m.get("from") if m.get("from") in KNOWN_ROLES else None)
+            if "role" in m or role is None:
+                out.append(m)
+                continue
+            out.append({"role": role, "content": m.get("value"),
+                        **{k: v for k, v in m.items() if k not in ("from", "value")}})
+        return out
+
+    names = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+    if not any(is_messages(r.get(c)) and any("from" in m for m in r[c]) for r in raw.rows[:1] for c in names):
+        return raw
+    rename = ("conversations" in raw.columns and "messages" not in raw.columns
+              and "conversations" not in (columns or {}).values())
+    rows = []
+    for r in raw.rows:
+        r = {k: convert(v) if k in names else v for k, v in r.items()}
+        if rename and "conversations" in r:
+            r["messages"] = r.pop("conversations")
+        rows.append(r)
+    cols = [("messages" if rename and c == "conversations" else c) for c in raw.columns]
+    return replace(raw, rows=rows, columns=cols)
+
+
 def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", columns: Mapping[str, str] | None = None,
                     name: str | None = None, *, text_format: str = "auto", on_invalid_row: str = "error",
                     pairing: str = "best_worst", min_score_margin: float = 0.0, seed: int = 0,
@@ -666,7 +745,8 @@ def read_valid_rows(source: str | os.PathLike | Any, split: str = "train", colum
     raw.rows_read = len(raw.rows) + len(unreadable or [])
     if name:
         raw.source = name
-    raw = map_columns(pair_scored_rows(select_columns(raw, select), pairing, min_score_margin, seed), columns, schema)
+    raw = sharegpt_to_chatml(select_columns(raw, select), columns)
+    raw = map_columns(pair_scored_rows(raw, pairing, min_score_margin, seed), columns, schema)
     return _apply_policy(raw, text_format, on_invalid_row, unreadable or [], in_memory=bool(name), schema=schema)
 
 
@@ -760,12 +840,18 @@ def as_dataset(raw: RawData, schema: RowSchema | None = None) -> Any:
     record = {"source": raw.source, "kind": raw.kind, "row_label": raw.row_label, "converted_from": raw.converted_from,
               "pairing": raw.pairing, "rows": _rows_key(raw.row_numbers), "schema": (schema or PREFERENCE_ROWS).name,
               "skipped": [{"row": p.row, "field": p.field, "message": p.message, "fix": p.fix} for p in raw.skipped]}
-    ds = datasets.Dataset.from_list([{**{c: r.get(c) for c in keep}, ROW_COLUMN: n}
+    # tools as JSON text: Arrow would give every tool schema the keys of all the others (as None)
+    ds = datasets.Dataset.from_list([{**{c: _json_tools(r.get(c)) if c == "tools" else r.get(c) for c in keep},
+                                      ROW_COLUMN: n}
                                      for r, n in zip(raw.rows, raw.row_numbers, strict=True)])
     # the dataset's fingerprint changes with every map / filter / select, while the info is copied: see validated_rows
     record["fingerprint"] = getattr(ds, "_fingerprint", None)
     ds.info.description = json.dumps({_INFO_KEY: record})
     return ds
+
+
+def _json_tools(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list) else value
 
 
 def _rows_key(numbers: Sequence[int]) -> str:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .format import common_prefix_len, is_messages, to_example
+from .format import common_prefix_len, is_messages, parse_tools, to_example
+from .format import messages as to_messages
 from .load import (
     Problem,
     RawData,
@@ -30,17 +31,19 @@ from .load import (
     _type_name,
     duplicate_of,
     template_kwargs_problems,
+    tools_problems,
     validate_rows,
 )
 from .tokenize import TokenizeReport, _template, has_chat_template, template_kwargs, tokenize_replies
 
-SFT_KINDS = ("text", "messages", "prompt_completion", "preference")
+SFT_KINDS = ("tokenized", "text", "messages", "prompt_completion", "preference")
+TOKENIZED_MASKS = ("completion_mask", "assistant_masks", "attention_mask", "labels")
 
 
 def row_kind(row: dict[str, Any]) -> str | None:
-    """Which kind of SFT row this is, by the columns it fills."""
-    for kind, column in (("text", "text"), ("messages", "messages"), ("prompt_completion", "completion"),
-                         ("preference", "chosen")):
+    """Which kind of SFT row this is, by the columns it fills (``input_ids``: already tokenized, as TRL)."""
+    for kind, column in (("tokenized", "input_ids"), ("text", "text"), ("messages", "messages"),
+                         ("prompt_completion", "completion"), ("preference", "chosen")):
         if row.get(column) is not None:
             return kind
     return None
@@ -53,6 +56,33 @@ def _text_problems(r: dict[str, Any], n: int) -> list[Problem]:
     if not v.strip():
         return [Problem(n, "text", "is empty, so there is nothing to learn.", "write the text, or drop the row")]
     return []
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
+def _tokenized_problems(r: dict[str, Any], n: int) -> list[Problem]:
+    """Pre-tokenized rows: ``input_ids`` a non-empty list of token ids; each mask (``completion_mask``,
+    ``assistant_masks``, ``attention_mask``: 0/1) and ``labels`` (an id or -100) one entry per token."""
+    ids = r["input_ids"]
+    if not _int_list(ids) or not ids:
+        return [Problem(n, "input_ids", f"is {_type_name(ids) if not _int_list(ids) else 'an empty list'}; expected "
+                        "a non-empty list of token ids.", "store input_ids as a list of integers")]
+    out = []
+    for name in TOKENIZED_MASKS:
+        v = r.get(name)
+        if v is None:
+            continue
+        if not _int_list(v) or len(v) != len(ids):
+            out.append(Problem(n, name, f"is not a list of {len(ids)} integers (one per input_ids entry).",
+                               f"give {name} one entry per token"))
+        elif name == "labels" and any(label not in (-100, t) for label, t in zip(v, ids, strict=True)):
+            out.append(Problem(n, name, "holds a value that is neither the token's id nor -100.",
+                               "give labels equal to input_ids, with -100 where no loss (they are not shifted)"))
+        elif name != "labels" and any(m not in (0, 1) for m in v):
+            out.append(Problem(n, name, "holds a value other than 0 and 1.", f"make {name} a 0/1 mask"))
+    return out
 
 
 def _messages_problems(r: dict[str, Any], n: int) -> list[Problem]:
@@ -109,21 +139,24 @@ def validate_sft_rows(raw: RawData) -> list[Problem]:
         first_row = first_row or n
         if kind == "preference":
             continue  # validated above
-        row_problems = {"text": _text_problems, "messages": _messages_problems,
-                        "prompt_completion": _prompt_completion_problems}[kind](r, n) + template_kwargs_problems(r, n)
+        row_problems = {"tokenized": _tokenized_problems, "text": _text_problems, "messages": _messages_problems,
+                        "prompt_completion": _prompt_completion_problems}[kind](r, n) + template_kwargs_problems(r, n) \
+            + tools_problems(r, n)
         if not any(p.fatal for p in row_problems):
             row_problems.extend(duplicate_of(seen, [r.get(c) for c in ("system", "text", "messages", "prompt",
-                                                                       "completion")], n, raw.row_label))
+                                                                       "completion", "input_ids")], n,
+                                             raw.row_label))
         problems.extend(row_problems)
     return problems
 
 
 SFT_ROWS = RowSchema(
-    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system", "chat_template_kwargs"),
-    (("messages",), ("text",), ("completion",), ("chosen",)), validate_sft_rows,
+    "sft", ("text", "messages", "prompt", "completion", "chosen", "rejected", "system", "chat_template_kwargs",
+            "tools", "input_ids", *TOKENIZED_MASKS),
+    (("messages",), ("text",), ("completion",), ("chosen",), ("input_ids",)), validate_sft_rows,
     {"text": ("content", "document"), "messages": ("conversations", "conversation", "chat"),
      "completion": ("response", "output", "answer", "target")},
-    "SFT rows: text, messages, prompt + completion, or preference pairs")
+    "SFT rows: text, messages, prompt + completion, preference pairs, or input_ids")
 
 
 @dataclass
@@ -175,10 +208,13 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
     """``({"input_ids", "loss_mask"}, cut)`` for one validated row (``data``); ``cut``: max_length or
     max_prompt_length cut it. ``rerendered``: as tokenize_replies' (a prompt split at the common prefix)."""
     where = {"source": source, "row": row, "row_label": row_label}
-    kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"))
+    kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"),
+                         parse_tools(data.get("tools")))
     kind = row_kind(data)
     cut = False
-    if kind == "text":
+    if kind == "tokenized":
+        ids, mask = _tokenized(data, tokenizer, settings, where)
+    elif kind == "text":
         eos = tokenizer.eos_token or ""
         text = data["text"] if data["text"].endswith(eos) else data["text"] + eos
         ids = list(tokenizer(text)["input_ids"])
@@ -188,7 +224,7 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
             raise DataError("conversational data needs a chat template, and this tokenizer has none.", **where,
                             fix="set chat_template: chatml (ChatML for a base model), use a chat model's tokenizer, "
                                 "or give text rows")
-        messages = [{"role": str(m["role"]), "content": m["content"]} for m in data["messages"]]
+        messages = to_messages(data["messages"])
         if data.get("system") is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": data["system"]})
         ids = _template(tokenizer, messages, **kw)
@@ -217,11 +253,34 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
         ids, mask, cut = ids[keep], mask[keep], True
     mask = [0, *mask[1:]] if mask else mask  # nothing predicts the first token
     if not any(mask):
-        field = {"text": "text", "messages": "messages"}.get(kind or "", "prompt")
+        field = {"text": "text", "messages": "messages", "tokenized": "input_ids"}.get(kind or "", "prompt")
         raise DataError(f"no token is left to train on under max_length={settings.max_length} (the prompt alone is "
                         f"{len(ids)} tokens or more).", **where, field=field,
                         fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
     return {"input_ids": ids, "loss_mask": mask}, cut
+
+
+def _tokenized(row: dict[str, Any], tokenizer: Any, settings: SFTTokenizeSettings,
+               where: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """A pre-tokenized row's ids and loss mask, as TRL takes them: ``labels`` as given (-100: no loss), else
+    ``completion_mask`` (unless completion_only_loss is False), else ``assistant_masks`` (unless assistant_only_loss
+    is False), else every token; positions whose ``attention_mask`` is 0 (padding) are left out."""
+    ids = list(row["input_ids"])
+    vocab = len(tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise DataError(f"holds token id {bad}, outside the tokenizer's vocabulary of {vocab}.", **where,
+                        field="input_ids", fix="tokenize with this model's tokenizer")
+    if row.get("labels") is not None:
+        mask = [int(label != -100) for label in row["labels"]]
+    elif row.get("completion_mask") is not None and settings.completion_only_loss is not False:
+        mask = list(row["completion_mask"])
+    elif row.get("assistant_masks") is not None and settings.assistant_only_loss is not False:
+        mask = list(row["assistant_masks"])
+    else:
+        mask = [1] * len(ids)
+    keep = row.get("attention_mask") or [1] * len(ids)
+    return [t for t, a in zip(ids, keep, strict=True) if a], [m for m, a in zip(mask, keep, strict=True) if a]
 
 
 def _prompt_and_completion(row: dict[str, Any], kind: str, chat: bool, where: dict[str, Any]) -> tuple[Any, Any, bool]:
@@ -232,11 +291,11 @@ def _prompt_and_completion(row: dict[str, Any], kind: str, chat: bool, where: di
         return ex.prompt, ex.chosen, ex.conversational
     prompt, completion, system = row.get("prompt"), row["completion"], row.get("system")
     if is_messages(completion):
-        msgs = ([{"role": str(m["role"]), "content": m["content"]} for m in prompt] if is_messages(prompt)
+        msgs = (to_messages(prompt) if is_messages(prompt)
                 else [{"role": "user", "content": prompt}] if prompt else [])
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": system})
-        return msgs, [{"role": str(m["role"]), "content": m["content"]} for m in completion], True
+        return msgs, to_messages(completion), True
     prompt = prompt or ""
     if chat:
         msgs = [{"role": "user", "content": prompt}]

@@ -97,10 +97,15 @@ def _template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> list[int]:
     return _ids(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs))
 
 
-def template_kwargs(run: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> dict[str, Any]:
+def template_kwargs(run: Mapping[str, Any] | None, row: Mapping[str, Any] | None,
+                    tools: list[Any] | None = None) -> dict[str, Any]:
     """The keyword arguments for apply_chat_template: a row's ``chat_template_kwargs`` merged over the run's (as
-    TRL 1.16). A row key whose value is None is left out: `datasets` fills the keys other rows use with None."""
-    return {**(run or {}), **{k: v for k, v in (row or {}).items() if v is not None}}
+    TRL 1.16), and the row's ``tools`` (TRL's column) as ``tools=``. A row key whose value is None is left out:
+    `datasets` fills the keys other rows use with None."""
+    out = {**(run or {}), **{k: v for k, v in (row or {}).items() if v is not None}}
+    if tools:
+        out["tools"] = tools
+    return out
 
 
 def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *, row: int | None = None,
@@ -110,7 +115,8 @@ def tokenize_example(ex: Example, tokenizer: Any, settings: TokenizeSettings, *,
     tokenize_replies) collects the replies whose prompt was split at the common prefix."""
     out = tokenize_replies(ex.prompt, {"chosen": ex.chosen, "rejected": ex.rejected}, ex.conversational, tokenizer,
                            row=row, source=source, row_label=row_label, rerendered=rerendered,
-                           template_kwargs=template_kwargs(settings.chat_template_kwargs, ex.chat_template_kwargs))
+                           template_kwargs=template_kwargs(settings.chat_template_kwargs, ex.chat_template_kwargs,
+                                                           ex.tools))
     if settings.ensure_bos and tokenizer.bos_token_id is not None and out["prompt_ids"][:1] != [
             tokenizer.bos_token_id]:
         out["prompt_ids"] = [tokenizer.bos_token_id] + out["prompt_ids"]
@@ -160,6 +166,24 @@ def tokenize_replies(prompt: Any, replies: dict[str, Any], conversational: bool,
         if not out[f"{k}_ids"]:
             raise DataError("tokenizes to no completion tokens.", **where, field=fields.get(k, k),
                             fix="give a non-empty reply")
+    return out
+
+
+def token_ids(data: Mapping[str, Any], tokenizer: Any, *, row: int | None = None, source: str | None = None,
+              row_label: str = "row") -> dict[str, list[int]]:
+    """A pre-tokenized pair's ids (load.py checked they are integer lists), each within the tokenizer's vocabulary."""
+    vocab = len(tokenizer)
+    out = {}
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = list(data.get(name) or [])
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise DataError(f"holds token id {bad}, outside the tokenizer's vocabulary of {vocab}.", source=source,
+                            row=row, row_label=row_label, field=name, fix="tokenize with this model's tokenizer")
+        out[name] = ids
+    if not out["prompt_ids"]:
+        raise DataError("is empty, so nothing predicts the reply's first token.", source=source, row=row,
+                        row_label=row_label, field="prompt_ids", fix="give at least one prompt token (a BOS)")
     return out
 
 
@@ -219,10 +243,13 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: Toke
     for i, (r, n) in enumerate(zip(rows, numbers, strict=True)):
         where = {"source": source, "row_label": row_label}
         try:
-            ex = to_example(r, chat=chat, row_number=n, **where)
             rerendered: list[str] = []
-            pair, cut = truncate(tokenize_example(ex, tokenizer, settings, row=n, rerendered=rerendered, **where),
-                                 settings, row=n, **where)
+            if r.get("chosen_ids") is not None:  # pre-tokenized (TRL's processed rows): no template
+                ids = token_ids(r, tokenizer, row=n, **where)
+            else:
+                ex = to_example(r, chat=chat, row_number=n, **where)
+                ids = tokenize_example(ex, tokenizer, settings, row=n, rerendered=rerendered, **where)
+            pair, cut = truncate(ids, settings, row=n, **where)
         except DataError as e:
             if not skip_invalid:
                 raise

@@ -33,6 +33,7 @@ from .load import (
     log_kept,
     read_valid_rows,
     template_kwargs_problems,
+    tools_problems,
     validate_rows,
 )
 from .tokenize import (
@@ -46,7 +47,8 @@ from .tokenize import (
 
 logger = logging.getLogger("prefalign")
 
-UNPAIRED_COLUMNS = ("prompt", "completion", "label", "system", "chosen", "rejected", "chat_template_kwargs")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label", "system", "chosen", "rejected", "chat_template_kwargs",
+                    "tools")
 UNPAIRED_ALIASES = {**_ALIASES, "completion": ("response", "output", "answer", "generation"),
                     "label": ("desirable", "thumbs_up", "is_good", "kto_label", "feedback")}
 _LABEL_FIX = "write label as true (desirable) or false (undesirable), the JSON booleans"
@@ -105,7 +107,7 @@ def validate_unpaired(raw: RawData) -> list[Problem]:
             row_problems.append(Problem(n, "label", f"is {shown}; expected true (desirable) or false (undesirable).",
                                         _LABEL_FIX + (" (in CSV: the text true or false)" if raw.kind == "csv"
                                                       else ", not text or numbers")))
-        row_problems.extend(template_kwargs_problems(r, n))
+        row_problems.extend(template_kwargs_problems(r, n) + tools_problems(r, n))
         if not any(p.fatal for p in row_problems):
             if is_messages(r["prompt"]) and not is_messages(r["completion"]):
                 row_problems.append(Problem(n, None, "mixes a message-list prompt with a text completion.",
@@ -158,12 +160,12 @@ def unpair_rows(raw: RawData) -> RawData:
         for label, part in ((True, "chosen"), (False, "rejected")):
             for r, n in split:
                 rows.append({"prompt": r["prompt"], "completion": r[part], "label": label,
-                             **{k: r[k] for k in ("system", "chat_template_kwargs") if r.get(k) is not None}})
+                             **{k: r[k] for k in ("system", "chat_template_kwargs", "tools") if r.get(k) is not None}})
                 numbers.append(n)
     note = f"preference pairs, each split into a desirable and an undesirable row ({len(raw.rows)} pairs → " \
            f"{len(rows)} rows)"
     converted = f"{raw.converted_from}; {note}" if raw.converted_from else note
-    columns = ["prompt", "completion", "label"] + [k for k in ("system", "chat_template_kwargs")
+    columns = ["prompt", "completion", "label"] + [k for k in ("system", "chat_template_kwargs", "tools")
                                                    if any(k in r for r in rows)]
     logger.info("%s: %s", raw.source, note)
     return replace(raw, rows=rows, row_numbers=numbers, columns=columns, converted_from=converted,
@@ -216,13 +218,14 @@ def tokenize_unpaired(rows: Sequence[dict[str, Any]], tokenizer: Any, settings: 
         where = {"source": source, "row": n, "row_label": row_label}
         try:
             ex = to_example({"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"],
-                             "system": r.get("system"), "chat_template_kwargs": r.get("chat_template_kwargs")},
+                             "system": r.get("system"), "chat_template_kwargs": r.get("chat_template_kwargs"),
+                             "tools": r.get("tools")},
                             chat=chat, row_number=n, source=source, row_label=row_label)
             rerendered: list[str] = []
             ids = tokenize_replies(ex.prompt, {"chosen": ex.chosen}, ex.conversational, tokenizer,
                                    fields={"chosen": "completion"}, rerendered=rerendered,
                                    template_kwargs=template_kwargs(settings.chat_template_kwargs,
-                                                                   ex.chat_template_kwargs), **where)
+                                                                   ex.chat_template_kwargs, ex.tools), **where)
             if not ids["prompt_ids"]:
                 raise DataError("the prompt tokenizes to no tokens, so nothing predicts the completion's first "
                                 "token.", **where, field="prompt",

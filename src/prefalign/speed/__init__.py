@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..models import unwrap
+from ..models import prompt_learning, unwrap
 from . import layers
 from .allocator import (
     can_release_memory,
@@ -78,6 +78,13 @@ def enable(model: Any, args: Any) -> Speed:
     ``cpu_allocator_cache`` is the one thing ``undo`` leaves: it is a process-wide request, kept by design.
     """
     if not getattr(args, "fast_path", True):
+        return Speed(None, [])
+    method = prompt_learning(model)
+    if method is not None:
+        if ("prompt-learning", method) not in _TOLD:
+            _TOLD.add(("prompt-learning", method))
+            logger.warning("fast_path: off for PEFT %s (its virtual tokens / prefix keys go through PEFT's own "
+                           "forward): log-probs take the plain path", method)
         return Speed(None, [])
     inner = unwrap(model)
     param = next(iter(inner.parameters()), None)
