@@ -71,7 +71,9 @@ def test_stream_trains_and_evaluates(tok, tmp_path, method, cfg):
     tr = trainer(tok, method, tmp_path, stream(rows(6)), eval_dataset=stream(rows(4, 6)), max_steps=2, **cfg)
     assert isinstance(tr.train_dataset, datasets.IterableDataset)
     first = next(iter(tr.train_dataset))
-    assert set(first) == set(tr.tokenized_columns) and all(isinstance(t, int) for t in first[tr.tokenized_columns[0]])
+    trl_names = {"sft": {"labels"}, "kto": {"completion_ids"}}.get(method, set())  # TRL's columns, kept beside ours
+    assert set(first) == set(tr.tokenized_columns) | trl_names
+    assert all(isinstance(t, int) for t in first[tr.tokenized_columns[0]])
     before = weights(tr.model)
     tr.train()
     assert tr.state.global_step == 2

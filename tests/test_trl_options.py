@@ -61,6 +61,46 @@ def test_every_trl_field_has_a_home(monkeypatch):
     assert "lora_target_parameters" in adapters.KEYS and "ignore_bias_buffers" in recipe.NO_OPS
 
 
+def test_every_trl_config_field_is_a_constructor_argument(monkeypatch):
+    """The Python form too: ``DPOConfig(**any TRL 1.16 DPOConfig field)`` must not be a TypeError (a run key of the
+    command line is not enough: TRL users build configs in Python, e.g. with dataset_num_proc)."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    trl = _trl_116()
+    from trl.experimental.cpo import CPOConfig as TrlCPO
+    from trl.experimental.orpo import ORPOConfig as TrlORPO
+
+    missing = {}
+    for method, cls in {"dpo": trl.DPOConfig, "sft": trl.SFTConfig, "kto": trl.KTOConfig, "orpo": TrlORPO,
+                        "cpo": TrlCPO}.items():
+        ours = {f.name for f in dataclasses.fields(options.config_class(method)) if f.init}
+        if gaps := [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ours]:
+            missing[method] = gaps
+    assert missing == {}
+
+
+def test_trust_remote_code_dataset_num_proc_and_padding_free_in_python(tmp_path, monkeypatch, caplog):
+    import transformers
+
+    seen: list[dict] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    model_dir = save_tiny(tmp_path / "model")
+    with caplog.at_level(logging.INFO, logger="prefalign"):
+        args = DPOConfig(output_dir=str(tmp_path / "out"), **COMMON, trust_remote_code=True, dataset_num_proc=4,
+                         padding_free=True, packing=False, max_steps=1, per_device_train_batch_size=2)
+    assert args.packing is True  # padding_free is prefalign's packing
+    assert sum("dataset_num_proc=4 is accepted" in r.getMessage() for r in caplog.records) == 1
+    DPOTrainer(model_dir, args=args, train_dataset=conversational_rows(2))
+    assert seen[0].get("trust_remote_code") is True
+    plain = SFTConfig(output_dir=str(tmp_path / "o2"), **COMMON)
+    assert (plain.trust_remote_code, plain.dataset_num_proc, plain.padding_free) == (False, None, False)
+
+
 def test_trl_choices_are_accepted(monkeypatch):
     """Each option TRL 1.16 gives choices for takes every one of them here (or refuses it with a reason)."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -106,6 +106,20 @@ class TrainConfig(TrainingArguments):
                           "start until prompt + the longer reply fits, one prompt token always kept; a reply longer "
                           "than that loses its start too). TRL 1.16 deprecates 'keep_end'.",
                   "choices": ["keep_start", "keep_end"]})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model repository's own code when a model or tokenizer is loaded by name (TRL's "
+                          "field; model_init_kwargs' trust_remote_code wins when both are given)."})
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "TRL's worker count for dataset preparation. Accepted with one log line: prefalign "
+                          "validates and tokenises in this process, once, by source row."})
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "TRL's padding-free batches (sequences flattened into one row). True sets packing: "
+                          "prefalign's padding-free layout is prefix sharing plus packing (examples in shared rows, "
+                          "masked from each other; one row of spans for SFT on CPU), with one log line. False "
+                          "changes nothing."})
     pad_to_multiple_of: int | str | None = field(
         default=None,
         metadata={"help": "Pad batch length to a multiple of this. 'auto' (TRL 1.16's default): 128 on Neuron "
@@ -194,6 +208,12 @@ class TrainConfig(TrainingArguments):
         _check(self.pairing in ("best_worst", "best_random", "all_pairs"), "pairing", self.pairing,
                "must be 'best_worst', 'best_random' or 'all_pairs'")
         _check(self.min_score_margin >= 0, "min_score_margin", self.min_score_margin, "must be >= 0")
+        if self.dataset_num_proc is not None:
+            logger.info("dataset_num_proc=%s is accepted; prefalign validates and tokenises in this process, once",
+                        self.dataset_num_proc)
+        if self.padding_free:
+            logger.info("padding_free: true is read as packing: true (prefalign's padding-free layout)")
+            self.packing = True
         if self.chat_template_path is not None:
             if self.chat_template not in (None, self.chat_template_path):
                 raise ConfigError("chat_template and chat_template_path are both given; chat_template_path is TRL's "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, TrainerCallback
@@ -75,6 +76,8 @@ class KTOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> Any:
         """As the pair trainers'; the completion's ids also under TRL's KTO name, ``completion_ids``."""
         prepared = super()._prepare_dataset(dataset, name, args)
+        if isinstance(prepared, datasets.IterableDataset):  # a stream: the same column, row by row
+            return prepared.map(lambda r: {"completion_ids": r["chosen_ids"]})
         if prepared is not None and "completion_ids" not in prepared.column_names:
             prepared = prepared.add_column("completion_ids", prepared["chosen_ids"])
         return prepared

@@ -116,7 +116,8 @@ class _Trainer(CheckpointMixin, Trainer):
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
         if processing_class is None:
-            processing_class = load_tokenizer(model.name_or_path or model_name)
+            processing_class = load_tokenizer(model.name_or_path or model_name,
+                                              **({"trust_remote_code": True} if args.trust_remote_code else {}))
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         apply_chat_template_option(model, tokenizer, args.chat_template, source=str(model_name))
         set_special_tokens(model, tokenizer, args)
@@ -589,6 +590,8 @@ def _init_kwargs(args: TrainConfig) -> dict[str, Any]:
     kwargs = dict(args.model_init_kwargs or {})
     if "torch_dtype" in kwargs:  # the pre-transformers-5 name
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    if args.trust_remote_code:  # TRL's field; an explicit model_init_kwargs value wins
+        kwargs.setdefault("trust_remote_code", True)
     return kwargs
 
 
