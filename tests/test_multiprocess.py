@@ -30,7 +30,9 @@ def _run(cmd: list[str], out: Path) -> list[float]:
     return json.loads((out / "losses.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["dpo", "dpo-rpo", "orpo"])
+# ~70 s each on 2 cores: DPO in the default run, the token-mean NLL ones (RPO, ORPO) with -m slow
+@pytest.mark.parametrize("method", ["dpo", pytest.param("dpo-rpo", marks=pytest.mark.slow),
+                                    pytest.param("orpo", marks=pytest.mark.slow)])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, method):
     one = _run([sys.executable, "mp_worker.py", method, "4", str(tmp_path / "one")], tmp_path / "one")
     # `accelerate launch --multi_gpu` starts the processes with torchrun; without CUDA the Trainer's Accelerator
