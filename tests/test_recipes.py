@@ -22,7 +22,7 @@ from prefalign.cli import main
 from prefalign.data.mixture import load_mixture
 from prefalign.errors import ConfigError
 from prefalign.options import resolve_plan
-from tiny import conversational_rows, save_tiny, save_tiny_base
+from tiny import conversational_rows, save_tiny, save_tiny_base, spy_from_pretrained
 
 ZEPHYR_TEMPLATE = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
                    "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + "
@@ -250,16 +250,7 @@ def test_handbook_orpo_recipe_runs(model_dir, pairs, tmp_path, capsys):
 
 
 def test_model_keys_reach_from_pretrained(model_dir, pairs, tmp_path, monkeypatch, capsys):
-    import transformers
-
-    seen: list[dict] = []
-    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
-
-    def spy(cls, path, *args, **kwargs):
-        seen.append(kwargs)
-        return original(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    seen = spy_from_pretrained(monkeypatch)
     path = _recipe(tmp_path, "model_name_or_path: {m}\nmodel_revision: main\ndtype: bfloat16\n"
                    "attn_implementation: eager\ntrust_remote_code: false\ndataset_name: {d}\n", m=model_dir, d=pairs)
     assert main(["train", str(path), "--method", "orpo", "--output-dir", str(tmp_path / "run"), *SHORT]) == 0, \

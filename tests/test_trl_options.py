@@ -18,7 +18,7 @@ from prefalign.config import CPOConfig, ORPOConfig
 from prefalign.data.sft import SFTTokenizeSettings, tokenize_sft_rows
 from prefalign.data.tokenize import TokenizeSettings, tokenize_rows
 from prefalign.errors import ConfigError, DataError
-from tiny import conversational_rows, save_tiny, smollm2_tokenizer, tiny_llama
+from tiny import conversational_rows, save_tiny, smollm2_tokenizer, spy_from_pretrained, tiny_llama
 
 COMMON = dict(report_to=[], use_cpu=True, bf16=False, max_length=128, seed=0, disable_tqdm=True)
 
@@ -79,16 +79,7 @@ def test_every_trl_config_field_is_a_constructor_argument(monkeypatch):
 
 
 def test_trust_remote_code_dataset_num_proc_and_padding_free_in_python(tmp_path, monkeypatch, caplog):
-    import transformers
-
-    seen: list[dict] = []
-    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
-
-    def spy(cls, path, *args, **kwargs):
-        seen.append(kwargs)
-        return original(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    seen = spy_from_pretrained(monkeypatch)
     model_dir = save_tiny(tmp_path / "model")
     with caplog.at_level(logging.INFO, logger="prefalign"):
         args = DPOConfig(output_dir=str(tmp_path / "out"), **COMMON, trust_remote_code=True, dataset_num_proc=4,

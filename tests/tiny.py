@@ -162,3 +162,18 @@ def tiny_family(family: str, tokenizer=None, seed: int = 0, **overrides):
     model = getattr(transformers, model_name)(config)
     model.eval()
     return model
+
+
+def spy_from_pretrained(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every ``AutoModelForCausalLM.from_pretrained`` call (the model still loads)."""
+    import transformers
+
+    seen: list[dict] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    return seen
