@@ -193,7 +193,7 @@ def worker(lib: str, method: str, shape: str, steps: int, batch: int, bf16: bool
 
 def _tokenized(trainer) -> list[dict]:
     ds = trainer.train_dataset
-    if "completion_ids" in ds.column_names:  # TRL's KTO rows: the completion and the KL completion
+    if "KL_completion_ids" in ds.column_names:  # TRL's KTO rows: the completion and the KL completion
         rows = ds.select_columns(["prompt_ids", "completion_ids", "KL_completion_ids"]).to_list()
         return [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["completion_ids"],
                  "rejected_ids": r["KL_completion_ids"]} for r in rows]
@@ -233,11 +233,17 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true",
                     help="also run both libraries with the same LoRA adapter (LORA): peak RSS next to the full "
                          "fine-tune's")
+    ap.add_argument("--vs-fp32", action="store_true",
+                    help="with --bf16: also run both libraries in fp32 in the same run, interleaved, and print each "
+                         "library's bf16 speed-up over its own fp32 and how far its bf16 losses are from its fp32 ones")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, steps=args.steps, batch=args.batch, bf16=args.bf16)),
-              flush=True)
+        lib, method, shape = args.worker
+        fp32 = lib.endswith("-fp32")  # a --vs-fp32 companion run: the same library without autocast
+        result = worker(lib.removesuffix("-fp32"), method, shape, steps=args.steps, batch=args.batch,
+                        bf16=args.bf16 and not fp32)
+        print("RESULT " + json.dumps({**result, "lib": lib}), flush=True)
         return
     import trl
 
@@ -252,7 +258,8 @@ def main() -> None:
         for method in args.methods.split(","):
             extra = (("prefalign-nopack",) if shape == "mixed" else ()) + (
                 ("prefalign-release", "prefalign-gc") if args.memory_mode else ()) + (
-                ("trl-lora", "prefalign-lora") if args.lora else ())
+                ("trl-lora", "prefalign-lora") if args.lora else ()) + (
+                ("trl-fp32", "prefalign-fp32") if args.vs_fp32 and args.bf16 else ())
             for lib in ("trl", "prefalign") + extra:
                 print(f"running {lib} {method} {shape} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--worker", lib, method, shape, "--steps",
@@ -271,15 +278,17 @@ def main() -> None:
         for method in args.methods.split(","):
             t, p = (next(r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape)
                     for lib in ("trl", "prefalign"))
-            nopack, release, gc, trl_lora, lora = (
+            nopack, release, gc, trl_lora, lora, trl_fp32, fp32 = (
                 next((r for r in results if r["lib"] == lib and r["method"] == method and r["shape"] == shape), None)
-                for lib in ("prefalign-nopack", "prefalign-release", "prefalign-gc", "trl-lora", "prefalign-lora"))
+                for lib in ("prefalign-nopack", "prefalign-release", "prefalign-gc", "trl-lora", "prefalign-lora",
+                            "trl-fp32", "prefalign-fp32"))
             flops = minimal_flops(method, p["n_params"], p["prompt_tokens"], p["reply_tokens"], cfg.vocab_size,
                                   cfg.hidden_size)
             n = min(len(t["losses"]), len(p["losses"]))
             rows.append({
                 "shape": shape, "method": method, "trl": t, "prefalign": p, "prefalign_nopack": nopack,
                 "prefalign_release": release, "prefalign_gc": gc, "trl_lora": trl_lora, "prefalign_lora": lora,
+                "trl_fp32": trl_fp32, "prefalign_fp32": fp32,
                 "speedup_pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                 "rss_ratio": p["peak_rss_gb"] / t["peak_rss_gb"],
                 "max_abs_loss_diff": max(abs(a - b) for a, b in zip(t["losses"][:n], p["losses"][:n], strict=True)),
@@ -334,7 +343,23 @@ def render(rows: list[dict], ceiling: float, baseline: str = "TRL", precision: s
                          f"{pl['peak_rss_gb']:.2f} GB (full fine-tune {p['peak_rss_gb']:.2f} GB); speed-up "
                          f"{tl['s_per_step'] / pl['s_per_step']:.2f}×, RSS ratio "
                          f"{pl['peak_rss_gb'] / tl['peak_rss_gb']:.2f}, max |Δ loss| {diff:.1e}")
+    for r in rows:
+        if r.get("prefalign_fp32") and r.get("trl_fp32"):
+            lines.append(f"\nbf16 vs fp32, {r['shape']} {r['method'].upper()}: "
+                         + "; ".join(_vs_fp32(name, r[key], r[f"{key}_fp32"])
+                                     for name, key in ((T, "trl"), ("prefalign", "prefalign")))
+                         + f"; prefalign bf16 vs {T} fp32 "
+                           f"{r['trl_fp32']['s_per_step'] / r['prefalign']['s_per_step']:.2f}×")
     return "\n".join(lines)
+
+
+def _vs_fp32(name: str, bf16: dict, fp32: dict) -> str:
+    """One library's bf16 run against its own fp32 run: speed-up and the largest per-step loss difference."""
+    n = min(len(bf16["losses"]), len(fp32["losses"]))
+    diff = max(abs(a - b) for a, b in zip(bf16["losses"][:n], fp32["losses"][:n], strict=True))
+    first = abs(bf16["losses"][0] - fp32["losses"][0])
+    return (f"{name} {fp32['s_per_step']:.2f} -> {bf16['s_per_step']:.2f} s/step "
+            f"({fp32['s_per_step'] / bf16['s_per_step']:.2f}×), |Δ loss| step 1 {first:.1e}, max {diff:.1e}")
 
 
 if __name__ == "__main__":
