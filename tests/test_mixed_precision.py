@@ -346,3 +346,25 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(tmp_path, tok, mon
     assert len(lines) == (0 if has_bf16 else 1)
     if lines:
         assert "bf16: false trains faster" in lines[0]
+
+
+@pytest.mark.parametrize(("has_bf16", "bf16", "weights", "hinted"), [
+    (True, False, torch.float32, True),     # fp32 weights, no autocast, bf16 hardware: the hint
+    (False, False, torch.float32, False),   # no bf16 hardware: nothing to suggest
+    (True, True, torch.float32, False),     # already bf16
+    (True, False, torch.bfloat16, False),   # bf16 weights: already fast
+])
+def test_a_float32_run_on_a_cpu_with_bf16_hardware_gets_one_hint(tmp_path, tok, monkeypatch, caplog, has_bf16,
+                                                                 bf16, weights, hinted):
+    import logging
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_bf16)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=bf16, max_steps=1)
+    with caplog.at_level(logging.INFO, logger="prefalign"):
+        DPOTrainer(tiny_llama(tok, 1).to(weights), args=args, train_dataset=conversational_rows(2),
+                   processing_class=tok)
+    lines = [r.getMessage() for r in caplog.records if "multiplies bf16 in hardware" in r.getMessage()]
+    assert len(lines) == (1 if hinted else 0)
+    if lines:
+        assert "bf16: true" in lines[0] and "keeps float32 unless asked" in lines[0]

@@ -46,7 +46,7 @@ from .memory import activation_offload, selective_checkpointing
 from .models import load_model, load_tokenizer, unwrap
 from .ref_sync import SyncReference, check_pair
 from .router import Router, find_router, is_moe, load_balancing_loss, router_coefficient
-from .speed.precision import autocast_dtype, cpu_bf16_note
+from .speed.precision import autocast_dtype, cpu_bf16_hint, cpu_bf16_note
 
 logger = logging.getLogger("prefalign")
 TOKENIZED_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -109,6 +109,9 @@ class _Trainer(CheckpointMixin, Trainer):
                               "float16}) without fp16, or a GPU.")
         if args.bf16 and args.device.type == "cpu" and (note := cpu_bf16_note()) is not None:
             logger.warning("bf16: %s", note)
+        elif (not (args.bf16 or args.fp16) and args.device.type == "cpu" and _float32_weights(model, args)
+              and (hint := cpu_bf16_hint()) is not None):
+            logger.info("bf16: %s", hint)
         _check_datasets(args, train_dataset, eval_dataset)
         if ref_model is not None and ref_model is model:
             raise ConfigError("`model` and `ref_model` cannot be the same object (the reference must not train). Fix: "
@@ -584,6 +587,14 @@ def row_options(args: TrainConfig) -> dict[str, Any]:
     return {"text_format": args.text_format, "on_invalid_row": args.on_invalid_row, "pairing": args.pairing,
             "min_score_margin": args.min_score_margin, "seed": args.data_seed if args.data_seed is not None
             else args.seed}
+
+
+def _float32_weights(model: Any, args: TrainConfig) -> bool:
+    """Whether the run trains float32 weights: a loaded model's own dtype, else the dtype it will be loaded in."""
+    if isinstance(model, torch.nn.Module):
+        return getattr(model, "dtype", torch.float32) == torch.float32
+    dtype = _init_kwargs(args).get("dtype")
+    return dtype in (None, "auto", "float32", torch.float32)
 
 
 def _init_kwargs(args: TrainConfig) -> dict[str, Any]:

@@ -70,13 +70,31 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return amp if amp is not None else getattr(model, "dtype", torch.float32)
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so ``bf16: true`` can be faster here."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def cpu_bf16_hint() -> str | None:
+    """For a float32 run on a CPU that multiplies bf16 in hardware: that ``bf16: true`` would be faster, or None.
+
+    A hint, not a default: bf16 autocast rounds every weight to 8 bits of mantissa at each use, so at DPO's small
+    learning rates the logged losses move by bf16's rounding, not only by training (docs/benchmarks.md, "Mixed
+    precision"); float32 stays the default so a run's numbers do not depend on the machine it ran on."""
+    if not cpu_has_bf16_matmul():
+        return None
+    return ("this CPU multiplies bf16 in hardware (AVX512-BF16 / AMX): bf16: true (autocast over float32 weights) "
+            "trains faster here, at bf16's rounding (see docs/benchmarks.md, Mixed precision); prefalign keeps "
+            "float32 unless asked")
+
+
 def cpu_bf16_note() -> str | None:
     """Why bf16 would be slow on this CPU, or None when it has bf16 matrix instructions (AVX512-BF16 or AMX).
 
     Without them PyTorch emulates bf16 matmuls: measured on a 2-core AVX2 AMD EPYC (2026-12-04), a 1024x1024 bf16
     matmul took 2.88 s against 0.041 s in float32, 70x slower, so ``bf16: true`` there trades speed for nothing."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+    if cpu_has_bf16_matmul():
         return None
     return (f"this CPU has no bf16 matrix instructions (capability {torch.backends.cpu.get_cpu_capability()}, no "
             "AVX512-BF16 or AMX), so bf16 matmuls are emulated and far slower than float32 here (70x measured on "
