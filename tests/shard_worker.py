@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("batch", type=int)
     parser.add_argument("out")
     parser.add_argument("--fsdp", choices=["full", "sharded"])
+    parser.add_argument("--zero", type=int, choices=[2, 3], help="DeepSpeed ZeRO stage (deepspeed installed)")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
@@ -50,9 +51,17 @@ def main() -> None:
         state = "FULL_STATE_DICT" if opts.fsdp == "full" else "SHARDED_STATE_DICT"
         extra.update(fsdp=True, fsdp_config={"version": 2, "state_dict_type": state, "reshard_after_forward": True,
                                              "cpu_ram_efficient_loading": False})
+    cpu = {"use_cpu": True}
+    if opts.zero:
+        # accelerate takes DeepSpeed only when not told use_cpu; on a machine without GPUs the gloo backend, named
+        # here, then gives it the processes (DeepSpeed's CPU accelerator falls back to gloo without oneCCL)
+        cpu = {"use_cpu": False, "ddp_backend": "gloo"}
+        extra["deepspeed"] = {"zero_optimization": {"stage": opts.zero}, "zero_allow_untested_optimizer": True,
+                              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     saving = {"save_strategy": "steps", "save_steps": opts.save_steps} if opts.save_steps else {"save_strategy": "no"}
     args = config_class(**extra, **saving, output_dir=opts.out, per_device_train_batch_size=opts.batch,
-                        max_steps=opts.steps, learning_rate=1e-3, report_to=[], use_cpu=True, max_length=96, seed=0,
+                        max_steps=opts.steps, learning_rate=1e-3, report_to=[], **cpu, max_length=96, seed=0,
                         logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")
     peft = None
     if opts.lora:
@@ -68,6 +77,7 @@ def main() -> None:
     reference = getattr(trainer, "reference_cache", {}).get("train")
     with open(f"{opts.out}/process-{trainer.args.process_index}.json", "w") as f:
         json.dump({"reference": reference[0] if reference else None, "fsdp": trainer.is_fsdp_enabled,
+                   "deepspeed": trainer.is_deepspeed_enabled,
                    "world": trainer.accelerator.num_processes}, f)
     if trainer.is_world_process_zero():
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]

@@ -185,7 +185,12 @@ def _free_port() -> int:
 
 def _run(out: Path, method: str, batch: int, *extra: str, processes: int = 1, home: Path | None = None) -> list:
     """Run shard_worker.py (under torchrun with ``processes``), return its per-step losses."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PREFALIGN_HOME": str(home or out / "home")}
+    home = home or out / "home"  # a fresh reference cache; the session's converted models
+    home.mkdir(parents=True, exist_ok=True)
+    models = Path(os.environ["PREFALIGN_HOME"]) / "models"
+    if models.is_dir() and not (home / "models").exists():
+        (home / "models").symlink_to(models)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PREFALIGN_HOME": str(home)}
     worker = ["shard_worker.py", method, str(batch), str(out), *extra]
     if processes > 1:
         torchrun = str(Path(sys.executable).with_name("torchrun"))

@@ -34,7 +34,8 @@ def model_fingerprint(model: torch.nn.Module, skip: str | None = None) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if skip and skip in name:
             continue
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach()
+        t = (t.to_local() if hasattr(t, "to_local") else t).to("cpu").contiguous()  # a DTensor: this process's shard
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
