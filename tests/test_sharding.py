@@ -183,8 +183,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, method: str, batch: int, *extra: str, processes: int = 1, home: Path | None = None) -> list:
-    """Run shard_worker.py (under torchrun with ``processes``), return its per-step losses."""
+def _run(out: Path, method: str, batch: int, *extra: str, processes: int = 1, home: Path | None = None,
+         accelerate_config: str | None = None) -> list:
+    """Run shard_worker.py (under torchrun with ``processes``, or ``accelerate launch`` with a config file), return
+    its per-step losses."""
     home = home or out / "home"  # a fresh reference cache; the session's converted models
     home.mkdir(parents=True, exist_ok=True)
     models = Path(os.environ["PREFALIGN_HOME"]) / "models"
@@ -192,7 +194,11 @@ def _run(out: Path, method: str, batch: int, *extra: str, processes: int = 1, ho
         (home / "models").symlink_to(models)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PREFALIGN_HOME": str(home)}
     worker = ["shard_worker.py", method, str(batch), str(out), *extra]
-    if processes > 1:
+    if accelerate_config:
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        cmd = [accelerate, "launch", "--config_file", accelerate_config, "--main_process_port", str(_free_port()),
+               *worker]
+    elif processes > 1:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         cmd = [torchrun, f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", *worker]
@@ -258,3 +264,13 @@ def test_fsdp2_checkpoints_resume_exactly_and_the_run_loads_with_from_pretrained
     assert sa.keys() == sb.keys()
     for name, t in sa.items():
         assert torch.allclose(sb[name], t, atol=1e-5, rtol=0), name
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_example_fsdp_config_shards_and_matches_one_process(tmp_path):
+    config = HERE.parent / "examples" / "accelerate" / "fsdp.yaml"
+    one = _run(tmp_path / "one", "orpo", 4)
+    two = _run(tmp_path / "two", "orpo", 2, accelerate_config=str(config))
+    assert two == pytest.approx(one, abs=1e-5) and one[-1] != one[0]
+    states = _processes(tmp_path / "two")
+    assert [(s["fsdp"], s["world"]) for s in states.values()] == [(True, 2), (True, 2)]

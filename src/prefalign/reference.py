@@ -88,8 +88,8 @@ def shared_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], Any], pairs:
             out = logps_fn(batch)
             if i < len(mine):
                 results[start] = (out.chosen.float().cpu(), out.rejected.float().cpu())
-                if progress:
-                    progress(len(results[start][0]) * world)
+            if progress:  # the rows every process scored this round
+                progress(sum(min(batch_size, len(pairs) - s) for s in starts[i * world:(i + 1) * world]))
     every = {start: values for part in gather(results) for start, values in part.items()}
     return torch.cat([every[s][0] for s in starts]), torch.cat([every[s][1] for s in starts])
 
