@@ -95,9 +95,8 @@ def run(config: str, method: str, steps: int, batch: int) -> dict:
     if processes == 1:
         cmd = [sys.executable, *me]
     else:
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, f"--nproc_per_node={processes}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-               *me]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *me]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 import datasets
 
@@ -28,6 +29,19 @@ from tiny import conversational_rows, smollm2_tokenizer, tiny_llama
 
 METHODS = {"dpo": (DPOConfig, DPOTrainer), "dpo-live": (DPOConfig, DPOTrainer), "orpo": (ORPOConfig, ORPOTrainer),
            "cpo": (CPOConfig, CPOTrainer), "kto": (KTOConfig, KTOTrainer), "sft": (SFTConfig, SFTTrainer)}
+
+
+def _count_deepspeed_processes() -> None:
+    """On a machine without GPUs accelerate's state counts one process under DeepSpeed (its backend is None), while
+    DeepSpeed has started torch.distributed over gloo with all of them: give the state the real counts (a test-only
+    stand-in for what accelerate does on GPUs)."""
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if dist.is_initialized() and state.num_processes != dist.get_world_size():
+        state.backend, state.num_processes = "gloo", dist.get_world_size()
+        state.process_index, state.local_process_index = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def main() -> None:
@@ -57,12 +71,14 @@ def main() -> None:
         # here, then gives it the processes (DeepSpeed's CPU accelerator falls back to gloo without oneCCL)
         cpu = {"use_cpu": False, "ddp_backend": "gloo"}
         extra["deepspeed"] = {"zero_optimization": {"stage": opts.zero}, "zero_allow_untested_optimizer": True,
-                              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                              "train_micro_batch_size_per_gpu": "auto",  # no train_batch_size: DeepSpeed's own
                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     saving = {"save_strategy": "steps", "save_steps": opts.save_steps} if opts.save_steps else {"save_strategy": "no"}
     args = config_class(**extra, **saving, output_dir=opts.out, per_device_train_batch_size=opts.batch,
                         max_steps=opts.steps, learning_rate=1e-3, report_to=[], **cpu, max_length=96, seed=0,
                         logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")
+    if opts.zero:
+        _count_deepspeed_processes()
     peft = None
     if opts.lora:
         from peft import LoraConfig

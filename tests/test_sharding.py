@@ -195,13 +195,11 @@ def _run(out: Path, method: str, batch: int, *extra: str, processes: int = 1, ho
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PREFALIGN_HOME": str(home)}
     worker = ["shard_worker.py", method, str(batch), str(out), *extra]
     if accelerate_config:
-        accelerate = str(Path(sys.executable).with_name("accelerate"))
-        cmd = [accelerate, "launch", "--config_file", accelerate_config, "--main_process_port", str(_free_port()),
-               *worker]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+               "--main_process_port", str(_free_port()), *worker]
     elif processes > 1:
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", *worker]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *worker]
     else:
         cmd = [sys.executable, *worker]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
@@ -213,14 +211,14 @@ def _processes(out: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("process-*.json"))}
 
 
-def _parity(tmp_path: Path, method: str, *extra: str) -> tuple[list, list]:
-    one = _run(tmp_path / "one", method, 4, *[e for e in extra if e != "--fsdp=full"])
+def _parity(tmp_path: Path, method: str, *extra: str, engine: str = "fsdp") -> tuple[list, list]:
+    one = _run(tmp_path / "one", method, 4, *[e for e in extra if not e.startswith(("--fsdp", "--zero"))])
     two = _run(tmp_path / "two", method, 2, *extra, processes=2)
     assert len(one) == len(two) == 4
     assert one[-1] != one[0]  # training moved the loss
     assert two == pytest.approx(one, abs=1e-5)
     states = _processes(tmp_path / "two")
-    assert [s["fsdp"] for s in states.values()] == [True, True] and states["process-0.json"]["world"] == 2
+    assert [s[engine] for s in states.values()] == [True, True] and states["process-0.json"]["world"] == 2
     return one, two
 
 
@@ -274,3 +272,13 @@ def test_accelerate_launch_with_the_example_fsdp_config_shards_and_matches_one_p
     assert two == pytest.approx(one, abs=1e-5) and one[-1] != one[0]
     states = _processes(tmp_path / "two")
     assert [(s["fsdp"], s["world"]) for s in states.values()] == [(True, 2), (True, 2)]
+
+
+# DeepSpeed is not a dependency: run with an interpreter that has it (pip install deepspeed), e.g.
+# python -m pytest -m slow tests/test_sharding.py -k deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto", "sft"])
+def test_deepspeed_zero_two_processes_match_one_process_with_double_batch(tmp_path, stage, method):
+    pytest.importorskip("deepspeed")
+    _parity(tmp_path, method, f"--zero={stage}", engine="deepspeed")
