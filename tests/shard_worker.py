@@ -70,7 +70,8 @@ def main() -> None:
         # accelerate takes DeepSpeed only when not told use_cpu; on a machine without GPUs the gloo backend, named
         # here, then gives it the processes (DeepSpeed's CPU accelerator falls back to gloo without oneCCL)
         cpu = {"use_cpu": False, "ddp_backend": "gloo"}
-        extra["deepspeed"] = {"zero_optimization": {"stage": opts.zero}, "zero_allow_untested_optimizer": True,
+        zero = {"stage": opts.zero, "stage3_gather_16bit_weights_on_model_save": True}  # whole weights saved
+        extra["deepspeed"] = {"zero_optimization": zero, "zero_allow_untested_optimizer": True,
                               "train_micro_batch_size_per_gpu": "auto",  # no train_batch_size: DeepSpeed's own
                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     saving = {"save_strategy": "steps", "save_steps": opts.save_steps} if opts.save_steps else {"save_strategy": "no"}

@@ -241,20 +241,22 @@ def test_fsdp2_with_lora_and_tied_embeddings_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state", ["full", "sharded"])
-def test_fsdp2_checkpoints_resume_exactly_and_the_run_loads_with_from_pretrained(tmp_path, state):
+@pytest.mark.parametrize("engine", ["--fsdp=full", "--fsdp=sharded", "--zero=2", "--zero=3"])
+def test_checkpoints_resume_exactly_and_the_run_loads_with_from_pretrained(tmp_path, engine):
     from transformers import AutoModelForCausalLM
 
+    if engine.startswith("--zero"):
+        pytest.importorskip("deepspeed")
     home = tmp_path / "home"
     one = _run(tmp_path / "one", "orpo", 4, "--save-steps=2", home=home)
-    two = _run(tmp_path / "two", "orpo", 2, f"--fsdp={state}", "--save-steps=2", processes=2, home=home)
+    two = _run(tmp_path / "two", "orpo", 2, engine, "--save-steps=2", processes=2, home=home)
     assert two == pytest.approx(one, abs=1e-5)
     ckpt = tmp_path / "two" / "checkpoint-2"
     assert (ckpt / "trainer_state.json").exists()
-    if state == "sharded":
+    if engine == "--fsdp=sharded":
         assert any(p.name.startswith("pytorch_model_fsdp") for p in ckpt.iterdir())
     assert not list((tmp_path / "two").glob(".tmp-*"))
-    resumed = _run(tmp_path / "resumed", "orpo", 2, f"--fsdp={state}", f"--resume={ckpt}", processes=2, home=home)
+    resumed = _run(tmp_path / "resumed", "orpo", 2, engine, f"--resume={ckpt}", processes=2, home=home)
     assert resumed == pytest.approx(two, abs=1e-6)  # steps 1-2 from the checkpoint's history, 3-4 run again
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final")
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
