@@ -27,7 +27,7 @@ def main() -> None:
     else:
         trainer = ORPOTrainer(tiny_llama(tok, 1), args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
-    if method != "orpo":  # which processes computed the reference log-probs, and which read the cache
+    if method != "orpo":  # whether each process computed (its share of) the reference log-probs or read them
         with open(f"{out}/reference-{trainer.args.process_index}.json", "w") as f:
             json.dump(trainer.reference_cache["train"][0], f)
     if trainer.is_world_process_zero():

@@ -50,6 +50,8 @@ class CheckpointMixin:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_dir = None
+        # every process has written its part (RNG state; FSDP / ZeRO shards) before the main one renames the folder
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
         if main:
             final = os.path.join(root, name)
             shutil.rmtree(final, ignore_errors=True)

@@ -34,7 +34,8 @@ def model_fingerprint(model: torch.nn.Module, skip: str | None = None) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if skip and skip in name:
             continue
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach()
+        t = (t.to_local() if hasattr(t, "to_local") else t).to("cpu").contiguous()  # a DTensor: this process's shard
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
@@ -68,18 +69,56 @@ def batched_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], Any], pairs
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def load_or_compute(path: Path, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
-    """Cached log-probs if present, else computed and written atomically. Returns (values, was_cached)."""
-    if path.exists():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return (data["chosen"], data["rejected"]), True
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            pass
-    chosen, rejected = compute()
+def shared_pair_logps(logps_fn: Callable[[dict[str, torch.Tensor]], Any], pairs: Sequence[dict[str, Any]],
+                      collate: Callable[[list], dict[str, torch.Tensor]], batch_size: int, device: torch.device,
+                      rank: int, world: int, gather: Callable[[Any], list[Any]],
+                      progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batched_pair_logps`` over ``world`` processes: batch i (the same batches one process would run, so the same
+    numbers) is scored by process ``i % world``, and ``gather`` (all processes' values, in rank order) gives every
+    process every result. Every process runs the same number of forwards, since a sharded model's forward is a
+    collective call: one with fewer batches repeats its first one and drops the result."""
+    starts = list(range(0, len(pairs), batch_size))
+    mine = starts[rank::world]
+    rounds = -(-len(starts) // world)
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for i in range(rounds):
+            start = mine[i] if i < len(mine) else starts[0]
+            batch = {k: v.to(device) for k, v in collate(list(pairs[start:start + batch_size])).items()}
+            out = logps_fn(batch)
+            if i < len(mine):
+                results[start] = (out.chosen.float().cpu(), out.rejected.float().cpu())
+            if progress:  # the rows every process scored this round
+                progress(sum(min(batch_size, len(pairs) - s) for s in starts[i * world:(i + 1) * world]))
+    every = {start: values for part in gather(results) for start, values in part.items()}
+    return torch.cat([every[s][0] for s in starts]), torch.cat([every[s][1] for s in starts])
+
+
+def read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cached log-probs, or None where the file is missing or damaged (then recomputed, never trusted)."""
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return data["chosen"], data["rejected"]
+    except Exception:
+        return None
+
+
+def write_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Written atomically (a temporary file renamed), so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"chosen": chosen, "rejected": rejected}, tmp)
     os.replace(tmp, path)
+
+
+def load_or_compute(path: Path, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """Cached log-probs if present, else computed and written atomically. Returns (values, was_cached)."""
+    cached = read_cache(path)
+    if cached is not None:
+        return cached, True
+    chosen, rejected = compute()
+    write_cache(path, chosen, rejected)
     return (chosen, rejected), False

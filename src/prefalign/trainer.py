@@ -46,6 +46,7 @@ from .memory import activation_offload, selective_checkpointing
 from .models import load_model, load_tokenizer, unwrap
 from .ref_sync import SyncReference, check_pair
 from .router import Router, find_router, is_moe, load_balancing_loss, router_coefficient
+from .sharding import enable_fsdp_on_cpu, shard_reference
 from .speed.precision import autocast_dtype, cpu_bf16_hint, cpu_bf16_note
 
 logger = logging.getLogger("prefalign")
@@ -163,8 +164,16 @@ class _Trainer(CheckpointMixin, Trainer):
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if self.ref_model is not None:
+        if self.ref_model is not None and self.accelerator.is_fsdp2:
+            self.ref_model = shard_reference(self.ref_model, self.accelerator)  # 1/N per process, as the policy
+        elif self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; FSDP asked for on CPU processes is turned on (sharding.enable_fsdp_on_cpu)."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
 
     # ----- the speed boundary -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -205,9 +214,20 @@ class _Trainer(CheckpointMixin, Trainer):
         with self.fast():
             return super().predict(*args, **kwargs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's; under FSDP with sharded checkpoints the run directory still gets whole weights, so it
+        loads with ``from_pretrained`` as a one-process run's does (checkpoints keep FSDP's shards for resuming)."""
+        super().save_model(output_dir, _internal_call)
+        if (self.is_fsdp_enabled and not _internal_call
+                and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)):
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective: every process takes part
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
     def create_optimizer(self, model: Any = None) -> Any:
         optimizer = super().create_optimizer(model)
-        if self._speed is not None:
+        # FSDP2 / DeepSpeed swap the optimizer's parameters for their shards after this: no state made up front
+        if self._speed is not None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             self._speed.prepare_optimizer(optimizer)
         return optimizer
 
@@ -685,7 +705,16 @@ class DPOTrainer(_PreferenceTrainer):
                               "precompute_ref_log_probs=False (the reference is then kept for later eval sets).")
         from tqdm.auto import tqdm
 
-        from .reference import batched_pair_logps, cache_path, data_fingerprint, load_or_compute, model_fingerprint
+        from .reference import (
+            batched_pair_logps,
+            cache_path,
+            data_fingerprint,
+            model_fingerprint,
+            read_cache,
+            shared_pair_logps,
+            write_cache,
+        )
+        from .sharding import barrier, broadcast, gather, world
 
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         rows = dataset.select_columns(TOKENIZED_COLUMNS).to_list()
@@ -697,22 +726,36 @@ class DPOTrainer(_PreferenceTrainer):
         with self.accelerator.autocast():
             amp = autocast_dtype(self.accelerator.device)
         variant += f"-amp-{str(amp).removeprefix('torch.')}" if amp is not None else ""
-        path = cache_path(model_fingerprint(ref, skip="lora_"), data_fingerprint(rows) + variant)
+        rank, size = world()
+        # the main process's weights name the cache (under FSDP's cpu_ram_efficient_loading it alone holds them)
+        path = cache_path(broadcast(model_fingerprint(ref, skip="lora_") if rank == 0 else None),
+                          data_fingerprint(rows) + variant)
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-
-        def compute() -> tuple[Tensor, Tensor]:
+        whole = not any(p.device.type == "meta" for p in ref.parameters())
+        values = read_cache(path) if rank == 0 else None
+        cached = broadcast(values is not None)
+        if cached and rank != 0:
+            values = read_cache(path)
+        elif not cached:
             bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
                        disable=not self.is_world_process_zero())
             try:
                 with self.fast(), self.accelerator.autocast():
-                    return batched_pair_logps(self._weighted_reference, rows, self.data_collator, batch_size,
-                                              self.accelerator.device, bar.update)
+                    if size > 1 and all(gather(whole)):
+                        # every process scores its share of the batches; each gets all the numbers
+                        values = shared_pair_logps(self._weighted_reference, rows, self.data_collator, batch_size,
+                                                   self.accelerator.device, rank, size, gather, bar.update)
+                    elif rank == 0:  # only the main process holds the weights: it scores every batch
+                        values = batched_pair_logps(self._weighted_reference, rows, self.data_collator, batch_size,
+                                                    self.accelerator.device, bar.update)
             finally:
                 bar.close()
-
-        # Under several processes the main one computes and writes the cache first; the others then read it.
-        with self.accelerator.main_process_first():
-            (chosen, rejected), cached = load_or_compute(path, compute)
+            if rank == 0:
+                write_cache(path, *values)
+            barrier()
+            if values is None:
+                values = read_cache(path)
+        chosen, rejected = values
         self.reference_cache[name] = ("read" if cached else "computed", str(path))
         if cached:
             logger.info("%s: reference log-probs read from %s", name, path)

@@ -5,11 +5,18 @@ PEFT wrappers see the call) while a hook on the decoder captures the final hidde
 rows that predict a target (speed/head.py), under the autocast the model's forward ran under (accelerate enables
 it inside the forward only), as the model's own head would. Other architectures compute full logits and gather,
 with the same numbers at a higher cost.
+
+Under FSDP2 or DeepSpeed ZeRO-3 (speed/partition.py) the head's weight is whole only inside the head's own forward,
+so there the chunked head runs inside it: the model runs with every position kept, the head module's forward is
+swapped for one call to compute the target rows' log-probs from its input, and those come back as the model's
+"logits" (so the engine's backward hooks, attached to the forward's outputs, gather the weight again for backward).
+The tied-embedding gradient (speed/head.py) is left to the model's own embedding there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +26,11 @@ from torch import Tensor
 from ..models import unwrap
 from .head import HeadStats, TiedGrad, chunked_head_logps, gather_logps, tied_embeds
 from .layers import recompute_norm_outputs
+from .partition import sharded_by
 from .precision import autocast_dtype
+
+logger = logging.getLogger("prefalign")
+_TOLD: set[str] = set()  # engines whose head placement was logged (once per process)
 
 # Architectures whose causal-LM head is exactly ``lm_head(last_hidden_state)``: no logit scaling; soft-capping
 # (Gemma 2 / 3's ``final_logit_softcapping``) only where the config sets it, and then can_chunk says no.
@@ -78,6 +89,15 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
                 stats.observe(logits, targets)
             return gather_logps(logits, targets)
         inner = unwrap(model)
+        head = inner.get_output_embeddings()
+        engine = sharded_by(head)
+        if engine is not None:
+            if engine not in _TOLD:
+                _TOLD.add(engine)
+                logger.info("fast_path: %s shards the LM head, so the chunked head runs inside the head's forward "
+                            "(where %s gathers its weight); the tied-embedding gradient is the model's own", engine,
+                            engine)
+            return _logps_inside_head(model, head, kwargs, rows, src, targets, path, stats)
         captured: dict[str, Tensor] = {}
 
         def hook(_module: Any, _args: Any, output: Any) -> None:
@@ -85,7 +105,6 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
             amp = autocast_dtype(h.device)  # on inside the forward (accelerate wraps it): the head runs under it too
             captured["amp"] = torch.autocast(h.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
-        head = inner.get_output_embeddings()
         tied = TiedGrad()
         embeds = tied_embeds(inner.get_input_embeddings(), head, kwargs["input_ids"], has_targets=rows.numel() > 0,
                              tied=tied)
@@ -100,3 +119,33 @@ def target_logps(model: Any, model_inputs: dict[str, Any], rows: Tensor, src: Te
         with captured["amp"]:  # the head as the model's own forward would run it
             return chunked_head_logps(head, captured["h"][rows, src], targets, path.chunk_rows,
                                       tied=tied if embeds is not None else None, stats=stats)
+
+
+def _logps_inside_head(model: Any, head: Any, kwargs: dict[str, Any], rows: Tensor, src: Tensor, targets: Tensor,
+                       path: FastPath, stats: HeadStats | None) -> Tensor:
+    """The chunked head run inside ``head``'s own forward, where FSDP2 / ZeRO-3 have gathered its weight.
+
+    The head's forward is replaced on the instance for this one call (put back as soon as it runs, and in any case
+    after), and its result, the target log-probs, is what the model returns as ``logits``: the engine's hooks on the
+    forward's outputs then see the tensor backward starts from."""
+    own = head.__dict__.get("forward")  # an instance-level forward already there (kept as it was)
+
+    def restore() -> None:
+        if own is not None:
+            head.forward = own
+        else:
+            head.__dict__.pop("forward", None)
+
+    def forward(hidden: Tensor) -> Tensor:
+        restore()  # a module head run chunk by chunk below calls the real forward
+        return chunked_head_logps(head, hidden[rows, src], targets, path.chunk_rows, stats=stats)
+
+    head.forward = forward
+    try:
+        logps = model(**kwargs, logits_to_keep=0).logits
+    finally:
+        restore()
+    if logps.dim() != 1 or logps.shape[0] != targets.shape[0]:
+        raise RuntimeError(f"{type(unwrap(model)).__name__}'s forward did not return its LM head's output as logits "
+                           "(it changes them after the head); set fast_path: false for this model under FSDP/ZeRO-3")
+    return logps

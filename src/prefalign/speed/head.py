@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .partition import partitioned, sharded_by
 from .precision import matmul_dtype, outside_autocast
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits alive at once when chunk_rows is not given
@@ -180,10 +181,11 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buf: Tensor | N
 
 
 def materialised_linear(head: torch.nn.Module, hidden: Tensor) -> bool:
-    """A plain ``nn.Linear`` whose weight is materialised here (not a PEFT/quantised wrapper, not an FSDP/ZeRO-3
-    shard): only then may its weight be used outside its own forward."""
+    """A plain ``nn.Linear`` (or FSDP2's subclass of it) whose weight is whole here (not a PEFT/quantised wrapper, not
+    an FSDP/ZeRO-3 shard: speed/partition.py): only then may the fused head read its weight."""
     w = getattr(head, "weight", None)
-    return (type(head) is torch.nn.Linear and isinstance(w, Tensor) and w.dim() == 2
+    linear = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward  # FSDP2's subclass too
+    return (linear and isinstance(w, Tensor) and partitioned(w) is None and w.dim() == 2
             and w.shape[1] == hidden.shape[-1] and w.device == hidden.device)
 
 
@@ -258,7 +260,8 @@ def tied_embeds(embed: Any, head: Any, input_ids: Tensor, has_targets: bool, tie
     """Input embeddings through _SparseGradEmbedding when that gives the same result; else None (model embeds)."""
     weight = getattr(embed, "weight", None)
     if not (type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and weight is head.weight
-            and tuple(weight.shape) == (embed.num_embeddings, embed.embedding_dim)  # not an FSDP/ZeRO-3 shard
+            and sharded_by(embed) is None and sharded_by(head) is None  # its weight is read outside the forward
+            and tuple(weight.shape) == (embed.num_embeddings, embed.embedding_dim)
             and has_targets and weight.requires_grad and torch.is_grad_enabled()
             and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse):
         return None

@@ -8,7 +8,8 @@ from them: elementwise work only, no matmul is repeated. For SmolLM2-135M that i
 float rounding (tests/test_layers.py). A PEFT LoRA down projection (one plain adapter, no dropout) is covered too:
 one function computes its base output and its adapter's first factor from the product, which is again recomputed
 (the adapter would otherwise save it); any other wrapper, or an adapter that is disabled, merged or has dropout,
-runs its own forward.
+runs its own forward, as does a down projection whose weights a sharding engine gathers only inside its own forward
+(DeepSpeed ZeRO-3; speed/partition.py). Under FSDP2 the decoder layer is the unit gathered, so the lean MLP stays.
 
 A patched RMSNorm's output is also kept out of memory where it is saved by the layers it feeds (the q/k/v and
 gate/up projections save their input for the weight gradient): inside ``recompute_norm_outputs()`` such a saved
@@ -28,6 +29,7 @@ boundary (``prefalign.speed.enable``) patches, and its ``undo`` restores.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import types
 import weakref
@@ -37,7 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .partition import sharded_by
 from .precision import matmul_dtype, outside_autocast
+
+logger = logging.getLogger("prefalign")
+_TOLD: set[str] = set()  # engines whose fallback was logged (once per process)
 
 # RMSNorm classes whose forward is Llama's: weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)
 RMSNORM_CLASSES = frozenset({
@@ -241,6 +247,13 @@ def _rmsnorm_forward(self: Any, x: Tensor) -> Tensor:
 def _mlp_forward(self: Any, x: Tensor) -> Tensor:
     g, u = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
+    engine = next((e for m in down.modules() if (e := sharded_by(m)) is not None), None)
+    if engine is not None:  # its weights are gathered only in its own forward (ZeRO-3): the stock computation
+        if engine not in _TOLD:
+            _TOLD.add(engine)
+            logger.info("lean_activations: %s shards the MLP down projections, which then run their own forward "
+                        "(the lean RMSNorms stay)", engine)
+        return down(self.act_fn(g) * u)
     if _bias_free_linear(down):
         return _SwiGLUDown.apply(g, u, down.weight, matmul_dtype(g, down.weight))
     base_weight = down.base_layer.weight
