@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -151,6 +152,7 @@ FAMILY = {
     "GPTNeoXForCausalLM": (None, None),
     "DeepseekV3ForCausalLM": (None, "deepseekv3"),
     "Glm4MoeForCausalLM": (None, "glm4moe"),
+    "T5ForConditionalGeneration": (None, None),
 }
 VARIANT_TEMPLATE = {
     ("Lfm2ForCausalLM", "2.5"): "lfm2_2_5",
@@ -180,6 +182,12 @@ SMALL = dict(
     n_group=1,
     topk_group=1,
     rotary_dim=8,
+    d_model=32,
+    d_ff=64,
+    d_kv=8,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
 )
 
 
@@ -226,7 +234,7 @@ def _generic_model(cls_name: str, tok):
     import torch
     import transformers
 
-    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, cls_name).config_class
     defaults = config_cls().to_dict()
     cfg = {k: v for k, v in SMALL.items() if k in defaults}
     cfg.update(
@@ -236,6 +244,8 @@ def _generic_model(cls_name: str, tok):
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
+    if "decoder_start_token_id" in defaults:  # encoder-decoder (T5): the decoder starts from the pad token
+        cfg["decoder_start_token_id"] = tok.pad_token_id
     if "layer_types" in defaults and defaults["layer_types"]:
         cfg["layer_types"] = defaults["layer_types"][:2]
     torch.manual_seed(0)
@@ -262,7 +272,7 @@ def build_model(model: ModelId, hub_cache: Path) -> str | None:
     """Write the stand-in of ``model`` into the hub cache; the reason it has none, or None when built."""
     plan = standin_plan(model)
     if plan is None:
-        return f"no stand-in for {model.cls_name} (not a causal LM family prefalign's harness builds)"
+        return f"no stand-in for {model.cls_name} (a family the harness does not build: vision-language and others)"
     family, template = plan
     out = snapshot_dir(hub_cache, model.hub_id)
     if (out / "config.json").is_file():
@@ -518,6 +528,23 @@ def install(manifest_path: str) -> None:
     for missing in _MANIFEST.get("stub_availability", []):
         if not hasattr(iu, missing):
             setattr(iu, missing, lambda: False)
+    import importlib
+
+    for module_name, names in _MANIFEST.get("missing_trl_names", {}).items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if not hasattr(module, name):
+                setattr(module, name, _Missing(f"{module_name}.{name}"))
+
+
+class _Missing:
+    """Stands for a name the test file imports from TRL that the installed TRL lacks; tests using it are skipped."""
+
+    def __init__(self, qualname: str) -> None:
+        self.qualname = qualname
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.qualname} is not in the installed TRL")
 
 
 def unmapped(ids: set[str]) -> list[str]:
@@ -532,6 +559,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     import pytest
 
     cache: dict[Any, set[str]] = {}
+    cache_src: dict[Any, str] = {}
     for item in items:
         fn = getattr(item, "function", None)
         if fn is None:
@@ -551,6 +579,22 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         missing = unmapped(ids)
         if missing:
             item.add_marker(pytest.mark.skip(reason=f"no local stand-in for {missing[0]}"))
+            continue
+        names = {n for ns in _MANIFEST.get("missing_trl_names", {}).values() for n in ns}
+        used = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", _source(fn, cache_src)))
+        if used:
+            item.add_marker(pytest.mark.skip(reason=f"uses {used[0]}, which the installed TRL does not have"))
+
+
+def _source(fn: Any, cache: dict[Any, str]) -> str:
+    import inspect
+
+    if fn not in cache:
+        try:
+            cache[fn] = inspect.getsource(fn)
+        except (OSError, TypeError):
+            cache[fn] = ""
+    return cache[fn]
 
 
 CONFTEST = '''"""Written by prefalign's scripts/trl_tests_check.py: local stand-ins for the hub, nothing else."""
@@ -618,6 +662,30 @@ def prepare_copy(tests_src: Path, dest: Path, files: list[str], prefalign: bool,
     (dest / "pytest.ini").write_text(PYTEST_INI)
 
 
+def missing_trl_names(tests_src: Path, files: list[str]) -> dict[str, list[str]]:
+    """Names the chosen test files import at module level from ``trl.*`` that this TRL lacks (the tests come from a
+    newer or older TRL than the one installed): module → names. The harness stubs them and skips the tests that use
+    them, so one missing helper does not stop a whole file from being collected."""
+    import importlib
+
+    out: dict[str, list[str]] = {}
+    for f in files:
+        path = tests_src / FILES[f]
+        if not path.is_file():
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("trl")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                continue
+            missing = [a.name for a in node.names if not hasattr(module, a.name)]
+            if missing:
+                out.setdefault(node.module, []).extend(sorted(set(missing) - set(out.get(node.module, []))))
+    return out
+
+
 def missing_availability(tests_src: Path) -> list[str]:
     """``is_*_available`` names the helpers import from ``trl.import_utils`` that this TRL does not have."""
     import trl.import_utils as iu
@@ -683,7 +751,6 @@ def run_file(copy: Path, rel: str, env: dict[str, str], k: str | None, junit: Pa
         "pytest",
         "-p",
         "no:cacheprovider",
-        "-q",
         "-m",
         "not slow",
         "-rN",
@@ -695,10 +762,12 @@ def run_file(copy: Path, rel: str, env: dict[str, str], k: str | None, junit: Pa
     if k:
         cmd += ["-k", k]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    log = junit.with_suffix(".log")  # pytest's own lines, one per test (-v), to follow a long run
+    with log.open("w") as out:
+        subprocess.run(cmd + ["-v"], cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     run = FileRun(parse_junit(junit), time.perf_counter() - start)
     if not run.outcomes:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         run.note = one_line(" | ".join(tail), 300)
     return run
 
@@ -710,6 +779,7 @@ def main() -> int:
     p.add_argument("-k", default=None, help="pytest -k expression, passed on")
     p.add_argument("--modes", default="trl,prefalign", help="trl (baseline), prefalign, or both (default)")
     p.add_argument("--json", type=Path, help="write the per-test outcomes and counts here")
+    p.add_argument("--jobs", type=int, default=1, help="pytest processes at once (each with one torch thread)")
     p.add_argument("--keep", type=Path, help="work directory to keep and reuse (stand-ins are built once)")
     args = p.parse_args()
     files = [f.strip() for f in args.files.split(",") if f.strip()]
@@ -755,7 +825,15 @@ def main() -> int:
     data = build_datasets(work / "datasets")
     manifest = work / "manifest.json"
     manifest.write_text(
-        json.dumps({"models": models, "datasets": data, "stub_availability": missing_availability(src)}, indent=1)
+        json.dumps(
+            {
+                "models": models,
+                "datasets": data,
+                "stub_availability": missing_availability(src),
+                "missing_trl_names": missing_trl_names(src, files),
+            },
+            indent=1,
+        )
     )
     print(
         f"stand-ins: {len(models)} models, {len(data)} datasets in {time.perf_counter() - start:.0f} s; "
@@ -784,16 +862,23 @@ def main() -> int:
         if copy.exists():
             shutil.rmtree(copy)
         prepare_copy(src, copy, files, mode == "prefalign", script, manifest)
-        for f in files:
-            if FILES[f] in missing_files:
-                continue
-            run = run_file(copy, FILES[f], env, args.k, work / f"junit-{mode}-{f}.xml")
+    if args.jobs > 1:  # pytest processes side by side, one torch thread each
+        env.setdefault("OMP_NUM_THREADS", "1")
+    jobs = [(m, f) for f in files for m in modes if FILES[f] not in missing_files]
+
+    def one(job: tuple[str, str]) -> tuple[str, str, FileRun]:
+        mode, f = job
+        run = run_file(work / mode, FILES[f], env, args.k, work / f"junit-{mode}-{f}.xml")
+        print(
+            f"{mode:9s} {f:4s} passed {run.count('passed'):3d} failed {run.count('failed'):3d} "
+            f"skipped {run.count('skipped'):3d} ({run.seconds:.0f} s){'  ' + run.note if run.note else ''}",
+            flush=True,
+        )
+        return mode, f, run
+
+    with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        for mode, f, run in pool.map(one, jobs):
             results[mode][f] = run
-            print(
-                f"{mode:9s} {f:4s} passed {run.count('passed'):3d} failed {run.count('failed'):3d} "
-                f"skipped {run.count('skipped'):3d} ({run.seconds:.0f} s){'  ' + run.note if run.note else ''}",
-                flush=True,
-            )
     report(results, files, trl.__version__, args.json, missing_files)
     tmp.cleanup()
     return 0

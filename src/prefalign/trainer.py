@@ -154,8 +154,8 @@ class _Trainer(CheckpointMixin, Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        if hasattr(self.model, "add_model_tags"):  # the model card's tags (TRL: "trl" and the method)
-            self.model.add_model_tags(["prefalign", self.method])
+        if hasattr(self.model, "add_model_tags"):  # the model card's tags: TRL's ("trl", the method) and ours
+            self.model.add_model_tags(["trl", self.method, "prefalign"])
         # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
@@ -331,6 +331,8 @@ class _Trainer(CheckpointMixin, Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """The Trainer's step, then a check that the loss and every gradient are finite (see on_nonfinite)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.on_nonfinite == "ignore":  # TRL's behaviour: no check
+            return loss
         what = nonfinite_part(loss, model)
         if what is None:
             return loss
@@ -652,8 +654,10 @@ class DPOTrainer(_PreferenceTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """With precomputed reference log-probs, the reference is freed as training starts: every number it can give
         the datasets passed so far is cached. Until then (as TRL) evaluate() takes new eval sets, the reference being
-        ``ref_model`` or the untrained policy. Without PEFT the policy was the reference, so no copy was ever made."""
-        if self.args.precompute_ref_log_probs and not self._reference_released and (
+        ``ref_model`` or the untrained policy. Without PEFT the policy was the reference, so no copy was ever made.
+        A ``ref_model`` passed as a model object is the caller's and stays (``trainer.ref_model``, as TRL), so eval
+        sets passed after training still get their reference log-probs from it."""
+        if self.args.precompute_ref_log_probs and not self._reference_released and not self._user_reference and (
                 self.ref_model is not None or not _is_peft(self.accelerator.unwrap_model(self.model))):
             self.ref_model = None
             self._reference_released = True
@@ -668,8 +672,9 @@ class DPOTrainer(_PreferenceTrainer):
         if dataset is None or "ref_chosen_logps" in dataset.column_names:
             return dataset
         if self._reference_released:
-            raise ConfigError(f"cannot compute reference log-probs for the {name} dataset: the reference model was "
-                              "freed when training started (precompute_ref_log_probs). Fix: pass it as eval_dataset "
+            raise ConfigError(f"Cannot compute reference log-probs for a dataset passed to evaluate() after training "
+                              f"started (the {name} dataset): the reference model was freed when training started "
+                              "(precompute_ref_log_probs). Fix: pass it as eval_dataset "
                               "when building the trainer, evaluate it before train(), or set "
                               "precompute_ref_log_probs=False (the reference is then kept for later eval sets).")
         from tqdm.auto import tqdm
@@ -716,6 +721,7 @@ class DPOTrainer(_PreferenceTrainer):
             raise ConfigError("sync_ref_model cannot be used with PEFT: the reference is the policy with its adapter "
                               "disabled, so there is no separate reference to update. Fix: drop sync_ref_model or "
                               "train without LoRA.")
+        self._user_reference = ref_model is not None and not isinstance(ref_model, str)  # the caller's model
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, **_init_kwargs(args))
         if getattr(args, "sync_ref_model", False) and ref_model is not None:
