@@ -110,3 +110,46 @@ def test_on_nonfinite_ignore_steps_on_as_trl(tok, tmp_path, policy):
     assert not all(torch.isfinite(p).all() for p in tr.model.parameters())
     with pytest.raises(ConfigError, match="must be 'stop', 'skip' or 'ignore'"):
         DPOConfig(output_dir=str(tmp_path), on_nonfinite="go")
+
+
+def test_sft_labels_column_as_trls(tok, tmp_path):
+    """SFT's prepared ``labels`` column is TRL's: the tokens where the loss is (the first one included, as TRL keeps
+    it), -100 elsewhere; a pre-tokenized row's own labels are taken as they are."""
+    import datasets
+
+    pretokenized = datasets.Dataset.from_list(
+        [
+            {"input_ids": [1, 2, 3, 4], "labels": [1, -100, 3, -100], "assistant_masks": [1, 1, 1, 1]},
+            {"input_ids": [5, 6], "labels": [-100, 6], "assistant_masks": [1, 1]},
+        ]
+    )
+    tr = SFTTrainer(
+        tiny_llama(tok, 1),
+        args=SFTConfig(output_dir=str(tmp_path), **COMMON),
+        train_dataset=pretokenized,
+        processing_class=tok,
+    )
+    assert tr.train_dataset["labels"] == [[1, -100, 3, -100], [-100, 6]]
+    assert tr.train_dataset["loss_mask"] == [[0, 0, 1, 0], [0, 1]]  # nothing predicts a first token
+    text = SFTTrainer(
+        tiny_llama(tok, 1),
+        args=SFTConfig(output_dir=str(tmp_path), **COMMON),
+        train_dataset=[{"text": "Simple is better than complex."}],
+        processing_class=tok,
+    )
+    assert text.train_dataset["labels"][0] == text.train_dataset["input_ids"][0]
+
+
+@pytest.mark.parametrize("cls,config", [(SFTTrainer, SFTConfig), (DPOTrainer, DPOConfig)])
+def test_with_transform_refused(tok, tmp_path, cls, config):
+    """A Dataset.with_transform() function would run once here, not at every access: refused in TRL's words."""
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows(2)).with_transform(lambda batch: batch)
+    with pytest.raises(ConfigError, match=r"Dataset\.with_transform\(\).*skip_prepare_dataset.*trainer-ready"):
+        cls(
+            tiny_llama(tok, 1),
+            args=config(output_dir=str(tmp_path), **COMMON),
+            train_dataset=dataset,
+            processing_class=tok,
+        )

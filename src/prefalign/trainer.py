@@ -230,6 +230,7 @@ class _Trainer(CheckpointMixin, Trainer):
         """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
+        refuse_transform(dataset, name)
         if isinstance(dataset, datasets.IterableDataset):
             return self._prepare_stream(dataset, name, args)
         # prepared here before (its source rows numbered); a user's pre-tokenized rows are validated and truncated
@@ -508,6 +509,16 @@ def nonfinite_part(loss: Tensor, model: torch.nn.Module) -> str | None:
     if not named or torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named])):
         return None
     return next((f"gradient of {n}" for n, g in named if not torch.isfinite(g).all()), None)
+
+
+def refuse_transform(dataset: Any, name: str) -> None:
+    """A ``Dataset.with_transform()`` function runs at every access, but rows are prepared once here: refused (as
+    TRL 1.16 does, with words its users know) rather than applied once and silently frozen."""
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
+        raise ConfigError(f"the {name} dataset has a Dataset.with_transform() transform, which runs at every access; "
+                          "prefalign prepares rows once (with or without dataset_kwargs' skip_prepare_dataset), so it "
+                          "would run only once. Fix: apply it with Dataset.map() first and pass the result, or pass "
+                          "trainer-ready rows (input_ids, labels) without a transform.")
 
 
 def _is_stream(dataset: Any) -> bool:
