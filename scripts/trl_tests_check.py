@@ -244,7 +244,7 @@ def _generic_model(cls_name: str, tok):
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
-    if "decoder_start_token_id" in defaults:  # encoder-decoder (T5): the decoder starts from the pad token
+    if defaults.get("is_encoder_decoder"):  # T5: the decoder starts from the pad token
         cfg["decoder_start_token_id"] = tok.pad_token_id
     if "layer_types" in defaults and defaults["layer_types"]:
         cfg["layer_types"] = defaults["layer_types"][:2]
@@ -781,6 +781,15 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the per-test outcomes and counts here")
     p.add_argument("--jobs", type=int, default=1, help="pytest processes at once (each with one torch thread)")
     p.add_argument("--keep", type=Path, help="work directory to keep and reuse (stand-ins are built once)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="earlier --json outputs whose (mode, file) runs fill in what this run does not run (e.g. "
+        "the TRL baseline, which changes only with TRL)",
+    )
     args = p.parse_args()
     files = [f.strip() for f in args.files.split(",") if f.strip()]
     bad = [f for f in files if f not in FILES]
@@ -879,9 +888,24 @@ def main() -> int:
     with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:
         for mode, f, run in pool.map(one, jobs):
             results[mode][f] = run
+    for mode, runs in load_runs(args.reuse).items():
+        for f, run in runs.items():
+            if f in files:
+                results.setdefault(mode, {}).setdefault(f, run)
     report(results, files, trl.__version__, args.json, missing_files)
     tmp.cleanup()
     return 0
+
+
+def load_runs(paths: list[Path]) -> dict[str, dict[str, FileRun]]:
+    """(mode → file → FileRun) from earlier --json outputs, later files winning."""
+    out: dict[str, dict[str, FileRun]] = {}
+    for path in paths:
+        for mode, runs in json.loads(path.read_text())["runs"].items():
+            for f, r in runs.items():
+                tests = {t: Outcome(**o) for t, o in r["tests"].items()}
+                out.setdefault(mode, {})[f] = FileRun(tests, r["seconds"], r.get("note", ""))
+    return out
 
 
 def report(
@@ -891,7 +915,7 @@ def report(
     json_path: Path | None,
     missing_files: list[str],
 ) -> None:
-    modes = list(results)
+    modes = sorted(results, key=lambda m: m != "trl")  # the baseline first
     print(f"\nTRL {trl_version} tests at the given source; per file, passed / failed / skipped:\n")
     print("| file | " + " | ".join(f"{m} passed | failed | skipped | s" for m in modes) + " |")
     print("|---|" + "---|---|---|---|" * len(modes))

@@ -195,3 +195,18 @@ def test_junit_outcomes_and_copy(check, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no testing_utils.py"):
         check.extract_tests(tmp_path / "empty", tmp_path / "nowhere")
+
+
+def test_report_regressions_and_reuse(check, tmp_path, capsys):
+    """The report lists tests passing under TRL and not under prefalign; its JSON feeds a later run (--reuse)."""
+    Out, R = check.Outcome, check.FileRun
+    base = {"dpo": R({"t::a": Out("passed"), "t::b": Out("passed"), "t::c": Out("failed", "drift")}, 3.0)}
+    ours = {"dpo": R({"t::a": Out("passed"), "t::b": Out("failed", "TypeError: x"), "t::c": Out("failed", "y")}, 2.0)}
+    out = tmp_path / "run.json"
+    check.report({"prefalign": ours, "trl": base}, ["dpo"], "1.16.0", out, [])
+    text = capsys.readouterr().out
+    assert "| dpo | 2 | 1 | 0 | 3 | 1 | 2 | 0 | 2 |" in text
+    assert "1 tests pass under TRL and not under prefalign; 3 ran" in text and "t::b: TypeError: x" in text
+    again = check.load_runs([out])
+    assert again["trl"]["dpo"].outcomes["t::c"].reason == "drift"
+    assert again["prefalign"]["dpo"].count("failed") == 2
