@@ -839,7 +839,7 @@ def main() -> int:
                 "models": models,
                 "datasets": data,
                 "stub_availability": missing_availability(src),
-                "missing_trl_names": missing_trl_names(src, files),
+                "missing_trl_names": missing_trl_names(src, list(FILES)),
             },
             indent=1,
         )
