@@ -153,3 +153,26 @@ def test_with_transform_refused(tok, tmp_path, cls, config):
             train_dataset=dataset,
             processing_class=tok,
         )
+
+
+def test_encoder_decoder_refused_at_construction(tok, tmp_path):
+    """TRL's experimental ORPO / CPO take T5; prefalign trains causal LMs only and says so before anything runs."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from prefalign import ORPOConfig, ORPOTrainer
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=16,
+            d_ff=32,
+            d_kv=4,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    )
+    with pytest.raises(ConfigError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        ORPOTrainer(
+            t5, args=ORPOConfig(output_dir=str(tmp_path), **COMMON), train_dataset=rows(2), processing_class=tok
+        )

@@ -115,6 +115,10 @@ class _Trainer(CheckpointMixin, Trainer):
                               "omit ref_model (the untrained policy is then the reference), or pass another copy.")
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError(f"{type(model).__name__} is an encoder-decoder model; prefalign trains decoder-only "
+                              "(causal LM) models, whose log-probs its fast path and prefix sharing compute. Fix: use "
+                              "a causal LM, or TRL's experimental ORPO / CPO trainers for encoder-decoder models.")
         if processing_class is None:
             processing_class = load_tokenizer(model.name_or_path or model_name,
                                               **({"trust_remote_code": True} if args.trust_remote_code else {}))
