@@ -777,7 +777,11 @@ def main() -> int:
     p.add_argument("--trl-src", type=Path, required=True, help="TRL git directory, checkout or tests folder")
     p.add_argument("--files", default="dpo,kto,sft,orpo,cpo", help="comma-separated subset of " + ",".join(FILES))
     p.add_argument("-k", default=None, help="pytest -k expression, passed on")
-    p.add_argument("--modes", default="trl,prefalign", help="trl (baseline), prefalign, or both (default)")
+    p.add_argument(
+        "--modes",
+        default="trl,prefalign",
+        help="trl (baseline), prefalign, both (default), or none (only report the --reuse runs)",
+    )
     p.add_argument("--json", type=Path, help="write the per-test outcomes and counts here")
     p.add_argument("--jobs", type=int, default=1, help="pytest processes at once (each with one torch thread)")
     p.add_argument("--keep", type=Path, help="work directory to keep and reuse (stand-ins are built once)")
@@ -793,13 +797,18 @@ def main() -> int:
     args = p.parse_args()
     files = [f.strip() for f in args.files.split(",") if f.strip()]
     bad = [f for f in files if f not in FILES]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if bad or not files or any(m not in ("trl", "prefalign") for m in modes):
+    modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "none"]
+    if bad or not files or any(m not in ("trl", "prefalign") for m in modes) or not (modes or args.reuse):
         print(
             f"error: --files takes {','.join(FILES)} and --modes trl,prefalign (got {args.files!r}, {args.modes!r})",
             file=sys.stderr,
         )
         return 2
+    if not modes:  # --modes none: only the report of the --reuse runs
+        import trl
+
+        report(load_runs(args.reuse), files, trl.__version__, args.json, [])
+        return 0
     tmp = tempfile.TemporaryDirectory(prefix="trl-tests-")
     work = args.keep.resolve() if args.keep else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -898,13 +907,27 @@ def main() -> int:
 
 
 def load_runs(paths: list[Path]) -> dict[str, dict[str, FileRun]]:
-    """(mode → file → FileRun) from earlier --json outputs, later files winning."""
+    """(mode → file → FileRun) from earlier --json outputs or ``junit-<mode>-<file>.xml`` files of a work directory,
+    merged test by test (a later one wins for a test both have), so a file's run may be put together from parts
+    (e.g. a -k rerun)."""
     out: dict[str, dict[str, FileRun]] = {}
+
+    def merge(mode: str, f: str, run: FileRun) -> None:
+        have = out.setdefault(mode, {}).setdefault(f, FileRun())
+        have.outcomes.update(run.outcomes)
+        have.seconds += run.seconds
+        have.note = run.note or have.note
+
     for path in paths:
+        if path.suffix == ".xml":
+            _, mode, f = path.stem.split("-", 2)
+            merge(mode, f, FileRun(parse_junit(path), 0.0))
+            continue
         for mode, runs in json.loads(path.read_text())["runs"].items():
             for f, r in runs.items():
-                tests = {t: Outcome(**o) for t, o in r["tests"].items()}
-                out.setdefault(mode, {})[f] = FileRun(tests, r["seconds"], r.get("note", ""))
+                merge(
+                    mode, f, FileRun({t: Outcome(**o) for t, o in r["tests"].items()}, r["seconds"], r.get("note", ""))
+                )
     return out
 
 

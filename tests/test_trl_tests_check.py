@@ -210,3 +210,8 @@ def test_report_regressions_and_reuse(check, tmp_path, capsys):
     again = check.load_runs([out])
     assert again["trl"]["dpo"].outcomes["t::c"].reason == "drift"
     assert again["prefalign"]["dpo"].count("failed") == 2
+    # a later part (a -k rerun, as JSON or as a junit file) replaces only the tests it ran
+    junit = tmp_path / "junit-prefalign-dpo.xml"
+    junit.write_text('<testsuite><testcase classname="t" name="b" time="1"/></testsuite>')
+    merged = check.load_runs([out, junit])["prefalign"]["dpo"]
+    assert (merged.count("passed"), merged.count("failed")) == (2, 1)
