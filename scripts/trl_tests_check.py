@@ -3,7 +3,8 @@ classes under test, hub models and datasets replaced by local stand-ins of the s
 (the baseline) and once with prefalign's. The check of issue 27, item 6.
 
     PYTHONPATH=src python scripts/trl_tests_check.py --trl-src /work/.mirror/huggingface+trl/repo \\
-        [--files dpo,kto,sft,orpo,cpo] [-k EXPR] [--modes trl,prefalign] [--json out.json] [--keep DIR]
+        [--files dpo,kto,sft,orpo,cpo] [-k EXPR] [--modes trl,prefalign|none] [--jobs N] [--json out.json] \\
+        [--keep DIR] [--reuse earlier.json junit-trl-dpo.xml ...]
 
 ``--trl-src`` is a TRL git directory (bare or not: the tests are taken from HEAD with ``git archive``), a checkout
 (its ``tests/``) or a ``tests`` folder. Nothing of TRL is kept in this repository: the files are read at run time.
@@ -13,15 +14,18 @@ What the harness adds around the copied files, and nothing else:
 - a ``conftest.py`` above TRL's ``tests/`` that points ``datasets.load_dataset`` at local stand-ins of the hub
   datasets the tests name (``trl-internal-testing/zen`` in every configuration, ``toolcall``, ``harmony``), serves
   the ``trl-internal-testing/tiny-*ForCausalLM*`` models from a local Hugging Face cache (offline), skips a test that
-  needs a hub id with no stand-in (vision models, seq2seq models, gated models), gives ``lazy_shared_datadir``
-  (pytest-datadir) and stubs ``trl.import_utils.is_*_available`` names this TRL lacks (``False``);
+  needs a hub id with no stand-in (vision-language models, NemotronH, gated models), gives ``lazy_shared_datadir``
+  (pytest-datadir), stubs ``trl.import_utils.is_*_available`` names this TRL lacks (``False``) and the other names
+  the test files import from ``trl`` that it lacks (the tests using them are skipped in both runs);
 - the import rewrite: ``from trl import DPOConfig, DPOTrainer`` (and KTO, SFT, ``trl.experimental.orpo`` / ``cpo``)
   becomes ``from prefalign import ...`` in the prefalign copy; every other import stays TRL's.
 
 The model stand-ins are 2-layer random models built from configs of the same family (``tests/tiny.py``), over the
 embedded SmolLM2 tokenizer with the family's own chat template (TRL ships them in ``trl/chat_templates``) and the
 template's special tokens added. Tests run as TRL's CI runs them on a CPU: ``-m "not slow"``, TRL's own skip
-markers (accelerator, vllm, liger, bitsandbytes) as they are.
+markers (accelerator, vllm, liger, bitsandbytes) as they are. ``--jobs 2`` runs two pytest processes at once;
+``--reuse`` puts earlier runs (their ``--json``, or a work directory's ``junit-<mode>-<file>.xml``) into the report,
+so the slow TRL baseline need not be rerun when only prefalign changed.
 """
 
 from __future__ import annotations
@@ -78,7 +82,6 @@ HUB_ID = re.compile(
     r"""["']((?:trl-internal-testing|google|Qwen|stanfordnlp|kernels-community|HuggingFaceTB|"""
     r"""meta-llama)/[A-Za-z0-9_.-]+)["']"""
 )
-DATASETS = {"trl-internal-testing/zen", "trl-internal-testing/toolcall", "trl-internal-testing/harmony"}
 
 
 # ----- the import rewrite ---------------------------------------------------------------------------------------------
