@@ -917,8 +917,9 @@ def load_runs(paths: list[Path]) -> dict[str, dict[str, FileRun]]:
 
     def merge(mode: str, f: str, run: FileRun) -> None:
         have = out.setdefault(mode, {}).setdefault(f, FileRun())
+        whole = set(run.outcomes) >= set(have.outcomes)  # a rerun of the whole file replaces its time too
         have.outcomes.update(run.outcomes)
-        have.seconds += run.seconds
+        have.seconds = run.seconds if whole else have.seconds + run.seconds
         have.note = run.note or have.note
 
     for path in paths:
