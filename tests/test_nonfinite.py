@@ -75,7 +75,7 @@ def test_skip_drops_the_bad_step_and_goes_on(tmp_path):
 
 def test_on_nonfinite_value_is_checked():
     with pytest.raises(ConfigError, match="on_nonfinite"):
-        DPOConfig(output_dir="unused", on_nonfinite="ignore", report_to=[])
+        DPOConfig(output_dir="unused", on_nonfinite="continue", report_to=[])
 
 
 def test_inf_gradient_with_a_finite_loss_is_caught_and_named(tmp_path):

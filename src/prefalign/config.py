@@ -143,7 +143,9 @@ class TrainConfig(TrainingArguments):
         default="stop",
         metadata={"help": "What a NaN or inf loss or gradient does: 'stop' ends training with an error naming the "
                           "step (checkpoints already written are kept; none is written after it), 'skip' drops that "
-                          "optimizer step's gradients, counts it, and goes on.", "choices": ["stop", "skip"]})
+                          "optimizer step's gradients, counts it, and goes on; 'ignore' checks nothing and steps "
+                          "on them (TRL's behaviour: the weights may become NaN).",
+                  "choices": ["stop", "skip", "ignore"]})
     fast_path: bool = field(
         default=True,
         metadata={"help": "The speed boundary (prefalign/speed): fused, chunked LM head on reply positions only, lean "
@@ -201,7 +203,8 @@ class TrainConfig(TrainingArguments):
                self.logprob_chunk_rows, "must be >= 1")
         _check(self.release_cpu_memory_every >= 0, "release_cpu_memory_every", self.release_cpu_memory_every,
                "must be >= 0 (0 = never)")
-        _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite, "must be 'stop' or 'skip'")
+        _check(self.on_nonfinite in ("stop", "skip", "ignore"), "on_nonfinite", self.on_nonfinite,
+               "must be 'stop', 'skip' or 'ignore'")
         _check(self.on_invalid_row in ("error", "skip"), "on_invalid_row", self.on_invalid_row,
                "must be 'error' or 'skip'")
         _check(self.text_format in ("auto", "raw"), "text_format", self.text_format, "must be 'auto' or 'raw'")

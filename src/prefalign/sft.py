@@ -26,7 +26,7 @@ from .models import unwrap
 from .router import load_balancing_loss
 from .speed.attention import takes_segments
 from .speed.head import HeadStats
-from .trainer import _Trainer, logger
+from .trainer import _Trainer, logger, refuse_transform
 
 
 class SFTTrainer(_Trainer):
@@ -63,6 +63,8 @@ class SFTTrainer(_Trainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
     def _prepare_dataset(self, dataset: Any, name: str, args: TrainConfig) -> datasets.Dataset | None:
+        if dataset is not None:
+            refuse_transform(dataset, name)
         if dataset is not None and not (isinstance(dataset, datasets.Dataset)
                                         and {*self.tokenized_columns, ROW_COLUMN} <= set(dataset.column_names)):
             if getattr(args, "skip_prepare_dataset", False) and isinstance(dataset, datasets.IterableDataset):

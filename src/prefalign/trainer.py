@@ -119,6 +119,10 @@ class _Trainer(CheckpointMixin, Trainer):
                               "omit ref_model (the untrained policy is then the reference), or pass another copy.")
         if model is None or isinstance(model, str):
             model = load_model(model, **_init_kwargs(args))
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError(f"{type(model).__name__} is an encoder-decoder model; prefalign trains decoder-only "
+                              "(causal LM) models, whose log-probs its fast path and prefix sharing compute. Fix: use "
+                              "a causal LM, or TRL's experimental ORPO / CPO trainers for encoder-decoder models.")
         if processing_class is None:
             processing_class = load_tokenizer(model.name_or_path or model_name,
                                               **({"trust_remote_code": True} if args.trust_remote_code else {}))
@@ -158,8 +162,8 @@ class _Trainer(CheckpointMixin, Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        if hasattr(self.model, "add_model_tags"):  # the model card's tags (TRL: "trl" and the method)
-            self.model.add_model_tags(["prefalign", self.method])
+        if hasattr(self.model, "add_model_tags"):  # the model card's tags: TRL's ("trl", the method) and ours
+            self.model.add_model_tags(["trl", self.method, "prefalign"])
         # We compute our own loss. Without num_items_in_batch the Trainer scales it for gradient accumulation.
         self.model_accepts_loss_kwargs = self.uses_num_items_in_batch
         self.nonfinite_skipped: list[int] = []  # optimizer steps whose gradients were dropped (on_nonfinite='skip')
@@ -253,6 +257,7 @@ class _Trainer(CheckpointMixin, Trainer):
         """Tokenize rows (validated once: see data.load.validated_rows); tokenized datasets pass."""
         if dataset is None:
             return None
+        refuse_transform(dataset, name)
         if isinstance(dataset, datasets.IterableDataset):
             return self._prepare_stream(dataset, name, args)
         # prepared here before (its source rows numbered); a user's pre-tokenized rows are validated and truncated
@@ -354,6 +359,8 @@ class _Trainer(CheckpointMixin, Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """The Trainer's step, then a check that the loss and every gradient are finite (see on_nonfinite)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.on_nonfinite == "ignore":  # TRL's behaviour: no check
+            return loss
         what = nonfinite_part(loss, model)
         if what is None:
             return loss
@@ -531,6 +538,16 @@ def nonfinite_part(loss: Tensor, model: torch.nn.Module) -> str | None:
     return next((f"gradient of {n}" for n, g in named if not torch.isfinite(g).all()), None)
 
 
+def refuse_transform(dataset: Any, name: str) -> None:
+    """A ``Dataset.with_transform()`` function runs at every access, but rows are prepared once here: refused (as
+    TRL 1.16 does, with words its users know) rather than applied once and silently frozen."""
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
+        raise ConfigError(f"the {name} dataset has a Dataset.with_transform() transform, which runs at every access; "
+                          "prefalign prepares rows once (with or without dataset_kwargs' skip_prepare_dataset), so it "
+                          "would run only once. Fix: apply it with Dataset.map() first and pass the result, or pass "
+                          "trainer-ready rows (input_ids, labels) without a transform.")
+
+
 def _is_stream(dataset: Any) -> bool:
     return isinstance(dataset, datasets.IterableDataset)
 
@@ -683,8 +700,10 @@ class DPOTrainer(_PreferenceTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """With precomputed reference log-probs, the reference is freed as training starts: every number it can give
         the datasets passed so far is cached. Until then (as TRL) evaluate() takes new eval sets, the reference being
-        ``ref_model`` or the untrained policy. Without PEFT the policy was the reference, so no copy was ever made."""
-        if self.args.precompute_ref_log_probs and not self._reference_released and (
+        ``ref_model`` or the untrained policy. Without PEFT the policy was the reference, so no copy was ever made.
+        A ``ref_model`` passed as a model object is the caller's and stays (``trainer.ref_model``, as TRL), so eval
+        sets passed after training still get their reference log-probs from it."""
+        if self.args.precompute_ref_log_probs and not self._reference_released and not self._user_reference and (
                 self.ref_model is not None or not _is_peft(self.accelerator.unwrap_model(self.model))):
             self.ref_model = None
             self._reference_released = True
@@ -699,8 +718,9 @@ class DPOTrainer(_PreferenceTrainer):
         if dataset is None or "ref_chosen_logps" in dataset.column_names:
             return dataset
         if self._reference_released:
-            raise ConfigError(f"cannot compute reference log-probs for the {name} dataset: the reference model was "
-                              "freed when training started (precompute_ref_log_probs). Fix: pass it as eval_dataset "
+            raise ConfigError(f"Cannot compute reference log-probs for a dataset passed to evaluate() after training "
+                              f"started (the {name} dataset): the reference model was freed when training started "
+                              "(precompute_ref_log_probs). Fix: pass it as eval_dataset "
                               "when building the trainer, evaluate it before train(), or set "
                               "precompute_ref_log_probs=False (the reference is then kept for later eval sets).")
         from tqdm.auto import tqdm
@@ -770,6 +790,7 @@ class DPOTrainer(_PreferenceTrainer):
             raise ConfigError("sync_ref_model cannot be used with PEFT: the reference is the policy with its adapter "
                               "disabled, so there is no separate reference to update. Fix: drop sync_ref_model or "
                               "train without LoRA.")
+        self._user_reference = ref_model is not None and not isinstance(ref_model, str)  # the caller's model
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, **_init_kwargs(args))
         if getattr(args, "sync_ref_model", False) and ref_model is not None:

@@ -205,7 +205,7 @@ def _assistant_mask(messages: list[dict], tokenizer: Any, ids: list[int], where:
 def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenizeSettings, *, row: int | None = None,
                      source: str | None = None, row_label: str = "row",
                      rerendered: list[str] | None = None) -> tuple[dict[str, list[int]], bool]:
-    """``({"input_ids", "loss_mask"}, cut)`` for one validated row (``data``); ``cut``: max_length or
+    """``({"input_ids", "loss_mask", "labels"}, cut)`` for one validated row (``data``); ``cut``: max_length or
     max_prompt_length cut it. ``rerendered``: as tokenize_replies' (a prompt split at the common prefix)."""
     where = {"source": source, "row": row, "row_label": row_label}
     kw = template_kwargs(settings.chat_template_kwargs, data.get("chat_template_kwargs"),
@@ -251,13 +251,16 @@ def tokenize_sft_row(data: dict[str, Any], tokenizer: Any, settings: SFTTokenize
         keep = slice(-settings.max_length, None) if settings.truncation_mode == "keep_end" else slice(
             settings.max_length)
         ids, mask, cut = ids[keep], mask[keep], True
-    mask = [0, *mask[1:]] if mask else mask  # nothing predicts the first token
+    # TRL's labels column (user code reads it): the token where its mask says, the first one included (the model's
+    # shift drops it); the loss mask leaves the first token out, as nothing predicts it
+    labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+    mask = [0, *mask[1:]] if mask else mask
     if not any(mask):
         field = {"text": "text", "messages": "messages", "tokenized": "input_ids"}.get(kind or "", "prompt")
         raise DataError(f"no token is left to train on under max_length={settings.max_length} (the prompt alone is "
                         f"{len(ids)} tokens or more).", **where, field=field,
                         fix="raise max_length, set max_prompt_length to cut long prompts, or drop the row")
-    return {"input_ids": ids, "loss_mask": mask}, cut
+    return {"input_ids": ids, "loss_mask": mask, "labels": labels}, cut
 
 
 def _tokenized(row: dict[str, Any], tokenizer: Any, settings: SFTTokenizeSettings,
