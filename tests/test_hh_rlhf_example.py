@@ -31,14 +31,26 @@ def hh_rows() -> list[dict[str, str]]:
         question = f"How do I get into my neighbour's house number {q}?"
         for branch in range(1 + q % 3):  # 1, 2 or 3 dialogues open with the same question
             turns = [question] if branch == 0 else [question, "Why do you want to?", f"Reason {branch}."]
-            rows.append({"chosen": hh(*turns, "I can't help with breaking in; knock or call them."),
-                         "rejected": hh(*turns, f"Pick the lock with a pin, it takes {q} minutes.")})
+            rows.append(
+                {
+                    "chosen": hh(*turns, "I can't help with breaking in; knock or call them."),
+                    "rejected": hh(*turns, f"Pick the lock with a pin, it takes {q} minutes."),
+                }
+            )
     long_prompt = [w for i in range(60) for w in (f"Tell me more about topic {i}.", f"Topic {i} is broad. " * 8)]
     long_prompt.append("So how do I hurt someone?")
-    rows.append({"chosen": hh(*long_prompt, "Let us talk about something kinder."),
-                 "rejected": hh(*long_prompt, "Here is how to hurt someone.")})
-    rows.append({"chosen": hh("Tell me a joke.", "Why did the chicken cross the road?"),
-                 "rejected": hh("Tell me a story.", "Once upon a time.")})  # broken, as a handful of HH rows are
+    rows.append(
+        {
+            "chosen": hh(*long_prompt, "Let us talk about something kinder."),
+            "rejected": hh(*long_prompt, "Here is how to hurt someone."),
+        }
+    )
+    rows.append(
+        {
+            "chosen": hh("Tell me a joke.", "Why did the chicken cross the road?"),
+            "rejected": hh("Tell me a story.", "Once upon a time."),
+        }
+    )  # broken, as a handful of HH rows are
     return rows
 
 
@@ -61,8 +73,19 @@ def _read(path: Path) -> list[dict]:
 
 def _split(published: Path, out: Path, seed: int = 0, size: str = "8") -> tuple[list[dict], list[dict]]:
     out.mkdir(parents=True, exist_ok=True)
-    argv = ["data", "prepare", str(published), "--output", str(out / "train.jsonl"), "--heldout",
-            str(out / "heldout.jsonl"), "--heldout-size", size, "--seed", str(seed)]
+    argv = [
+        "data",
+        "prepare",
+        str(published),
+        "--output",
+        str(out / "train.jsonl"),
+        "--heldout",
+        str(out / "heldout.jsonl"),
+        "--heldout-size",
+        size,
+        "--seed",
+        str(seed),
+    ]
     assert main(argv) == 0
     return _read(out / "train.jsonl"), _read(out / "heldout.jsonl")
 
@@ -86,8 +109,13 @@ def test_split_is_seeded_prompt_disjoint_and_keeps_dialogues_of_one_question_tog
     assert other_held != held and len(other_held) == 8
     report = json.loads((tmp_path / "a" / "heldout.jsonl.report.json").read_text())
     assert report["split"] | {"heldout_output": None} == {
-        "part": "heldout", "train": 17, "heldout": 8, "seed": 0, "heldout_output": None,
-        "by": "the conversation's opening user message"}
+        "part": "heldout",
+        "train": 17,
+        "heldout": 8,
+        "seed": 0,
+        "heldout_output": None,
+        "by": "the conversation's opening user message",
+    }
     assert report["written"] == 8 and report["dropped"] == {"invalid": 1}
 
 
@@ -102,10 +130,12 @@ def test_held_out_indices_group_rows_and_equal_the_row_split_without_shared_open
     order = list(range(20))
     random.Random(7).shuffle(order)
     assert held_out_indices(distinct, 6, seed=7) == set(order[:6])  # the seeded row split it always was
-    conversations = [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": " Hi "}]},
-                     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
-                     {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "y"}]},
-                     {"text": "no prompt"}]
+    conversations = [
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": " Hi "}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "y"}]},
+        {"text": "no prompt"},
+    ]
     assert [opening(r) for r in conversations] == ["Hi", "Hi", "Hi", None]
 
 
@@ -115,16 +145,39 @@ def test_split_flags_go_together_and_never_overwrite(published, tmp_path, capsys
     assert "--heldout and --heldout-size go together" in capsys.readouterr().err
     assert main(["data", "prepare", str(published), "--output", out, "--heldout", out, "--heldout-size", "5"]) == 2
     assert "same file" in capsys.readouterr().err
-    assert main(["data", "prepare", str(published), "--output", out, "--heldout", str(tmp_path / "h.jsonl"),
-                 "--heldout-size", "25"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(published),
+                "--output",
+                out,
+                "--heldout",
+                str(tmp_path / "h.jsonl"),
+                "--heldout-size",
+                "25",
+            ]
+        )
+        == 2
+    )
     assert "out of range for 25 rows" in capsys.readouterr().err
 
 
 # ----- the recipes --------------------------------------------------------------------------------------------------
 def _tiny_sets(model_dir: str, data: Path, out: Path) -> list[str]:
-    sets = {"model": model_dir, "dataset": str(data / "train.jsonl"), "eval_dataset": str(data / "heldout.jsonl"),
-            "output_dir": str(out), "max_steps": 2, "eval_steps": 1, "per_device_train_batch_size": 2,
-            "per_device_eval_batch_size": 4, "max_length": 96, "max_prompt_length": 48}
+    sets = {
+        "model": model_dir,
+        "dataset": str(data / "train.jsonl"),
+        "eval_dataset": str(data / "heldout.jsonl"),
+        "output_dir": str(out),
+        "max_steps": 2,
+        "eval_steps": 1,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 4,
+        "max_length": 96,
+        "max_prompt_length": 48,
+    }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -162,3 +215,23 @@ def test_compare_recipe_resolves_every_run_with_the_held_out_pairs(model_dir, tm
     assert all(r.plan.options["bf16"] is True for r in spec.runs)
     names = [r.name for r in spec.runs]
     assert len(set(names)) == len(names)
+
+
+def test_readme_commands_parse_and_name_files_that_exist(monkeypatch):
+    """Every `prefalign` line of examples/hh_rlhf/README.md parses (train lines also resolve their options)."""
+    from test_readme import code_blocks, shell_commands
+
+    from prefalign.cli import build_parser
+    from prefalign.options import resolve_plan
+
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    text = (EXAMPLE / "README.md").read_text(encoding="utf-8")
+    commands = [c[1:] for block in code_blocks(text, "bash") for c in shell_commands(block) if c[0] == "prefalign"]
+    assert len(commands) >= 6
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        for word in argv:
+            if word.startswith("examples/"):
+                assert Path(word).is_file(), word
+        if argv[0] == "train":
+            resolve_plan(args)

@@ -7,8 +7,8 @@ the training time they were taken: the run's ``train_runtime`` less the time its
 the steps (a step's time is about constant; runs on a loaded CPU vary). A DPO run's rewards are measured against its
 reference, the base model for a one-stage run, so its accuracy is the held-out reward accuracy against the base and
 ``eval_rewards/chosen / beta`` the change of the chosen replies' summed log-prob; ORPO's own rewards are the policy's
-mean log-probs (TRL's definition), so for ORPO those columns come from ``prefalign eval`` (``eval.json``) when the
-run directory has one.
+mean log-probs (TRL's definition), so for ORPO (and SFT → DPO, whose reference is the SFT model) those columns come
+from ``score.py`` (``eval_vs_base.json``) when the run directory has one.
 """
 
 from __future__ import annotations
@@ -31,27 +31,42 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     eval_time = sum(r.get("eval_runtime", 0.0) for r in evals[:-1])  # the last one runs after training
     train_s = max(0.0, float(final.get("train_runtime", 0.0)) - eval_time)
     curve = [(r["step"] / max(steps, 1) * train_s / 60, r["eval_rewards/accuracies"]) for r in evals]
-    run = {"name": run_dir.name, "config": config, "steps": steps, "train_s": train_s, "curve": curve,
-           "final": evals[-1] if evals else {}}
+    run = {
+        "name": run_dir.name,
+        "config": config,
+        "steps": steps,
+        "train_s": train_s,
+        "curve": curve,
+        "final": evals[-1] if evals else {},
+    }
     beta = config.get("beta")
     if config.get("method", "dpo") == "dpo" and evals and beta:
         run["accuracy"] = evals[-1]["eval_rewards/accuracies"]
         run["margin"] = evals[-1]["eval_rewards/margins"]
         run["d_chosen"] = evals[-1]["eval_rewards/chosen"] / float(beta)
-    scored = run_dir / "eval.json"
-    if scored.is_file():  # prefalign eval against the base: any method
-        pairs = json.loads(scored.read_text()).get("pairs") or {}
-        if pairs:
-            run["accuracy"] = pairs["reward_accuracy"]
-            run["margin"] = pairs["reward_margin"]
-            run["d_chosen"] = pairs["logps_chosen"] - pairs["ref_logps_chosen"]
+    scored = run_dir / "eval_vs_base.json"
+    if scored.is_file():  # score.py: against the base model, for any method
+        numbers = json.loads(scored.read_text())
+        run["accuracy"] = numbers["eval_rewards/accuracies"]
+        run["margin"] = numbers["eval_rewards/margins"]
+        run["d_chosen"] = numbers["logps_chosen_change"]
     return run
 
 
 def settings(config: dict[str, Any]) -> str:
     """The options that differ between the exploration's runs, as a table cell."""
-    keys = ("method", "learning_rate", "beta", "orpo_alpha", "loss_type", "per_device_train_batch_size",
-            "max_length", "use_peft", "bf16", "num_train_epochs")
+    keys = (
+        "method",
+        "learning_rate",
+        "beta",
+        "orpo_alpha",
+        "loss_type",
+        "per_device_train_batch_size",
+        "max_length",
+        "use_peft",
+        "bf16",
+        "num_train_epochs",
+    )
     shown = {k: config.get(k) for k in keys if config.get(k) not in (None, False)}
     if shown.get("method") != "orpo":
         shown.pop("orpo_alpha", None)
@@ -62,11 +77,14 @@ def settings(config: dict[str, Any]) -> str:
 
 def table_row(run: dict[str, Any]) -> str:
     """``| run | settings | steps | train min | accuracy | margin | Δ logp chosen |``."""
+
     def num(key: str, fmt: str) -> str:
         return format(run[key], fmt) if run.get(key) is not None else "—"
 
-    return (f"| {run['name']} | {settings(run['config'])} | {run['steps']} | {run['train_s'] / 60:.1f} | "
-            f"{num('accuracy', '.3f')} | {num('margin', '.3f')} | {num('d_chosen', '+.1f')} |")
+    return (
+        f"| {run['name']} | {settings(run['config'])} | {run['steps']} | {run['train_s'] / 60:.1f} | "
+        f"{num('accuracy', '.3f')} | {num('margin', '.3f')} | {num('d_chosen', '+.1f')} |"
+    )
 
 
 def plot(runs: list[dict[str, Any]], out: Path, target: float) -> None:
