@@ -28,7 +28,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     evals = [r for r in records if "eval_rewards/accuracies" in r]
     final = next((r for r in reversed(records) if "train_runtime" in r), {})
     steps = int(final.get("step") or max((r["step"] for r in records), default=0))
-    eval_time = sum(r.get("eval_runtime", 0.0) for r in evals[:-1])  # the last one runs after training
+    end = next((i for i, r in enumerate(records) if "train_runtime" in r), len(records))
+    eval_time = sum(r.get("eval_runtime", 0.0) for r in records[:end])  # evaluations inside train_runtime
     train_s = max(0.0, float(final.get("train_runtime", 0.0)) - eval_time)
     curve = [(r["step"] / max(steps, 1) * train_s / 60, r["eval_rewards/accuracies"]) for r in evals]
     run = {
