@@ -3,6 +3,7 @@ tiny model) on HH-RLHF rows as published, broken rows included, the way the READ
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from pathlib import Path
@@ -205,6 +206,18 @@ def test_recipe_reads_a_published_file_directly_with_its_broken_rows(published, 
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["rows"] == 26 and [s["row"] for s in report["train"]["skipped_rows"]] == [26]
     assert report["train"]["prompt_truncated"] >= 1
+
+
+def test_compare_recipe_runs_and_reports_every_run_against_the_base(published, model_dir, tmp_path):
+    _split(published, tmp_path / "data")
+    sets = _tiny_sets(model_dir, tmp_path / "data", tmp_path / "cmp")
+    assert main(["compare", str(EXAMPLE / "compare.yaml"), *sets]) == 0
+    with open(tmp_path / "cmp" / "summary.csv", newline="", encoding="utf-8") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"base", "dpo", "orpo"}
+    for name in ("dpo", "orpo"):
+        records = [json.loads(line) for line in (tmp_path / "cmp" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "eval_rewards/accuracies" in r] == [1, 2]  # evaluate_runs: true
 
 
 def test_compare_recipe_resolves_every_run_with_the_held_out_pairs(model_dir, tmp_path):
