@@ -15,6 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+
 from prefalign import DPOConfig, DPOTrainer, load_preference_dataset
 from prefalign.models import DEFAULT_MODEL
 
@@ -35,10 +37,10 @@ def main() -> None:
             max_prompt_length=256,
             per_device_eval_batch_size=16,
             report_to=[],
+            use_cpu=not torch.cuda.is_available(),
         )
-        trainer = DPOTrainer(
-            str(args.run), ref_model=args.base, args=config, eval_dataset=load_preference_dataset(args.heldout)
-        )
+        held = load_preference_dataset(args.heldout)  # also the train_dataset the trainer asks for: nothing trains
+        trainer = DPOTrainer(str(args.run), ref_model=args.base, args=config, train_dataset=held, eval_dataset=held)
         metrics = trainer.evaluate()
     metrics["logps_chosen_change"] = metrics["eval_rewards/chosen"] / args.beta
     metrics["logps_rejected_change"] = metrics["eval_rewards/rejected"] / args.beta
