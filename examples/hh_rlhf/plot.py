@@ -51,6 +51,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         run["accuracy"] = numbers["eval_rewards/accuracies"]
         run["margin"] = numbers["eval_rewards/margins"]
         run["d_chosen"] = numbers["logps_chosen_change"]
+        run["curve"] = [(train_s / 60, run["accuracy"])]  # its own eval_rewards are not against the base
     return run
 
 
