@@ -44,6 +44,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _count_or_fraction(text: str) -> int | float:
+    """A row count (200) or a fraction of the rows (0.2), for --heldout-size; the range is checked against the rows."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a row count or a fraction, got {text!r}") from None
+
+
 def _int_or_none(text: str) -> int | None:
     """An integer option that also takes 'none' (no limit), e.g. --max-length none."""
     if text.strip().lower() in ("none", "null"):
@@ -154,7 +166,9 @@ def _add_data_parser(sub: Any) -> None:
                                         "drop invalid rows, duplicates, rows filtered by --keep / --drop and rows "
                                         "over the length limits, each counted with its source row, and write the "
                                         "rest as conversations (prefalign train reads the file with no further "
-                                        "options) plus OUTPUT.report.json. Both appear whole or not at all.")
+                                        "options) plus OUTPUT.report.json; with --heldout, a seeded, "
+                                        "prompt-disjoint part goes to that file instead (with its own report). "
+                                        "Files appear whole or not at all.")
     q.add_argument("source", metavar="SOURCE", help="file (optionally compressed), saved dataset directory or hub id")
     q.add_argument("--output", required=True, metavar="OUT.jsonl", help="where to write the cleaned rows")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -167,7 +181,13 @@ def _add_data_parser(sub: Any) -> None:
                    help="how scored completions become pairs (default: best_worst)")
     q.add_argument("--min-score-margin", type=float, default=0.0, metavar="M",
                    help="keep scored pairs whose scores differ by at least M (ties are always dropped)")
-    q.add_argument("--seed", type=int, default=0, help="seed of best_random pairing (default: 0)")
+    q.add_argument("--seed", type=int, default=0, help="seed of best_random pairing and of the held-out rows "
+                                                       "(default: 0)")
+    q.add_argument("--heldout", metavar="HELDOUT.jsonl", help="write a held-out part of the cleaned rows here, "
+                                                              "prompt-disjoint from --output's (rows opening with "
+                                                              "the same user message stay together)")
+    q.add_argument("--heldout-size", type=_count_or_fraction, metavar="N", help="rows held out: a count (200) or "
+                                                                                "a fraction (0.2); with --heldout")
     q.add_argument("--dedupe-prompts", action="store_true", help="keep only the first pair of each prompt")
     q.add_argument("--keep", metavar="REGEX", help="keep only rows whose prompt matches (Python regex, searched)")
     q.add_argument("--drop", metavar="REGEX", help="drop rows whose prompt matches (Python regex, searched)")

@@ -55,12 +55,19 @@ def generate(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace) -> int:
     """Clean and normalise a dataset into a conversational JSONL (data/prepare.py); refuses to replace a file."""
-    from ..data.prepare import PrepareSettings, prepare_rows, write_prepared
+    from ..data.prepare import PrepareSettings, prepare_rows, split_prepared, write_prepared
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise ConfigError(f"{args.output} already exists. Fix: choose another --output or pass --overwrite.")
-    if not Path(args.output).resolve().parent.is_dir():
-        raise ConfigError(f"--output {args.output}: no such directory. Fix: create it first.")
+    if (args.heldout is None) != (args.heldout_size is None):
+        raise ConfigError("--heldout and --heldout-size go together. Fix: give both (--heldout heldout.jsonl "
+                          "--heldout-size 200) or neither")
+    outputs = [("--output", args.output)] + ([("--heldout", args.heldout)] if args.heldout else [])
+    if args.heldout and Path(args.heldout).resolve() == Path(args.output).resolve():
+        raise ConfigError("--heldout names the same file as --output. Fix: give the held-out rows their own file")
+    for flag, out in outputs:
+        if Path(out).exists() and not args.overwrite:
+            raise ConfigError(f"{out} already exists. Fix: choose another {flag} or pass --overwrite.")
+        if not Path(out).resolve().parent.is_dir():
+            raise ConfigError(f"{flag} {out}: no such directory. Fix: create it first.")
     if args.min_score_margin < 0:
         raise ConfigError(f"--min-score-margin {args.min_score_margin} is out of range: must be >= 0.")
     settings = PrepareSettings(columns=parse_columns(args.columns), split=args.split, text_format=args.text_format,
@@ -76,6 +83,9 @@ def prepare(args: argparse.Namespace) -> int:
             check_settings(args.max_length, args.max_prompt_length)  # the config's rules for the limits
         tokenizer = load_tokenizer(args.model or DEFAULT_MODEL)
     rows, report = prepare_rows(args.source, settings, tokenizer)
+    if args.heldout:
+        rows, held, report, held_report = split_prepared(rows, report, args.heldout_size, args.seed, args.heldout)
+        write_prepared(held, held_report, args.heldout)
     report_path = write_prepared(rows, report, args.output)
     print(f"{PROG}: {report.line()} (report: {report_path})")
     return 0

@@ -107,11 +107,18 @@ def _checkpoint_to_resume(plan: TrainPlan, config: Any, out: Path) -> Path | Non
     return path
 
 
+def evaluated_at_last_step(trainer: Any) -> bool:
+    """Whether training's own evaluation ran at its last step (``eval_steps`` divides the step count): the final
+    evaluation would repeat it, on a CPU minutes for a few hundred held-out pairs."""
+    step = trainer.state.global_step
+    return any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in trainer.state.log_history)
+
+
 def train_or_report(trainer: Any, out: Path, resume_from: Path | None = None) -> int:
     """Run training; on failure keep what the Trainer wrote, log the traceback there and print one line."""
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if trainer.eval_dataset is not None:
+        if trainer.eval_dataset is not None and not evaluated_at_last_step(trainer):
             trainer.evaluate()
     except PrefalignError:
         raise

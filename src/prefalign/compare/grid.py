@@ -2,7 +2,8 @@
 
     model: smollm2-135m-instruct
     dataset: train.jsonl
-    eval_dataset: heldout_pairs.jsonl     # scored by compare against the base model (not evaluated in training)
+    eval_dataset: heldout_pairs.jsonl     # scored by compare against the base model (evaluate_runs: true: and
+                                          # evaluated in training too, each run's metrics.jsonl eval_* numbers)
     eval_prompts: heldout_prompts.jsonl   # optional: generated, judged, KL from the base
     judge: demo                           # optional
     output_dir: runs/compare
@@ -45,9 +46,9 @@ from ..options import (
 
 # Keys of the compare itself, not of any run.
 COMPARE_KEYS = ("grid", "eval_prompts", "judge", "pass_threshold", "max_new_tokens", "reward_beta", "edge_cases",
-                "samples")
+                "samples", "evaluate_runs")
 DEFAULTS: dict[str, Any] = {"judge": None, "pass_threshold": None, "max_new_tokens": 48, "reward_beta": 0.1,
-                            "edge_cases": True, "samples": 6}
+                            "edge_cases": True, "samples": 6, "evaluate_runs": False}
 
 
 @dataclass
@@ -131,6 +132,12 @@ def load_spec(path: str, set_pairs: Sequence[str] = (), *, overwrite: bool = Fal
     if not eval_dataset and not eval_prompts:
         raise ConfigError(f"{path}: nothing to score the runs on. Fix: give eval_dataset (held-out pairs), "
                           "eval_prompts (held-out prompts), or both")
+    if not isinstance(settings["evaluate_runs"], bool) or (settings["evaluate_runs"] and not eval_dataset):
+        raise ConfigError(f"{path}: evaluate_runs={settings['evaluate_runs']!r}: true gives every run the held-out "
+                          "pairs as its eval_dataset, so it needs eval_dataset. Fix: set eval_dataset, or "
+                          "evaluate_runs: false")
+    # evaluate_runs: each run also evaluates the held-out pairs in training (its metrics.jsonl's eval_* numbers)
+    run_eval = {"eval_dataset": str(eval_dataset)} if settings["evaluate_runs"] else {}
     methods = []
     for method, options in grid.items():
         if str(method).lower() not in METHODS:
@@ -152,7 +159,7 @@ def load_spec(path: str, set_pairs: Sequence[str] = (), *, overwrite: bool = Fal
         for combo in combos:
             swept = {k: combo[k] for k in varying}
             name = run_name(method, swept)
-            recipe = {**base, **combo, "method": method, "output_dir": str(out / name)}
+            recipe = {**base, **run_eval, **combo, "method": method, "output_dir": str(out / name)}
             plan = resolve_plan(no_flags(overwrite=overwrite), Layer(where, recipe))
             build_config(plan)  # range errors now, before any run starts
             runs.append(RunSpec(name, method, swept, plan))

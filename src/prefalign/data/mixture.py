@@ -22,13 +22,18 @@ renders text rows anyway); ``weight``
 draws that fraction of its rows, without replacement, shuffled with the seed; the members are concatenated and
 shuffled with the seed; ``test_split_size`` (a fraction, or a row count) holds that many rows out. Same seed, same
 rows. ``split_rows`` gives the same held-out split for a single dataset (``eval_split_size``).
+
+Held-out splits are prompt-disjoint: rows whose conversations open with the same user message (the same prompt, for
+single-turn rows; the same first question, for HH-RLHF's dialogues that branch from it) stay on one side, so no
+held-out pair has a prompt the model trained on. Where every opening differs, the split is the plain seeded row
+split.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -65,13 +70,45 @@ def _fraction_or_count(value: Any, total: int, name: str) -> int:
                       f"row count from 1 to {total - 1}")
 
 
-def split_rows(raw: RawData, size: Any, seed: int, name: str = "eval_split_size") -> tuple[RawData, RawData]:
-    """(train, test): ``size`` rows (a fraction or a count) held out at random with ``seed``; rows keep their
-    source numbers, and both parts keep the order they had."""
-    n_test = _fraction_or_count(size, len(raw.rows), name)
-    order = list(range(len(raw.rows)))
+def opening(row: Mapping[str, Any]) -> str | None:
+    """The user message a row's conversation opens with (a text prompt as it is), whitespace-trimmed; None when the
+    row has none to compare (then it is a group of its own)."""
+    for key in ("prompt", "messages", "chosen"):
+        value = row.get(key)
+        if isinstance(value, str) and key == "prompt":
+            return value.strip()
+        if is_messages(value):
+            first = next((m.get("content") for m in value if m.get("role") == "user"), None)
+            if isinstance(first, str):
+                return first.strip()
+    return None
+
+
+def held_out_indices(rows: Sequence[Mapping[str, Any]], size: Any, seed: int, name: str = "eval_split_size"
+                     ) -> set[int]:
+    """Indices of the ``size`` rows (a fraction or a count) held out with ``seed``, whole groups of rows that open
+    with the same user message (`opening`) at a time: groups in a seeded random order, each taken if it still fits,
+    until the count is reached. With no shared openings this is the seeded row shuffle's first ``size`` rows."""
+    n_test = _fraction_or_count(size, len(rows), name)
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = opening(row)
+        groups.setdefault(("row", i) if key is None else ("text", key), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    test = set(order[:n_test])
+    test: set[int] = set()
+    for members in order:
+        if len(test) + len(members) <= n_test:
+            test.update(members)
+            if len(test) == n_test:
+                break
+    return test
+
+
+def split_rows(raw: RawData, size: Any, seed: int, name: str = "eval_split_size") -> tuple[RawData, RawData]:
+    """(train, test): ``size`` rows (a fraction or a count) held out at random with ``seed``, prompt-disjoint
+    (`held_out_indices`); rows keep their source numbers, and both parts keep the order they had."""
+    test = held_out_indices(raw.rows, size, seed, name)
 
     def part(keep: bool) -> RawData:
         idx = [i for i in range(len(raw.rows)) if (i in test) == keep]

@@ -6,7 +6,8 @@ validate, then drop, each counted by reason with its source row: invalid rows, e
 prompt-level duplicates, rows whose prompt does (``keep``) or does not (``drop``) match a regular expression, and
 rows longer than the length limits under the model's chat template. The rows that remain are written as
 conversations (``prompt`` / ``chosen`` / ``rejected`` messages), which ``prefalign train`` reads with no further
-options. The output and its report appear whole (a temporary file, then a rename) or not at all.
+options; with a held-out file, a seeded, prompt-disjoint part of them goes there instead (``split_prepared``). The
+output and its report appear whole (a temporary file, then a rename) or not at all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class PrepareReport:
     pairing: dict[str, Any] | None = None
     written: int = 0
     dropped: dict[str, list[Any]] = field(default_factory=dict)  # reason -> source rows (invalid: with why)
+    split: dict[str, Any] | None = None  # with a held-out file: which part this is, both parts' rows, the seed
 
     def drop(self, reason: str, item: Any) -> None:
         self.dropped.setdefault(reason, []).append(item)
@@ -64,12 +66,17 @@ class PrepareReport:
         if self.pairing:
             parts.append(f"{self.pairing['pairs']} pairs from {self.pairing['rows']} scored rows")
         parts += [f"{len(v)} dropped ({k})" for k, v in self.dropped.items()]
+        if self.split:
+            return ", ".join(parts) + (f"; {self.split['train']} written to {self.output}, {self.split['heldout']} "
+                                       f"held out (prompt-disjoint, seed {self.split['seed']}) to "
+                                       f"{self.split['heldout_output']}")
         return ", ".join(parts) + f"; {self.written} written to {self.output}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "output": self.output, "rows_read": self.rows_read,
                 "converted_from": self.converted_from, "pairing": self.pairing, "written": self.written,
-                "dropped": {k: len(v) for k, v in self.dropped.items()}, "dropped_rows": self.dropped}
+                "dropped": {k: len(v) for k, v in self.dropped.items()}, "dropped_rows": self.dropped,
+                **({"split": self.split} if self.split else {})}
 
 
 def _text(value: Any) -> str:
@@ -143,6 +150,21 @@ def prepare_rows(source: Any, settings: PrepareSettings, tokenizer: Any = None
         out.append({"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected, **kwargs, "source_row": n})
     report.written = len(out)
     return out, report
+
+
+def split_prepared(rows: Sequence[dict[str, Any]], report: PrepareReport, size: Any, seed: int, heldout: str
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], PrepareReport, PrepareReport]:
+    """``(train, heldout, train_report, heldout_report)``: ``size`` rows (a fraction or a count) held out with
+    ``seed``, prompt-disjoint (rows opening with the same user message stay together, `mixture.held_out_indices`)."""
+    from .mixture import held_out_indices
+
+    test = held_out_indices(rows, size, seed, "--heldout-size")
+    train = [r for i, r in enumerate(rows) if i not in test]
+    held = [r for i, r in enumerate(rows) if i in test]
+    split = {"train": len(train), "heldout": len(held), "seed": seed, "heldout_output": str(heldout),
+             "by": "the conversation's opening user message"}
+    return (train, held, replace(report, written=len(train), split={"part": "train", **split}),
+            replace(report, written=len(held), split={"part": "heldout", **split}))
 
 
 def write_prepared(rows: Sequence[dict[str, Any]], report: PrepareReport, output: str | os.PathLike) -> Path:
