@@ -79,7 +79,12 @@ def test_damaged_cache_file_is_recomputed(tmp_path, home):
 
 
 def test_new_eval_dataset_after_freeing_the_reference_is_a_clear_error(tmp_path, home):
-    tr = _trainer(tmp_path, True, datasets.Dataset.from_list(conversational_rows(4)))
+    # no ref_model: the reference prefalign makes from the policy is its own, freed when train() starts (a ref_model
+    # passed as a model object is the caller's and stays, test above)
+    tok = smollm2_tokenizer()
+    ds = datasets.Dataset.from_list(conversational_rows(4))
+    tr = DPOTrainer(tiny_llama(tok, 1), args=_args(tmp_path, precompute_ref_log_probs=True, beta=0.3),
+                    train_dataset=ds, eval_dataset=ds, processing_class=tok)
     assert tr.evaluate(conversational_rows(6)[4:])["eval_loss"] > 0  # before train(): ref_model is still held
     tr.args.max_steps = 1
     tr.train()
