@@ -306,3 +306,14 @@ def test_cpo_and_simpo_train_from_the_cli(tiny_model, pairs, tmp_path, capsys, m
 
     defaults = config_class(method)(output_dir=str(tmp_path / "x"))
     assert (defaults.loss_type, defaults.beta, defaults.cpo_alpha) == (loss_type, beta, cpo_alpha)
+
+
+def test_an_unquoted_no_is_the_strategy_no_not_false(tmp_path):
+    """YAML 1.1 reads ``no`` as false; TRL's recipes and users write ``eval_strategy: no`` unquoted."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("dataset: a.jsonl\neval_strategy: no\nsave_strategy: no\nlogging_strategy: steps\n")
+    plan = _plan(["train", str(cfg), "--set", "save_strategy=no"])
+    assert (plan.options["eval_strategy"], plan.options["save_strategy"]) == ("no", "no")
+    assert coerce_option(DPOConfig, "hub_strategy", False) is False  # no 'no' among its values: left to the config
+    with pytest.raises(ConfigError):
+        coerce_option(DPOConfig, "prefix_sharing", "no")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import enum
 import functools
 import json
 import types
@@ -257,6 +258,10 @@ def _accepted_types(annotation: Any) -> frozenset[Any]:
     return frozenset(t for t in members if t is not type(None))
 
 
+def _enum_has(cls: Any, value: str) -> bool:
+    return isinstance(cls, type) and issubclass(cls, enum.Enum) and value in {m.value for m in cls}
+
+
 def coerce_option(cls: type, key: str, value: Any) -> Any:
     """Make a YAML value fit a bool or numeric field: YAML 1.1 reads ``1e-5`` as a string, for instance.
 
@@ -266,6 +271,8 @@ def coerce_option(cls: type, key: str, value: Any) -> Any:
     if annotation is None or value is None:
         return value
     accepted = _accepted_types(annotation)
+    if value is False and bool not in accepted and any(_enum_has(t, "no") for t in accepted):
+        return "no"  # YAML 1.1 reads an unquoted `no` (eval_strategy: no, --set save_strategy=no) as false
     if accepted == {bool} and not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false.")
     if not accepted or not accepted <= {int, float}:
