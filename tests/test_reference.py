@@ -134,3 +134,17 @@ def test_without_ref_model_the_untrained_policy_is_the_reference_and_no_copy_is_
     assert tr.evaluate()["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
     tr.train()
     assert tr.evaluate()["eval_rewards/margins"] > 0  # measured against the initial policy, which is gone
+
+
+@pytest.mark.parametrize(("max_steps", "warned"), [(1, True), (2, False), (-1, False)])
+def test_a_run_that_sees_under_half_the_rows_is_told_before_the_precompute(tmp_path, home, caplog, max_steps, warned):
+    ds = datasets.Dataset.from_list(conversational_rows(8))
+    with caplog.at_level("WARNING", logger="prefalign"):
+        DPOTrainer(
+            tiny_llama(smollm2_tokenizer(), 1), args=_args(tmp_path, precompute_ref_log_probs=True, max_steps=max_steps,
+                                                           per_device_train_batch_size=2),
+            train_dataset=ds, processing_class=smollm2_tokenizer())
+    lines = [r.getMessage() for r in caplog.records if "sees" in r.getMessage()]
+    assert lines == (["precompute_ref_log_probs: scoring the reference on all 8 training rows, but max_steps=1 sees 2 "
+                      "of them. To score only the rows trained on, set precompute_ref_log_probs: false (the reference "
+                      "then runs live on each batch, held in memory beside the policy)"] if warned else [])

@@ -649,6 +649,19 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def _warn_if_most_rows_go_unused(args: Any, rows: int) -> None:
+    """The precompute scores every row once; a run of max_steps that sees under half of them (a short run on a
+    whole published split) would spend most of that on rows it never trains on, so say so before it starts."""
+    if not args.max_steps or args.max_steps <= 0:
+        return
+    seen = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if 2 * seen < rows:
+        logger.warning("precompute_ref_log_probs: scoring the reference on all %d training rows, but max_steps=%d "
+                       "sees %d of them. To score only the rows trained on, set precompute_ref_log_probs: false "
+                       "(the reference then runs live on each batch, held in memory beside the policy)",
+                       rows, args.max_steps, seen)
+
+
 def _is_peft(model: Any) -> bool:
     try:
         from peft import PeftModel
@@ -757,6 +770,8 @@ class DPOTrainer(_PreferenceTrainer):
         if cached and rank != 0:
             values = read_cache(path)
         elif not cached:
+            if name == "train" and self.is_world_process_zero():
+                _warn_if_most_rows_go_unused(self.args, len(rows))
             bar = tqdm(total=len(rows), desc=f"reference log-probs ({name})", leave=False,
                        disable=not self.is_world_process_zero())
             try:
