@@ -248,3 +248,37 @@ def test_readme_commands_parse_and_name_files_that_exist(monkeypatch):
                 assert Path(word).is_file(), word
         if argv[0] == "train":
             resolve_plan(args)
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / "hh_rlhf" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_places_evaluations_at_training_time_and_reports_final_and_best(tmp_path):
+    plot = _load_example("plot")
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: dpo\nbeta: 0.1\nlearning_rate: 2.0e-5\nloss_type: [sigmoid, sft]\n"
+                                     "loss_weights: [1.0, 0.2]\n")
+    evals = [(10, 0.6, 0.02, -0.01), (20, 0.7, 0.05, 0.01), (30, 0.65, 0.03, -0.02)]
+    lines = [{"step": s, "eval_rewards/accuracies": a, "eval_rewards/margins": m, "eval_rewards/chosen": c,
+              "eval_rewards/rejected": c - m, "eval_runtime": 10.0} for s, a, m, c in evals]
+    lines.append({"step": 30, "train_runtime": 210.0})  # 180 s of training, 30 s of evaluations
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    result = plot.read_run(run)
+    assert [x for point in result["curve"] for x in point] == pytest.approx([1.0, 0.6, 2.0, 0.7, 3.0, 0.65])
+    assert (result["accuracy"], result["d_chosen"], result["d_rejected"]) == pytest.approx((0.65, -0.2, -0.5))
+    assert plot.table_row(result) == ("| r1 | method=dpo, learning_rate=2e-05, beta=0.1, loss_type=sigmoid+sft, "
+                                      "loss_weights=1.0+0.2 | 30 | 3.0 | 0.650 | 0.030 | -0.2 / -0.5 | 0.700 at "
+                                      "step 20 (+0.1) |")
+    (run / "eval_vs_base.json").write_text(json.dumps({"eval_rewards/accuracies": 0.55, "eval_rewards/margins": 0.1,
+                                                       "logps_chosen_change": 1.5, "logps_rejected_change": 0.5}))
+    scored = plot.read_run(run)  # score.py's numbers against the base win, and are one point
+    assert (scored["accuracy"], scored["curve"], scored.get("best")) == (0.55, [(3.0, 0.55)], None)
+    plot.plot([result, scored], tmp_path / "p.png", 0.65, "test")
+    assert (tmp_path / "p.png").stat().st_size > 1000

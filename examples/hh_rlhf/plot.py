@@ -45,12 +45,17 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         run["accuracy"] = evals[-1]["eval_rewards/accuracies"]
         run["margin"] = evals[-1]["eval_rewards/margins"]
         run["d_chosen"] = evals[-1]["eval_rewards/chosen"] / float(beta)
+        run["d_rejected"] = evals[-1]["eval_rewards/rejected"] / float(beta)
+        best = max(evals, key=lambda r: r["eval_rewards/accuracies"])
+        run["best"] = (best["eval_rewards/accuracies"], best["step"], best["eval_rewards/chosen"] / float(beta))
     scored = run_dir / "eval_vs_base.json"
     if scored.is_file():  # score.py: against the base model, for any method
         numbers = json.loads(scored.read_text())
         run["accuracy"] = numbers["eval_rewards/accuracies"]
         run["margin"] = numbers["eval_rewards/margins"]
         run["d_chosen"] = numbers["logps_chosen_change"]
+        run["d_rejected"] = numbers["logps_rejected_change"]
+        run.pop("best", None)
         run["curve"] = [(train_s / 60, run["accuracy"])]  # its own eval_rewards are not against the base
     return run
 
@@ -63,6 +68,7 @@ def settings(config: dict[str, Any]) -> str:
         "beta",
         "orpo_alpha",
         "loss_type",
+        "loss_weights",
         "per_device_train_batch_size",
         "max_length",
         "use_peft",
@@ -74,22 +80,31 @@ def settings(config: dict[str, Any]) -> str:
         shown.pop("orpo_alpha", None)
     else:
         shown.pop("beta", None)
-    return ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in shown.items())
+    return ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in shown.items())
 
 
 def table_row(run: dict[str, Any]) -> str:
-    """``| run | settings | steps | train min | accuracy | margin | Δ logp chosen |``."""
+    """``| run | settings | steps | train min | accuracy | margin | Δ logp chosen / rejected | best on the curve |``.
+
+    The best evaluation on the curve is shown beside the final one, not instead of it: it is picked on the same
+    held-out pairs it is measured on."""
 
     def num(key: str, fmt: str) -> str:
         return format(run[key], fmt) if run.get(key) is not None else "—"
 
+    best = "—"
+    if run.get("best"):
+        accuracy, step, chosen = run["best"]
+        best = f"{accuracy:.3f} at step {step} ({chosen:+.1f})"
+
     return (
         f"| {run['name']} | {settings(run['config'])} | {run['steps']} | {run['train_s'] / 60:.1f} | "
-        f"{num('accuracy', '.3f')} | {num('margin', '.3f')} | {num('d_chosen', '+.1f')} |"
+        f"{num('accuracy', '.3f')} | {num('margin', '.3f')} | {num('d_chosen', '+.1f')} / "
+        f"{num('d_rejected', '+.1f')} | {best} |"
     )
 
 
-def plot(runs: list[dict[str, Any]], out: Path, target: float) -> None:
+def plot(runs: list[dict[str, Any]], out: Path, target: float, machine: str = "") -> None:
     """Accuracy against training minutes, one line per run, the target as a dashed line."""
     import matplotlib
 
@@ -103,7 +118,7 @@ def plot(runs: list[dict[str, Any]], out: Path, target: float) -> None:
             ax.plot(xs, ys, marker="o", label=run["name"])
     ax.axhline(target, linestyle="--", color="grey", label=f"target {target}")
     ax.axhline(0.5, linestyle=":", color="lightgrey")
-    ax.set_xlabel("training time (minutes, 2-core CPU under load, evaluations excluded)")
+    ax.set_xlabel(f"training time (minutes{', ' + machine if machine else ''}, evaluations excluded)")
     ax.set_ylabel("held-out reward accuracy vs base")
     ax.set_title("HH-RLHF harmless-base: 200 held-out pairs, prompts never trained on")
     ax.legend(fontsize=8)
@@ -118,14 +133,16 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl, config.yaml)")
     parser.add_argument("--out", type=Path, help="write the plot here (PNG)")
     parser.add_argument("--target", type=float, default=0.65, help="the accuracy drawn as the target line")
+    parser.add_argument("--machine", default="", help="where the runs were timed, for the axis label")
     args = parser.parse_args()
     runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
-    print("| run | settings | steps | train min | held-out acc | margin | Δ logp chosen |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | settings | steps | train min | held-out acc | margin | Δ logp chosen / rejected | best on the curve "
+          "(Δ logp chosen) |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         print(table_row(run))
     if args.out:
-        plot(runs, args.out, args.target)
+        plot(runs, args.out, args.target, args.machine)
         print(f"wrote {args.out}")
 
 
