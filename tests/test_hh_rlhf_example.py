@@ -253,7 +253,8 @@ def test_readme_commands_parse_and_name_files_that_exist(monkeypatch):
 def _load_example(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / "hh_rlhf" / f"{name}.py")
+    path = Path(__file__).parents[1] / "examples" / "hh_rlhf" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
